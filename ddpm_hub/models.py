@@ -1,0 +1,102 @@
+"""UNet presets as `diffusers.UNet2DModel` configs: the paper's models, the embedded-digits model and a tiny one.
+
+The paper's UNets (Ho et al. 2020, Appendix B) in diffusers' layout, as used by google/ddpm-cifar10-32 and
+google/ddpm-church-256: sinusoidal embedding without flip and with shift 1, GroupNorm(32, eps 1e-6), attention
+at 16x16 only, two residual blocks per resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DModel
+
+_PAPER_COMMON: dict[str, Any] = {
+    "layers_per_block": 2,
+    "attention_head_dim": None,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "act_fn": "silu",
+    "time_embedding_type": "positional",
+    "center_input_sample": False,
+}
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # CIFAR-10 32x32: ch 128, multipliers (1, 2, 2, 2), attention at 16x16, dropout 0.1: 35,746,307 parameters.
+    "cifar10": {
+        **_PAPER_COMMON,
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (128, 256, 256, 256),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "dropout": 0.1,
+    },
+    # CelebA-HQ / LSUN 256x256: ch 128, multipliers (1, 1, 2, 2, 4, 4), attention at 16x16: 113,673,219 parameters.
+    "celebahq256": {
+        **_PAPER_COMMON,
+        "sample_size": 256,
+        "in_channels": 3,
+        "out_channels": 3,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "down_block_types": ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        "dropout": 0.0,
+    },
+    # The embedded 8x8 grayscale digits: small enough to train to recognizable digits in minutes on 2 CPU cores.
+    "digits": {
+        **_PAPER_COMMON,
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (64, 128),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "dropout": 0.0,
+    },
+    # A few thousand parameters for tests.
+    "tiny": {
+        **_PAPER_COMMON,
+        "sample_size": 8,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "dropout": 0.0,
+    },
+}
+
+# Parameter counts that tests pin (fixed-variance versions).
+PRESET_PARAMETER_COUNTS = {"cifar10": 35_746_307, "celebahq256": 113_673_219}
+
+
+def unet_config(preset: str, learned_variance: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The `UNet2DModel` config of a preset; `learned_variance=True` doubles `out_channels` (mean and variance)."""
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+    config = dict(UNET_PRESETS[preset])
+    config.update(overrides)
+    if learned_variance:
+        config["out_channels"] = 2 * config["in_channels"]
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        config[key] = tuple(config[key])
+    return config
+
+
+def create_unet(preset: str, learned_variance: bool = False, **overrides: Any) -> UNet2DModel:
+    """A freshly initialised `UNet2DModel` for a preset (see `unet_config`)."""
+    return UNet2DModel(**unet_config(preset, learned_variance=learned_variance, **overrides))
+
+
+def count_parameters(model) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in model.parameters())
