@@ -92,9 +92,7 @@ def learned_range_log_variance(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def normal_kl(
-    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
-) -> torch.Tensor:
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) per element, in nats (closed form)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
@@ -145,7 +143,7 @@ def discretized_gaussian_log_likelihood(
         log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=min_prob))
         log_mid = torch.log((cdf_plus - cdf_min).clamp(min=min_prob))
     elif cdf == "exact":
-        floor = math.log(min_prob)
+        floor = math.log(min_prob) if min_prob > 0 else -math.inf
         log_cdf_plus = torch.special.log_ndtr(upper).clamp(min=floor)
         log_one_minus_cdf_min = torch.special.log_ndtr(-lower).clamp(min=floor)
         log_mid = _log_cdf_difference(upper, lower).clamp(min=floor)

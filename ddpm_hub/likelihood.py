@@ -281,7 +281,9 @@ def bits_per_dim(
     num_timesteps = len(scheduler)
     n = images.shape[0]
     if noise is not None and tuple(noise.shape) != (num_timesteps, *images.shape):
-        raise ValueError(f"noise must have shape {(num_timesteps, *images.shape)} [T, N, C, H, W], got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must have shape {(num_timesteps, *images.shape)} [T, N, C, H, W], got {tuple(noise.shape)}"
+        )
     if clip_denoised is None:
         clip_denoised = bool(scheduler.config.clip_sample)
     device = torch.device(device) if device is not None else images.device

@@ -389,7 +389,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         log_var = self._gather(tab.posterior_log_variance_clipped, timesteps, x_t).expand_as(x_t)
         return mean, var, log_var
 
-    def split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Split a 2C-channel output into (mean part, variance part) for learned variances; else (output, None)."""
         if self.config.variance_type in ("learned", "learned_range"):
             if model_output.shape[1] != 2 * sample.shape[1]:

@@ -46,7 +46,9 @@ def _grid():
         }
         if steps is not None:
             steps = min(steps, config["num_train_timesteps"])
-        yield pytest.param(config, steps, id=f"{beta_schedule}-{variance_type}-{prediction_type}-m{mode}-{spacing}{offset}-{steps}")
+        yield pytest.param(
+            config, steps, id=f"{beta_schedule}-{variance_type}-{prediction_type}-m{mode}-{spacing}{offset}-{steps}"
+        )
 
 
 def _pair(**config):
@@ -54,7 +56,7 @@ def _pair(**config):
 
 
 def _run_chain(scheduler, num_inference_steps, channels_out, seed, max_steps=60):
-    """Run the reverse chain with a fixed pseudo-model (deterministic outputs from the sample) and a seeded generator."""
+    """Run the reverse chain with a deterministic pseudo-model and a seeded generator."""
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     elif len(scheduler.timesteps) > max_steps:
@@ -197,7 +199,9 @@ def test_same_errors_bad_spacing_prediction_schedule():
 
 
 def test_config_roundtrip_both_ways(tmp_path):
-    ours = DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="v_prediction")
+    ours = DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", variance_type="learned_range", prediction_type="v_prediction"
+    )
     ours.save_pretrained(tmp_path / "ours")
     cfg = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
     assert cfg["_class_name"] == "DDPMScheduler"

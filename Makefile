@@ -1,0 +1,21 @@
+# Two commands do all the set-up on a fresh machine: `make train` (main job) and `make test` (the test suite).
+PYTHON ?= python
+# The CPU wheel of torch that this project is developed and tested with; override for a CUDA build,
+# e.g. `make train TORCH=torch`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install train test lint
+
+install:
+	$(PYTHON) -m pip install --quiet "$(TORCH)"
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+
+train: install
+	accelerate launch --num_processes 1 training/train.py --preset digits
+
+lint: install
+	ruff check .
+
+test: install
+	ruff check .
+	$(PYTHON) -m pytest -q

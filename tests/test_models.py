@@ -1,0 +1,36 @@
+"""UNet presets: parameter counts of the paper's models and shapes of the small ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddpm_hub import count_parameters, create_unet, unet_config
+
+
+@pytest.mark.parametrize("preset,count", [("cifar10", 35_746_307), ("celebahq256", 113_673_219)])
+def test_paper_parameter_counts(preset, count):
+    with torch.device("meta"):
+        unet = create_unet(preset)
+    assert count_parameters(unet) == count
+
+
+def test_cifar10_matches_paper_architecture():
+    cfg = unet_config("cifar10")
+    assert cfg["block_out_channels"] == (128, 256, 256, 256)
+    assert cfg["dropout"] == 0.1 and cfg["layers_per_block"] == 2
+    assert cfg["down_block_types"][1] == "AttnDownBlock2D"  # attention at 16x16
+
+
+@pytest.mark.parametrize("preset", ["digits", "tiny"])
+@pytest.mark.parametrize("learned", [False, True])
+def test_small_presets_forward(preset, learned):
+    unet = create_unet(preset, learned_variance=learned)
+    x = torch.randn(2, 1, 8, 8)
+    out = unet(x, torch.tensor([0, 999])).sample
+    assert out.shape == (2, 2 if learned else 1, 8, 8)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        unet_config("nope")
