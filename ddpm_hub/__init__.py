@@ -18,8 +18,19 @@ from .scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The pipeline lives in the top-level `pipelines/` folder (installed as ddpm_hub.pipelines); import it lazily
+    # so that `import ddpm_hub` stays light and free of import cycles.
+    if name == "DDPMPipeline":
+        from .pipelines import DDPMPipeline
+
+        return DDPMPipeline
+    raise AttributeError(f"module 'ddpm_hub' has no attribute {name!r}")
+
 __all__ = [
     "BitsPerDim",
+    "DDPMPipeline",
     "DDPMScheduler",
     "DDPMSchedulerOutput",
     "LossSecondMomentSampler",

@@ -111,6 +111,7 @@ def training_losses(
     timesteps: torch.Tensor,
     loss_type: str = "simple",
     vlb_weight: float = 0.001,
+    x_t: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example losses `[N]` (float32) for one batch of Algorithm 1.
 
@@ -118,13 +119,14 @@ def training_losses(
     - `hybrid`: L_simple + vlb_weight * T * L_t with the mean's gradient stopped in the bound term
       (improved DDPM eq. 16, lambda = 0.001); needs learned variances for the bound term to train anything.
     - `vlb`: T * L_t, an unbiased one-sample estimate of the whole bound in bits/dim.
-    `x_t` is recomputed from `x_start`, `noise`, `timesteps` with the scheduler's `add_noise`.
+    `x_t` (the model's input) is recomputed with the scheduler's `add_noise` when not given.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     channels = x_start.shape[1]
     mean_part, _ = scheduler.split_model_output(model_output, x_start)
-    x_t = scheduler.add_noise(x_start, noise, timesteps)
+    if x_t is None:
+        x_t = scheduler.add_noise(x_start, noise, timesteps)
     num_timesteps = len(scheduler)
     losses: dict[str, torch.Tensor] = {}
     if loss_type in ("simple", "hybrid"):

@@ -1,0 +1,232 @@
+"""Training data as `datasets.Dataset`s: the embedded digits, Hub datasets and image folders, with checks.
+
+Images are validated before training (a run never trains silently on garbage): a corrupt, unreadable or
+non-image item raises a `DataError` naming the file or row, or, when asked, is skipped and counted.
+Transforms are deterministic (resize, centre crop, channels, [-1, 1]); random flips are applied in the training
+step from its seeded generator so that a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+DIGITS_NAME = "digits"
+# Fixed split of the 1,797 UCI optical digits (CC BY 4.0, shipped by scikit-learn): every 6th image
+# (index % 6 == 0, 300 images) is held out as `test`; the other 1,497 are `train`.
+DIGITS_TEST_EVERY = 6
+
+
+class DataError(ValueError):
+    """A data set or image that cannot be used for training, with the item named."""
+
+
+def load_digits_dataset():
+    """The embedded default: UCI optical digits as a `datasets.DatasetDict` with `train`/`test` splits.
+
+    Each row has `image` (an 8x8 PIL grayscale image, 0..16 intensities scaled to 0..255) and `label`.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    is_test = np.arange(len(pixels)) % DIGITS_TEST_EVERY == 0
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+
+    def split(mask: np.ndarray) -> datasets.Dataset:
+        rows = {
+            "image": [Image.fromarray(p, mode="L") for p in pixels[mask]],
+            "label": [int(v) for v in digits.target[mask]],
+        }
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    return datasets.DatasetDict({"train": split(~is_test), "test": split(is_test)})
+
+
+@dataclass
+class DataSpec:
+    """Where the images come from: the embedded digits, a Hub dataset id, or a local image folder."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    split: str = "train"
+    eval_split: str | None = "test"
+    image_column: str = "image"
+    cache_dir: str | None = None
+
+
+def load_splits(spec: DataSpec):
+    """(train, held-out or None) `datasets.Dataset`s for a `DataSpec`; images left undecoded for validation."""
+    import datasets
+
+    if spec.train_data_dir is not None:
+        root = Path(spec.train_data_dir)
+        if not root.is_dir():
+            raise DataError(f"--train_data_dir {root} is not a directory")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"--train_data_dir {root} contains no files: put the training images there")
+        # One row per file, so that a non-image file is reported by name rather than silently ignored.
+        train = datasets.Dataset.from_dict(
+            {spec.image_column: [str(p) for p in files]},
+            features=datasets.Features({spec.image_column: datasets.Image(decode=False)}),
+        )
+        return train, None
+    if spec.dataset_name in (None, DIGITS_NAME):
+        dd = load_digits_dataset()
+    else:
+        try:
+            dd = datasets.load_dataset(spec.dataset_name, spec.dataset_config_name, cache_dir=spec.cache_dir)
+        except Exception as exc:  # datasets raises many types; name the input and what to do
+            raise DataError(
+                f"could not load --dataset_name {spec.dataset_name!r} (config {spec.dataset_config_name!r}): {exc}. "
+                "Check the id, or use --train_data_dir for a local folder of images."
+            ) from exc
+    if spec.split not in dd:
+        raise DataError(f"--split {spec.split!r} not in the dataset; available splits: {sorted(dd)}")
+    train = dd[spec.split]
+    held_out = dd[spec.eval_split] if spec.eval_split and spec.eval_split in dd else None
+    for name, ds in (("train", train), ("held-out", held_out)):
+        if ds is None:
+            continue
+        if spec.image_column not in ds.column_names:
+            raise DataError(
+                f"--image_column {spec.image_column!r} not found in the {name} split; columns: {ds.column_names}"
+            )
+    train = train.cast_column(spec.image_column, datasets.Image(decode=False))
+    if held_out is not None:
+        held_out = held_out.cast_column(spec.image_column, datasets.Image(decode=False))
+    return train, held_out
+
+
+def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
+    """Decode one undecoded `datasets.Image` value (`{"bytes", "path"}`), a path or an image; DataError if bad."""
+    try:
+        if isinstance(item, Image.Image):
+            image = item
+        elif isinstance(item, str):
+            image = Image.open(item)
+        elif isinstance(item, dict):
+            if item.get("bytes"):
+                image = Image.open(io.BytesIO(item["bytes"]))
+            elif item.get("path"):
+                image = Image.open(item["path"])
+            else:
+                raise DataError(f"{where}: empty image (no bytes and no path)")
+        else:
+            raise DataError(f"{where}: not an image value ({type(item).__name__})")
+        image.load()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{where}: cannot read the image ({type(exc).__name__}: {exc})") from exc
+    if image.width == 0 or image.height == 0:
+        raise DataError(f"{where}: image has zero size")
+    return image
+
+
+def to_model_image(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
+    """PIL image -> uint8 `[C, resolution, resolution]`: mode conversion, resize (short side), centre crop.
+
+    Modes are converted explicitly: RGBA/LA are composited on black, P/CMYK/I;16/I/F are converted to RGB or L
+    (16-bit and float images are rescaled to 0..255 first).
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = np.zeros_like(arr) if hi == lo else (arr - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (resolution, resolution):
+        scale = resolution / min(image.size)
+        new_size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.array(image, dtype=np.uint8)  # a writable copy
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _row_name(ds_name: str, index: int, value) -> str:
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    return f"{ds_name} row {index}" + (f" ({path})" if path else "")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and transforms images on the fly (in DataLoader workers) to uint8 `[C, R, R]` tensors.
+
+    `indices` selects the usable rows (after a validation pass that skipped bad ones); a bad image found
+    while loading raises a DataError naming the row and file.
+    """
+
+    def __init__(self, ds, column: str, resolution: int, channels: int, indices=None, name: str = "train"):
+        self.ds, self.column, self.resolution, self.channels, self.name = ds, column, resolution, channels, name
+        self.indices = list(range(len(ds))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> torch.Tensor:
+        value = self.ds[index][self.column]
+        where = _row_name(self.name, index, value)
+        return torch.from_numpy(to_model_image(decode_image(value, where), self.resolution, self.channels))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.load(self.indices[i])
+
+
+def validate_images(
+    dataset: ImageDataset, skip_bad: bool = False, keep: bool = True, progress: bool = True
+) -> tuple[torch.Tensor | None, list[int], int]:
+    """Decode every image once: (uint8 `[N, C, R, R]` if `keep`, usable row indices, number skipped).
+
+    Raises DataError naming the first bad item unless `skip_bad`; raises if nothing usable is left.
+    """
+    from tqdm.auto import tqdm
+
+    if len(dataset) == 0:
+        raise DataError(f"the {dataset.name} split is empty: there is nothing to train on")
+    kept: list[torch.Tensor] = []
+    good: list[int] = []
+    skipped = 0
+    for index in tqdm(dataset.indices, desc=f"checking {dataset.name} images", disable=not progress, unit="img"):
+        try:
+            image = dataset.load(index)
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{exc}. Fix or remove it, or pass --skip_bad_images to skip such items.") from exc
+            logger.warning("skipping %s", exc)
+            skipped += 1
+            continue
+        good.append(index)
+        if keep:
+            kept.append(image)
+    if not good:
+        raise DataError(f"all {len(dataset)} images of the {dataset.name} split are unreadable: nothing to train on")
+    return (torch.stack(kept) if keep else None), good, skipped
+
+
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 `[N, C, H, W]` -> float32 in [-1, 1] (x / 127.5 - 1), the model's data range."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2, drawn from `generator` (on the images' device)."""
+    flip = torch.rand(images.shape[0], generator=generator, device=generator.device) < 0.5
+    flip = flip.to(images.device).reshape(-1, *([1] * (images.ndim - 1)))
+    return torch.where(flip, images.flip(-1), images)
