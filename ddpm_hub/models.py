@@ -54,10 +54,10 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         "in_channels": 1,
         "out_channels": 1,
         "layers_per_block": 1,
-        "block_out_channels": (64, 128),
+        "block_out_channels": (32, 64),
         "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
+        "norm_num_groups": 16,
         "dropout": 0.0,
     },
     # A few thousand parameters for tests.

@@ -609,7 +609,12 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         metrics: dict[str, float] = {}
-        result: dict[str, Any] = {"output_dir": str(self.output_dir), "steps": self.global_step}
+        result: dict[str, Any] = {
+            "output_dir": str(self.output_dir),
+            "steps": self.global_step,
+            "num_processes": acc.num_processes,
+            "ranks_identical": self._ranks_identical(),
+        }
         if acc.is_main_process:
             pipeline = self.ema_pipeline()
             pipeline.unet.eval()
@@ -647,6 +652,18 @@ class Trainer:
                 logger.info("pushed to %s", url)
         acc.wait_for_everyone()
         return result
+
+    def _ranks_identical(self) -> bool:
+        """Data parallelism must keep every rank's weights equal: compare a fingerprint of them across ranks."""
+        params = [p.detach().double().flatten() for p in self.accelerator.unwrap_model(self.unet).parameters()]
+        flat = torch.cat(params)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder(97)
+        fingerprint = torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max()]).float().unsqueeze(0)
+        gathered = self.accelerator.gather(fingerprint)
+        identical = bool((gathered == gathered[0]).all())
+        if not identical:
+            raise TrainingError(f"ranks' weights diverged at step {self.global_step}: {gathered.tolist()}")
+        return identical
 
     def _final_bpd(self, pipeline, held: torch.Tensor) -> dict[str, float]:
         g = torch.Generator().manual_seed(self.cfg.seed)
