@@ -28,6 +28,7 @@ def __getattr__(name: str):
         return DDPMPipeline
     raise AttributeError(f"module 'ddpm_hub' has no attribute {name!r}")
 
+
 __all__ = [
     "BitsPerDim",
     "DDPMPipeline",

@@ -93,7 +93,9 @@ def verify(folder: Path) -> CheckpointInfo:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from checkpoint {folder}")
         if path.stat().st_size != meta["size"]:
-            raise CheckpointError(f"{path}: truncated or changed ({path.stat().st_size} bytes, expected {meta['size']})")
+            raise CheckpointError(
+                f"{path}: truncated or changed ({path.stat().st_size} bytes, expected {meta['size']})"
+            )
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: corrupted (checksum does not match the manifest)")
     return CheckpointInfo(path=folder, step=step, epoch=epoch)

@@ -13,11 +13,29 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CARD_HPARAMS = (
-    "preset", "dataset_name", "resolution", "random_flip", "num_train_timesteps", "beta_schedule", "prediction_type",
-    "variance_type", "loss_type", "timestep_sampling", "train_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
-    "max_grad_norm", "ema_max_decay", "mixed_precision", "seed",
-)  # fmt: skip
+    "preset",
+    "dataset_name",
+    "resolution",
+    "random_flip",
+    "num_train_timesteps",
+    "beta_schedule",
+    "prediction_type",
+    "variance_type",
+    "loss_type",
+    "timestep_sampling",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "max_grad_norm",
+    "ema_max_decay",
+    "mixed_precision",
+    "seed",
+)
 
 
 def template_path() -> Path:

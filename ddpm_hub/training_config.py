@@ -246,7 +246,11 @@ def validate(c: TrainConfig) -> None:
     """Check every value; raise ConfigError naming the first bad argument."""
     for name, f in _FIELDS.items():
         value = getattr(c, name)
-        if f.type in ("int", "int | None") and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if (
+            f.type in ("int", "int | None")
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int))
+        ):
             raise ConfigError(f"--{name} must be an integer, got {value!r}")
         if f.type in ("float",) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ConfigError(f"--{name} must be a number, got {value!r}")
@@ -263,12 +267,30 @@ def validate(c: TrainConfig) -> None:
     _choice("logger", c.logger, LOGGERS)
     _choice("cache_images_in_memory", c.cache_images_in_memory, ("auto", "yes", "no"))
     _choice("final_bpd", c.final_bpd, ("full", "estimate", "none"))
-    for name in ("resolution", "num_train_timesteps", "train_batch_size", "eval_batch_size",
-                 "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "save_images_steps",
-                 "eval_steps", "num_inference_steps", "learning_rate"):  # fmt: skip
+    for name in (
+        "resolution",
+        "num_train_timesteps",
+        "train_batch_size",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "logging_steps",
+        "save_images_steps",
+        "eval_steps",
+        "num_inference_steps",
+        "learning_rate",
+    ):
         _positive(name, getattr(c, name))
-    for name in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay", "adam_epsilon", "vlb_weight",
-                 "num_eval_images", "max_grad_norm", "seed"):  # fmt: skip
+    for name in (
+        "lr_warmup_steps",
+        "dataloader_num_workers",
+        "adam_weight_decay",
+        "adam_epsilon",
+        "vlb_weight",
+        "num_eval_images",
+        "max_grad_norm",
+        "seed",
+    ):
         _positive(name, getattr(c, name), allow_zero=True)
     _positive("max_train_steps", c.max_train_steps, optional=True)
     _positive("num_epochs", c.num_epochs, optional=True)

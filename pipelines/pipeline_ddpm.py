@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers import DDPMScheduler as DiffusersDDPMScheduler
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
@@ -128,9 +128,15 @@ class DDPMPipeline(DiffusionPipeline):
             scheduler = DDPMScheduler.from_config(scheduler.config)
         if estimate:
             return bits_per_dim_estimate(
-                self.model_fn, scheduler, images, num_samples=num_samples, batch_size=batch_size,
-                generator=generator, device=self.device, **kwargs,
-            )  # fmt: skip
+                self.model_fn,
+                scheduler,
+                images,
+                num_samples=num_samples,
+                batch_size=batch_size,
+                generator=generator,
+                device=self.device,
+                **kwargs,
+            )
         return bits_per_dim(
             self.model_fn, scheduler, images, batch_size=batch_size, generator=generator, device=self.device, **kwargs
         )
@@ -154,7 +160,7 @@ class DDPMPipeline(DiffusionPipeline):
         kwargs["use_safetensors"] = True
         try:
             pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except EnvironmentError as exc:
+        except OSError as exc:
             message = str(exc)
             if "safetensors" in message.lower() or ".bin" in message:
                 raise OSError(

@@ -8,22 +8,46 @@ import subprocess
 import sys
 from pathlib import Path
 
+import socket
+
 import pytest
-import torch
+
+# The Hub endpoint must be set before huggingface_hub is first imported: point every Hub call of the test
+# process at a local server (tests/hub_server.py) on a port reserved now, never at the internet.
+with socket.socket() as _sock:
+    _sock.bind(("127.0.0.1", 0))
+    HUB_PORT = _sock.getsockname()[1]
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.pop("HF_TOKEN", None)
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "train.py"
 
 # Two cores: one process at a time uses both; subprocess runs get explicit thread counts.
 torch.set_num_threads(2)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 FAST_ARGS = [
-    "--unet_preset", "tiny", "--logger", "none", "--logging_steps", "1", "--save_images_steps", "100000",
-    "--eval_steps", "100000", "--num_eval_images", "0", "--final_bpd", "none", "--train_batch_size", "32",
-]  # fmt: skip
+    "--unet_preset",
+    "tiny",
+    "--logger",
+    "none",
+    "--logging_steps",
+    "1",
+    "--save_images_steps",
+    "100000",
+    "--eval_steps",
+    "100000",
+    "--num_eval_images",
+    "0",
+    "--final_bpd",
+    "none",
+    "--train_batch_size",
+    "32",
+]
 
 
 def subprocess_env(tmp_path: Path, threads: int = 2, **extra: str) -> dict[str, str]:
@@ -50,9 +74,13 @@ def run_train(
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(TRAIN), *args]
     return subprocess.run(
-        command, cwd=tmp_path, env=subprocess_env(tmp_path, threads, **env), capture_output=True, text=True,
+        command,
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path, threads, **env),
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 def read_metrics(output_dir: Path) -> dict:
@@ -62,3 +90,20 @@ def read_metrics(output_dir: Path) -> dict:
 @pytest.fixture
 def fast_args() -> list[str]:
     return list(FAST_ARGS)
+
+
+@pytest.fixture(scope="session")
+def _hub_server():
+    from hub_server import HubServer
+
+    server = HubServer(port=HUB_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub(_hub_server):
+    """The local Hub server with fresh state for this test."""
+    _hub_server.reset()
+    yield _hub_server
+    _hub_server.reset()

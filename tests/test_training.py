@@ -23,13 +23,36 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_two_step_smoke_run_through_accelerate_launch(tmp_path):
     out = tmp_path / "run"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "2", "--num_eval_images", "4",
-            "--num_inference_steps", "10", "--final_bpd", "estimate", "--eval_bpd_samples", "2"]  # fmt: skip
-    proc = run_train(args, tmp_path, launcher=["--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-                                               "no", "--dynamo_backend", "no"])  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--num_eval_images",
+        "4",
+        "--num_inference_steps",
+        "10",
+        "--final_bpd",
+        "estimate",
+        "--eval_bpd_samples",
+        "2",
+    ]
+    proc = run_train(
+        args,
+        tmp_path,
+        launcher=["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                 "scheduler/scheduler_config.json", "README.md", "samples.png", "metrics.json"):  # fmt: skip
+    for name in (
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "README.md",
+        "samples.png",
+        "metrics.json",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("**/*.bin")) or all("checkpoints" in str(p) for p in out.glob("**/*.bin"))
     metrics = read_metrics(out)
@@ -48,8 +71,17 @@ def test_two_step_smoke_run_through_accelerate_launch(tmp_path):
 
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
-    common = [*FAST_ARGS, "--max_train_steps", "24", "--checkpointing_steps", "8", "--lr_warmup_steps", "5",
-              "--checkpoints_total_limit", "10"]  # fmt: skip
+    common = [
+        *FAST_ARGS,
+        "--max_train_steps",
+        "24",
+        "--checkpointing_steps",
+        "8",
+        "--lr_warmup_steps",
+        "5",
+        "--checkpoints_total_limit",
+        "10",
+    ]
     proc = run_train([*common, "--output_dir", str(full)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # resume a second run from the mid-epoch checkpoint at step 16 (1497 // 32 = 46 batches per epoch) and step 8
@@ -72,8 +104,17 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 
 def test_checkpoints_total_limit_prunes(tmp_path):
     out = tmp_path / "run"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "8", "--checkpointing_steps", "2",
-            "--checkpoints_total_limit", "2"]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "8",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+    ]
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -83,9 +124,22 @@ def test_checkpoints_total_limit_prunes(tmp_path):
 def test_two_rank_cpu_data_parallel_run(tmp_path):
     out = tmp_path / "ddp"
     args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "6", "--checkpointing_steps", "3"]
-    proc = run_train(args, tmp_path, launcher=["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                               "--mixed_precision", "no", "--dynamo_backend", "no"],
-                     threads=1)  # fmt: skip
+    proc = run_train(
+        args,
+        tmp_path,
+        launcher=[
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
+        threads=1,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = read_metrics(out)
     assert metrics["num_processes"] == 2
@@ -96,10 +150,32 @@ def test_two_rank_cpu_data_parallel_run(tmp_path):
 def test_digits_run_learns(tmp_path):
     """Loss falls and the held-out bits/dim estimate (same timesteps and noise each time) improves."""
     out = tmp_path / "digits"
-    args = ["--preset", "digits", "--output_dir", str(out), "--max_train_steps", "240", "--logger", "none",
-            "--logging_steps", "20", "--eval_steps", "40", "--eval_bpd_samples", "8", "--num_eval_images", "0",
-            "--final_bpd", "none", "--checkpointing_steps", "1000", "--save_images_steps", "100000",
-            "--lr_warmup_steps", "20"]  # fmt: skip
+    args = [
+        "--preset",
+        "digits",
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "240",
+        "--logger",
+        "none",
+        "--logging_steps",
+        "20",
+        "--eval_steps",
+        "40",
+        "--eval_bpd_samples",
+        "8",
+        "--num_eval_images",
+        "0",
+        "--final_bpd",
+        "none",
+        "--checkpointing_steps",
+        "1000",
+        "--save_images_steps",
+        "100000",
+        "--lr_warmup_steps",
+        "20",
+    ]
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = read_metrics(out)["history"]
@@ -141,8 +217,11 @@ def test_config_file_and_cli_precedence(tmp_path):
         build_config({}, str(tmp_path / "bad.json"))
     cifar = build_config({"preset": "cifar10"})
     assert (cifar.learning_rate, cifar.train_batch_size, cifar.lr_warmup_steps, cifar.max_train_steps) == (
-        2e-4, 128, 5000, 800_000
-    )  # fmt: skip
+        2e-4,
+        128,
+        5000,
+        800_000,
+    )
     assert cifar.random_flip and cifar.dataset_name == "uoft-cs/cifar10" and cifar.ema_max_decay == 0.9999
 
 
@@ -167,8 +246,19 @@ def test_bad_cli_arguments_exit_2_with_message(tmp_path):
 def test_corrupt_image_named_or_skipped(tmp_path):
     folder = _image_folder(tmp_path / "imgs", n=6)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    args = [*FAST_ARGS, "--train_data_dir", str(folder), "--train_batch_size", "2", "--max_train_steps", "2",
-            "--unet_preset", "tiny", "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--train_data_dir",
+        str(folder),
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "2",
+        "--unet_preset",
+        "tiny",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
     proc = run_train(args, tmp_path)
     assert proc.returncode == 2
     assert "broken.png" in proc.stderr and "--skip_bad_images" in proc.stderr
@@ -179,9 +269,23 @@ def test_corrupt_image_named_or_skipped(tmp_path):
 
 def test_nonfinite_loss_stops_with_step_and_saves_no_nan(tmp_path):
     out = tmp_path / "nan"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "50", "--checkpointing_steps", "1",
-            "--learning_rate", "1e30", "--lr_warmup_steps", "0", "--max_grad_norm", "1e30",
-            "--checkpoints_total_limit", "100"]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "50",
+        "--checkpointing_steps",
+        "1",
+        "--learning_rate",
+        "1e30",
+        "--lr_warmup_steps",
+        "0",
+        "--max_grad_norm",
+        "1e30",
+        "--checkpoints_total_limit",
+        "100",
+    ]
     proc = run_train(args, tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "NaN or inf at step" in proc.stderr or "non-finite weights at step" in proc.stderr

@@ -174,8 +174,10 @@ def prepare_data(cfg: TrainConfig, channels: int, accelerator) -> Data:
     skipped = 0
     if in_memory or cfg.skip_bad_images:
         images, good, skipped = validate_images(train, skip_bad=cfg.skip_bad_images, keep=in_memory, progress=progress)
-        train_set = torch.utils.data.TensorDataset(images) if in_memory else ImageDataset(
-            train_ds, cfg.image_column, cfg.resolution, channels, indices=good, name="train"
+        train_set = (
+            torch.utils.data.TensorDataset(images)
+            if in_memory
+            else ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, indices=good, name="train")
         )
     else:
         if len(train) == 0:
@@ -317,7 +319,9 @@ class Trainer:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
             self.unet, self.optimizer, loader, self.lr_scheduler
         )
-        self.accelerator.register_for_checkpointing(self.timestep_sampler) if cfg.timestep_sampling != "uniform" else None
+        self.accelerator.register_for_checkpointing(
+            self.timestep_sampler
+        ) if cfg.timestep_sampling != "uniform" else None
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
@@ -336,9 +340,12 @@ class Trainer:
             )
 
     def _check_hub(self) -> None:
-        from ddpm_hub.hub_push import check_push_access
+        from ddpm_hub.hub_push import HubError, check_push_access
 
-        check_push_access(self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo)
+        try:
+            check_push_access(self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo)
+        except HubError as exc:  # found before training, not after ten hours
+            raise ConfigError(f"--push_to_hub: {exc}") from None
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -463,7 +470,11 @@ class Trainer:
             acc.init_trackers("ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
         self._log_start()
         bar = tqdm(
-            total=self.max_steps, initial=self.global_step, desc="train", unit="step", disable=not acc.is_local_main_process
+            total=self.max_steps,
+            initial=self.global_step,
+            desc="train",
+            unit="step",
+            disable=not acc.is_local_main_process,
         )
         first_epoch = self.global_step // self.updates_per_epoch
         skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
@@ -471,7 +482,11 @@ class Trainer:
         epoch = first_epoch
         while self.global_step < self.max_steps:
             self.loader.set_epoch(epoch)
-            loader = acc.skip_first_batches(self.loader, skip_batches) if epoch == first_epoch and skip_batches else self.loader
+            loader = (
+                acc.skip_first_batches(self.loader, skip_batches)
+                if epoch == first_epoch and skip_batches
+                else self.loader
+            )
             micro = 0
             for batch in loader:
                 out = self.train_step(batch, micro)
@@ -487,12 +502,18 @@ class Trainer:
                     self._assert_finite("logging")
                     now = time.perf_counter()
                     images_per_s = (
-                        (self.global_step - last_step) * cfg.train_batch_size * cfg.gradient_accumulation_steps
-                        * acc.num_processes / max(now - last_time, 1e-9)
-                    )  # fmt: skip
+                        (self.global_step - last_step)
+                        * cfg.train_batch_size
+                        * cfg.gradient_accumulation_steps
+                        * acc.num_processes
+                        / max(now - last_time, 1e-9)
+                    )
                     last_time, last_step = now, self.global_step
-                    logs = {"loss": float(out["loss"]), "lr": self.lr_scheduler.get_last_lr()[0],
-                            "images_per_s": images_per_s}  # fmt: skip
+                    logs = {
+                        "loss": float(out["loss"]),
+                        "lr": self.lr_scheduler.get_last_lr()[0],
+                        "images_per_s": images_per_s,
+                    }
                     if out["grad_norm"] is not None:
                         logs["grad_norm"] = float(out["grad_norm"])
                     if self.ema is not None:
@@ -519,10 +540,15 @@ class Trainer:
     def _log_start(self) -> None:
         logger.info(
             "training %s: %d images (%d skipped), %d parameters, %d steps of batch %d x %d processes x %d accumulation",
-            self.data.description, self.data.num_train, self.data.skipped, count_parameters(self.unet),
-            self.max_steps, self.cfg.train_batch_size, self.accelerator.num_processes,
+            self.data.description,
+            self.data.num_train,
+            self.data.skipped,
+            count_parameters(self.unet),
+            self.max_steps,
+            self.cfg.train_batch_size,
+            self.accelerator.num_processes,
             self.cfg.gradient_accumulation_steps,
-        )  # fmt: skip
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -552,9 +578,11 @@ class Trainer:
         try:
             generator = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
             images = pipeline(
-                batch_size=num_images, generator=generator, num_inference_steps=self.cfg.num_inference_steps,
+                batch_size=num_images,
+                generator=generator,
+                num_inference_steps=self.cfg.num_inference_steps,
                 output_type="pil",
-            ).images  # fmt: skip
+            ).images
         finally:
             pipeline.unet.train(was_training)
             self.restore_weights()
@@ -587,10 +615,14 @@ class Trainer:
         pipeline.unet.eval()
         try:
             est = bits_per_dim_estimate(
-                pipeline.model_fn, pipeline.scheduler, held, num_samples=self.cfg.eval_bpd_samples,
-                batch_size=max(self.cfg.eval_batch_size, 1), generator=torch.Generator().manual_seed(self.cfg.seed),
+                pipeline.model_fn,
+                pipeline.scheduler,
+                held,
+                num_samples=self.cfg.eval_bpd_samples,
+                batch_size=max(self.cfg.eval_batch_size, 1),
+                generator=torch.Generator().manual_seed(self.cfg.seed),
                 device=self.accelerator.device,
-            )  # fmt: skip
+            )
         finally:
             pipeline.unet.train()
             self.restore_weights()
@@ -644,11 +676,17 @@ class Trainer:
             (self.output_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
             logger.info("saved the pipeline, samples.png and README.md to %s; metrics %s", self.output_dir, metrics)
             if self.cfg.push_to_hub:
-                from ddpm_hub.hub_push import push_pipeline_folder
+                from ddpm_hub.hub_push import HubError, push_pipeline_folder
 
-                url = push_pipeline_folder(
-                    self.output_dir, self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo
-                )
+                try:
+                    url = push_pipeline_folder(
+                        self.output_dir, self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo
+                    )
+                except HubError as exc:
+                    raise TrainingError(
+                        f"{exc}. The trained pipeline is intact in {self.output_dir}; push it again with "
+                        f"`python -m ddpm_hub push --folder {self.output_dir} --repo_id {self.cfg.hub_model_id}`"
+                    ) from None
                 logger.info("pushed to %s", url)
         acc.wait_for_everyone()
         return result
@@ -668,11 +706,24 @@ class Trainer:
     def _final_bpd(self, pipeline, held: torch.Tensor) -> dict[str, float]:
         g = torch.Generator().manual_seed(self.cfg.seed)
         if self.cfg.final_bpd == "full":
-            out = bits_per_dim(pipeline.model_fn, pipeline.scheduler, held, batch_size=self.cfg.eval_batch_size * 4,
-                               generator=g, device=self.accelerator.device)  # fmt: skip
+            out = bits_per_dim(
+                pipeline.model_fn,
+                pipeline.scheduler,
+                held,
+                batch_size=self.cfg.eval_batch_size * 4,
+                generator=g,
+                device=self.accelerator.device,
+            )
             return {"held_out_bits_per_dim": float(out.total.mean())}
-        out = bits_per_dim_estimate(pipeline.model_fn, pipeline.scheduler, held, num_samples=self.cfg.eval_bpd_samples,
-                                    batch_size=self.cfg.eval_batch_size, generator=g, device=self.accelerator.device)  # fmt: skip
+        out = bits_per_dim_estimate(
+            pipeline.model_fn,
+            pipeline.scheduler,
+            held,
+            num_samples=self.cfg.eval_bpd_samples,
+            batch_size=self.cfg.eval_batch_size,
+            generator=g,
+            device=self.accelerator.device,
+        )
         return {"held_out_bits_per_dim_estimate": float(out.total.mean())}
 
 

@@ -1,0 +1,221 @@
+"""Pipeline and Hub round trip with the real huggingface_hub client against a local Hub server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_ARGS, run_train, subprocess_env
+from hub_server import Fault
+
+from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+from ddpm_hub.hub_push import HubError, check_push_access, push_pipeline_folder
+
+FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps by the real trainer (shared by the tests of this module)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = tmp / "run"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--num_eval_images", "4",
+            "--num_inference_steps", "10", "--checkpointing_steps", "2"]  # fmt: skip
+    proc = run_train(args, tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _sample(pipeline, seed=0, steps=20) -> np.ndarray:
+    return pipeline(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                    output_type="np").images  # fmt: skip
+
+
+def test_trainer_pushes_then_loads_from_hub_and_offline(hub, tmp_path):
+    hub.state.token = FAKE_TOKEN
+    out = tmp_path / "pushed"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2",
+            "--num_eval_images", "4", "--num_inference_steps", "10", "--push_to_hub", "--hub_model_id",
+            "org/ddpm-cifar", "--logger", "tensorboard"]  # fmt: skip
+    proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=FAKE_TOKEN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    repo = hub.state.repos["org/ddpm-cifar"]
+    pushed = set(repo.head[1])
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json", "README.md", "samples.png"} <= pushed  # fmt: skip
+    assert not any(p.startswith(("checkpoints", "logs", "samples/")) or p.endswith((".bin", ".pkl")) for p in pushed)
+
+    # the token is nowhere: output, logs, TensorBoard events, card, configs, checkpoints
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+    # a fresh cache: from_pretrained("org/ddpm-cifar") through the real client, identical samples
+    cache = tmp_path / "cache"
+    remote = DDPMPipeline.from_pretrained("org/ddpm-cifar", cache_dir=cache)
+    local = DDPMPipeline.from_pretrained(out)
+    np.testing.assert_array_equal(_sample(remote), _sample(local))
+
+    # offline, from the cache only, in a fresh process
+    script = textwrap.dedent(f"""
+        import numpy as np, torch
+        from ddpm_hub import DDPMPipeline
+        p = DDPMPipeline.from_pretrained("org/ddpm-cifar", cache_dir={str(cache)!r})
+        x = p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type="np").images
+        np.save({str(tmp_path / "offline.npy")!r}, x)
+    """)
+    env = subprocess_env(tmp_path, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")  # unreachable on purpose
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "offline.npy"), _sample(local))
+
+
+def test_repush_unchanged_is_noop_and_private_is_honoured(hub, trained):
+    push_pipeline_folder(trained, "org/private-ddpm", token=None, private=True)
+    repo = hub.state.repos["org/private-ddpm"]
+    assert repo.private
+    commits = len(repo.commits)
+    push_pipeline_folder(trained, "org/private-ddpm", token=None, private=True)
+    assert len(repo.commits) == commits  # nothing changed: no new commit
+
+
+def test_stock_diffusers_loads_our_folder_without_ddpm_hub(trained, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["ddpm_hub"] = None  # ddpm_hub cannot be imported in this process
+        try:
+            import ddpm_hub  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("ddpm_hub is importable")
+        import numpy as np, torch, diffusers
+        p = diffusers.DDPMPipeline.from_pretrained({str(trained)!r})
+        assert type(p.scheduler).__module__.startswith("diffusers."), type(p.scheduler)
+        x = p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type="np").images
+        np.save({str(tmp_path / "stock.npy")!r}, x)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = _sample(DDPMPipeline.from_pretrained(trained))
+    np.testing.assert_allclose(np.load(tmp_path / "stock.npy"), ours, rtol=0, atol=1e-6)
+
+
+def test_pickled_only_weights_are_refused_without_unpickling(tmp_path, monkeypatch):
+    folder = tmp_path / "pickled"
+    pipeline = DDPMPipeline(create_unet("tiny"), DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained(folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(pipeline.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load must not be called on untrusted weights")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(OSError, match="safetensors"):
+        DDPMPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="safetensors"):
+        DDPMPipeline.from_pretrained(folder, use_safetensors=False)
+
+
+def test_loads_google_ddpm_cifar10_layout(tmp_path):
+    """The layout of google/ddpm-cifar10-32: old scheduler keys, both .bin and .safetensors in unet/."""
+    folder = tmp_path / "google"
+    unet = create_unet("tiny", sample_size=8)
+    unet.save_pretrained(folder / "unet")
+    torch.save(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02, "beta_schedule": "linear",
+        "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+        "variance_type": "fixed_large",
+    }))  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1",
+        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
+    }))  # fmt: skip
+    pipeline = DDPMPipeline.from_pretrained(folder)
+    assert isinstance(pipeline.scheduler, DDPMScheduler)
+    assert pipeline.scheduler.config.variance_type == "fixed_large"
+    assert _sample(pipeline, steps=5).shape == (2, 8, 8, 1)
+
+
+def test_push_retries_transient_errors_and_reports_permanent_ones(hub, trained):
+    hub.state.faults = [Fault("POST", "/commit/", 500, times=2)]
+    push_pipeline_folder(trained, "org/retry", base_delay=0.01)
+    assert "model_index.json" in hub.state.repos["org/retry"].head[1]
+    hub.state.token = "the-right-token"
+    with pytest.raises(HubError, match="not authorised") as exc:
+        check_push_access("org/denied", token=FAKE_TOKEN)
+    assert FAKE_TOKEN not in str(exc.value)
+    with pytest.raises(HubError, match="ORG/NAME"):
+        check_push_access("no-slash", token=FAKE_TOKEN)
+    assert (trained / "model_index.json").is_file()  # the local output is intact
+
+
+def test_trainer_checks_credentials_before_training(hub, tmp_path):
+    hub.state.token = "the-right-token"
+    out = tmp_path / "denied"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--push_to_hub", "--hub_model_id",
+            "org/ddpm", "--hub_token", FAKE_TOKEN]  # fmt: skip
+    proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0")
+    assert proc.returncode == 2
+    assert "not authorised" in proc.stderr
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+    assert not (out / "checkpoints").exists()  # failed before any training
+
+
+def test_pipeline_call_options(trained):
+    pipeline = DDPMPipeline.from_pretrained(trained)
+    seen = []
+    out = pipeline(batch_size=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=4,
+                   output_type="pt", return_intermediates=True, callback=lambda i, t, d: seen.append((i, t)))  # fmt: skip
+    assert out.images.shape == (2, 1, 8, 8) and 0 <= out.images.min() and out.images.max() <= 1
+    assert len(out["intermediates"]["samples"]) == 4 and len(out["intermediates"]["pred_original_samples"]) == 4
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    pil = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert pil[0].size == (8, 8)
+    images, = pipeline(batch_size=1, num_inference_steps=2, output_type="np", return_dict=False)
+    assert images.shape == (1, 8, 8, 1)
+    # few-step sampling with other schedulers from the same config
+    import diffusers
+
+    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+        pipeline.scheduler = getattr(diffusers, name).from_config(pipeline.scheduler.config)
+        assert np.isfinite(_sample(pipeline, steps=10)).all()
+    with pytest.raises(ValueError, match="output_type"):
+        pipeline(num_inference_steps=2, output_type="jpg")
+
+
+def test_pipeline_bits_per_dim(trained):
+    pipeline = DDPMPipeline.from_pretrained(trained)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    est = pipeline.bits_per_dim(images, estimate=True, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert est.total.shape == (3,) and est.stderr is not None and (est.total > 0).all()
+
+
+@pytest.mark.skipif(not os.environ.get("DDPM_HUB_REAL_HUB_TOKEN"), reason="set DDPM_HUB_REAL_HUB_TOKEN (and "
+                    "DDPM_HUB_REAL_HUB_REPO) to run against the real Hub")  # fmt: skip
+def test_real_hub_round_trip(trained, tmp_path):
+    script = textwrap.dedent(f"""
+        import os
+        from ddpm_hub import DDPMPipeline
+        from ddpm_hub.hub_push import push_pipeline_folder
+        repo = os.environ["DDPM_HUB_REAL_HUB_REPO"]
+        push_pipeline_folder({str(trained)!r}, repo, token=os.environ["DDPM_HUB_REAL_HUB_TOKEN"], private=True)
+        DDPMPipeline.from_pretrained(repo, token=os.environ["DDPM_HUB_REAL_HUB_TOKEN"], cache_dir={str(tmp_path)!r})
+    """)
+    env = dict(os.environ)
+    env.pop("HF_ENDPOINT", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
