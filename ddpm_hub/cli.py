@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -39,14 +38,11 @@ def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None
     return pipeline
 
 
-def _grid(images, path: Path) -> Path:
-    from diffusers.utils import make_image_grid
+def _grid(images, path: Path, upscale: int = 1) -> Path:
+    from ddpm_hub.plots import image_grid
 
-    cols = int(math.ceil(math.sqrt(len(images))))
-    rows = int(math.ceil(len(images) / cols))
-    images = list(images) + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_image_grid(images, rows=rows, cols=cols).save(path)
+    image_grid(images, upscale=upscale, pad=2 if upscale > 1 else 0).save(path)
     return path
 
 
@@ -57,7 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for start in range(0, args.num_images, args.batch_size):
         n = min(args.batch_size, args.num_images - start)
         images += pipeline(batch_size=n, generator=generator, num_inference_steps=args.steps).images
-    print(f"wrote {_grid(images, Path(args.out))}")
+    print(f"wrote {_grid(images, Path(args.out), args.upscale)}")
     return 0
 
 
@@ -165,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
+    s.add_argument("--upscale", type=int, default=1, help="enlarge each image (nearest) for viewing small images")
     s.add_argument("--out", default="grid.png")
     s.set_defaults(func=cmd_sample)
 

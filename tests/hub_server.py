@@ -160,7 +160,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, {"url": url, "name": repo_id})
         if path.startswith("/api/models/"):
             rest = path[len("/api/models/") :].split("/")
-            repo_id, action, rev = "/".join(rest[:2]), rest[2] if len(rest) > 2 else "", "/".join(rest[3:])
+            repo_id, action, _rev = "/".join(rest[:2]), rest[2] if len(rest) > 2 else "", "/".join(rest[3:])
             repo = self.state.repos.get(repo_id)
             if repo is None:
                 return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
@@ -265,7 +265,9 @@ class Handler(BaseHTTPRequestHandler):
         if sha is None:
             return self._send(404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"})
         if path not in files:
-            return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha})
+            return self._send(
+                404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha}
+            )
         data = files[path]
         return self._send(200, headers={"X-Repo-Commit": sha, "ETag": f'"{git_blob_sha1(data)}"'}, body=data)
 

@@ -26,30 +26,63 @@ def trained(tmp_path_factory) -> Path:
     """A tiny model trained for a few steps by the real trainer (shared by the tests of this module)."""
     tmp = tmp_path_factory.mktemp("trained")
     out = tmp / "run"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--num_eval_images", "4",
-            "--num_inference_steps", "10", "--checkpointing_steps", "2"]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--num_eval_images",
+        "4",
+        "--num_inference_steps",
+        "10",
+        "--checkpointing_steps",
+        "2",
+    ]
     proc = run_train(args, tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 def _sample(pipeline, seed=0, steps=20) -> np.ndarray:
-    return pipeline(batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
-                    output_type="np").images  # fmt: skip
+    return pipeline(
+        batch_size=2, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type="np"
+    ).images
 
 
 def test_trainer_pushes_then_loads_from_hub_and_offline(hub, tmp_path):
     hub.state.token = FAKE_TOKEN
     out = tmp_path / "pushed"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--checkpointing_steps", "2",
-            "--num_eval_images", "4", "--num_inference_steps", "10", "--push_to_hub", "--hub_model_id",
-            "org/ddpm-cifar", "--logger", "tensorboard"]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--checkpointing_steps",
+        "2",
+        "--num_eval_images",
+        "4",
+        "--num_inference_steps",
+        "10",
+        "--push_to_hub",
+        "--hub_model_id",
+        "org/ddpm-cifar",
+        "--logger",
+        "tensorboard",
+    ]
     proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=FAKE_TOKEN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     repo = hub.state.repos["org/ddpm-cifar"]
     pushed = set(repo.head[1])
-    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-            "scheduler/scheduler_config.json", "README.md", "samples.png"} <= pushed  # fmt: skip
+    assert {
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "README.md",
+        "samples.png",
+    } <= pushed
     assert not any(p.startswith(("checkpoints", "logs", "samples/")) or p.endswith((".bin", ".pkl")) for p in pushed)
 
     # the token is nowhere: output, logs, TensorBoard events, card, configs, checkpoints
@@ -103,8 +136,9 @@ def test_stock_diffusers_loads_our_folder_without_ddpm_hub(trained, tmp_path):
         x = p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type="np").images
         np.save({str(tmp_path / "stock.npy")!r}, x)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = _sample(DDPMPipeline.from_pretrained(trained))
     np.testing.assert_allclose(np.load(tmp_path / "stock.npy"), ours, rtol=0, atol=1e-6)
@@ -135,15 +169,31 @@ def test_loads_google_ddpm_cifar10_layout(tmp_path):
     unet.save_pretrained(folder / "unet")
     torch.save(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
     (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02, "beta_schedule": "linear",
-        "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
-        "variance_type": "fixed_large",
-    }))  # fmt: skip
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1",
-        "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
-    }))  # fmt: skip
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMScheduler",
+                "_diffusers_version": "0.1.1",
+                "beta_end": 0.02,
+                "beta_schedule": "linear",
+                "beta_start": 0.0001,
+                "clip_sample": True,
+                "num_train_timesteps": 1000,
+                "trained_betas": None,
+                "variance_type": "fixed_large",
+            }
+        )
+    )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "_diffusers_version": "0.1.1",
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+            }
+        )
+    )
     pipeline = DDPMPipeline.from_pretrained(folder)
     assert isinstance(pipeline.scheduler, DDPMScheduler)
     assert pipeline.scheduler.config.variance_type == "fixed_large"
@@ -166,8 +216,18 @@ def test_push_retries_transient_errors_and_reports_permanent_ones(hub, trained):
 def test_trainer_checks_credentials_before_training(hub, tmp_path):
     hub.state.token = "the-right-token"
     out = tmp_path / "denied"
-    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--push_to_hub", "--hub_model_id",
-            "org/ddpm", "--hub_token", FAKE_TOKEN]  # fmt: skip
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--push_to_hub",
+        "--hub_model_id",
+        "org/ddpm",
+        "--hub_token",
+        FAKE_TOKEN,
+    ]
     proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0")
     assert proc.returncode == 2
     assert "not authorised" in proc.stderr
@@ -178,14 +238,20 @@ def test_trainer_checks_credentials_before_training(hub, tmp_path):
 def test_pipeline_call_options(trained):
     pipeline = DDPMPipeline.from_pretrained(trained)
     seen = []
-    out = pipeline(batch_size=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=4,
-                   output_type="pt", return_intermediates=True, callback=lambda i, t, d: seen.append((i, t)))  # fmt: skip
+    out = pipeline(
+        batch_size=2,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        num_inference_steps=4,
+        output_type="pt",
+        return_intermediates=True,
+        callback=lambda i, t, d: seen.append((i, t)),
+    )
     assert out.images.shape == (2, 1, 8, 8) and 0 <= out.images.min() and out.images.max() <= 1
     assert len(out["intermediates"]["samples"]) == 4 and len(out["intermediates"]["pred_original_samples"]) == 4
     assert [i for i, _ in seen] == [0, 1, 2, 3]
     pil = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert pil[0].size == (8, 8)
-    images, = pipeline(batch_size=1, num_inference_steps=2, output_type="np", return_dict=False)
+    (images,) = pipeline(batch_size=1, num_inference_steps=2, output_type="np", return_dict=False)
     assert images.shape == (1, 8, 8, 1)
     # few-step sampling with other schedulers from the same config
     import diffusers
@@ -204,8 +270,10 @@ def test_pipeline_bits_per_dim(trained):
     assert est.total.shape == (3,) and est.stderr is not None and (est.total > 0).all()
 
 
-@pytest.mark.skipif(not os.environ.get("DDPM_HUB_REAL_HUB_TOKEN"), reason="set DDPM_HUB_REAL_HUB_TOKEN (and "
-                    "DDPM_HUB_REAL_HUB_REPO) to run against the real Hub")  # fmt: skip
+@pytest.mark.skipif(
+    not os.environ.get("DDPM_HUB_REAL_HUB_TOKEN"),
+    reason="set DDPM_HUB_REAL_HUB_TOKEN (and DDPM_HUB_REAL_HUB_REPO) to run against the real Hub",
+)
 def test_real_hub_round_trip(trained, tmp_path):
     script = textwrap.dedent(f"""
         import os

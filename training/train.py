@@ -570,7 +570,7 @@ class Trainer:
 
     def sample_grid(self, num_images: int):
         """A grid of EMA samples at a fixed seed (the same noise at every evaluation)."""
-        from diffusers.utils import make_image_grid
+        from ddpm_hub.plots import image_grid
 
         pipeline = self.ema_pipeline()
         was_training = pipeline.unet.training
@@ -586,10 +586,8 @@ class Trainer:
         finally:
             pipeline.unet.train(was_training)
             self.restore_weights()
-        cols = int(math.ceil(math.sqrt(num_images)))
-        rows = int(math.ceil(num_images / cols))
-        images = images + [images[0].point(lambda _: 0)] * (rows * cols - len(images))
-        return make_image_grid(images, rows=rows, cols=cols)
+        upscale = max(1, 64 // self.cfg.resolution)  # small images are enlarged so that people can see them
+        return image_grid(images, upscale=upscale, pad=2 if upscale > 1 else 0)
 
     def log_samples(self) -> None:
         if not self.accelerator.is_main_process or self.cfg.num_eval_images == 0:
