@@ -101,25 +101,36 @@ def verify(folder: Path) -> CheckpointInfo:
     return CheckpointInfo(path=folder, step=step, epoch=epoch)
 
 
+def _manifest_step(path: Path) -> int | None:
+    try:
+        return int(json.loads((path / MANIFEST).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    """Completed-looking checkpoint folders under `root` (temporary folders excluded), oldest first by step."""
+    """Checkpoint folders under `root` (staging and deleting folders excluded), oldest first by manifest step;
+    folders without a readable manifest (incomplete) sort first, so that they are pruned first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         if path.is_dir() and path.name.startswith(PREFIX) and not path.name.endswith(".tmp"):
-            try:
-                step = int(json.loads((path / MANIFEST).read_text())["step"])
-            except (OSError, ValueError, KeyError, TypeError):
-                step = -1  # no readable manifest: incomplete, sorted first so it is pruned first
-            found.append((step, path.name, path))
+            step = _manifest_step(path)
+            found.append((-1 if step is None else step, path.name, path))
     return [p for _, _, p in sorted(found)]
 
 
 def latest_valid(root: Path) -> CheckpointInfo | None:
     """The newest checkpoint that passes `verify`; older ones are tried, with a warning, when newer ones fail."""
-    for path in reversed(list_checkpoints(root)):
+    candidates = list_checkpoints(root)
+    for path in candidates:
+        if _manifest_step(path) is None:
+            logger.warning("skipping bad checkpoint: %s has no readable %s (incompletely written)", path, MANIFEST)
+    for path in reversed(candidates):
+        if _manifest_step(path) is None:
+            continue
         try:
             return verify(path)
         except CheckpointError as exc:
@@ -138,10 +149,17 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     write_manifest(staging, step, epoch)
     final = Path(root) / f"{PREFIX}{step}"
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(staging, final)
     _fsync_dir(Path(root))
     return final
+
+
+def _remove(path: Path) -> None:
+    """Rename first (atomic), then delete: a crash mid-delete leaves a `.tmp` folder, never a half checkpoint."""
+    trash = path.with_name(path.name + ".deleting.tmp")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prune(root: Path, total_limit: int | None) -> list[Path]:
@@ -154,6 +172,6 @@ def prune(root: Path, total_limit: int | None) -> list[Path]:
         return removed
     checkpoints = list_checkpoints(root)
     for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove(path)
         removed.append(path)
     return removed

@@ -57,10 +57,14 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
+    """5xx/429/408 answers and transport failures (timeouts, refused or dropped connections) are transient;
+    other HTTP answers and programming errors are not."""
     if isinstance(exc, HfHubHTTPError):
         status = _status(exc)
         return status is None or status in RETRYABLE_STATUS
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "Timeout" in type(exc).__name__
+    if isinstance(exc, (HubError, ValueError, TypeError, KeyError, AttributeError, FileNotFoundError)):
+        return False
+    return True
 
 
 def with_retries(

@@ -39,11 +39,12 @@ def _strip(rows: Sequence[Sequence[torch.Tensor]], labels: Sequence[str], scale:
 
 
 def image_grid(images: Sequence[Image.Image], upscale: int = 1, pad: int = 0) -> Image.Image:
-    """A near-square grid of PIL images, each enlarged `upscale` times (nearest) with `pad` black pixels between."""
+    """A near-square grid of PIL images, each enlarged `upscale` times (nearest), `pad` grey pixels between."""
     cols = max(1, int(np.ceil(np.sqrt(len(images)))))
     rows = int(np.ceil(len(images) / cols))
     w, h = images[0].width * upscale, images[0].height * upscale
-    canvas = Image.new(images[0].mode, (cols * (w + pad) + pad, rows * (h + pad) + pad))
+    grey = 96 if images[0].mode in ("L", "1", "P") else (96,) * len(images[0].getbands())
+    canvas = Image.new(images[0].mode, (cols * (w + pad) + pad, rows * (h + pad) + pad), grey)
     for k, image in enumerate(images):
         tile = image.resize((w, h), Image.Resampling.NEAREST) if upscale != 1 else image
         canvas.paste(tile, (pad + (k % cols) * (w + pad), pad + (k // cols) * (h + pad)))

@@ -106,3 +106,26 @@ def hub(_hub_server):
     _hub_server.reset()
     yield _hub_server
     _hub_server.reset()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps by the real trainer (shared by the tests that need a pipeline)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = tmp / "run"
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "3",
+        "--num_eval_images",
+        "4",
+        "--num_inference_steps",
+        "10",
+        "--checkpointing_steps",
+        "2",
+    ]
+    proc = run_train(args, tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,29 +18,6 @@ from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
 from ddpm_hub.hub_push import HubError, check_push_access, push_pipeline_folder
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny model trained for a few steps by the real trainer (shared by the tests of this module)."""
-    tmp = tmp_path_factory.mktemp("trained")
-    out = tmp / "run"
-    args = [
-        *FAST_ARGS,
-        "--output_dir",
-        str(out),
-        "--max_train_steps",
-        "3",
-        "--num_eval_images",
-        "4",
-        "--num_inference_steps",
-        "10",
-        "--checkpointing_steps",
-        "2",
-    ]
-    proc = run_train(args, tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 def _sample(pipeline, seed=0, steps=20) -> np.ndarray:

@@ -381,12 +381,20 @@ class Trainer:
         """Write `checkpoint-{step}` crash-safely (staging folder + manifest + rename), then prune old ones."""
         self._assert_finite("saving a checkpoint")
         staging = ckpt.staging_dir(self.checkpoint_root, self.global_step)
-        self.accelerator.save_state(str(staging))
-        self.accelerator.wait_for_everyone()
-        final = self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
+        try:
+            self.accelerator.save_state(str(staging))
+            self.accelerator.wait_for_everyone()
+            final = self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
+            if self.accelerator.is_main_process:
+                epoch = self.global_step // self.updates_per_epoch
+                final = ckpt.finalize(self.checkpoint_root, self.global_step, epoch)
+        except Exception as exc:  # disk full (OSError, SafetensorError), quota, permissions: never a checkpoint
+            previous = ckpt.latest_valid(self.checkpoint_root)
+            kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
+            raise TrainingError(
+                f"could not write checkpoint {self.global_step} to {staging}: {exc} (is the disk full?); {kept}"
+            ) from exc
         if self.accelerator.is_main_process:
-            epoch = self.global_step // self.updates_per_epoch
-            final = ckpt.finalize(self.checkpoint_root, self.global_step, epoch)
             ckpt.prune(self.checkpoint_root, self.cfg.checkpoints_total_limit)
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
@@ -593,6 +601,7 @@ class Trainer:
         if not self.accelerator.is_main_process or self.cfg.num_eval_images == 0:
             return
         grid = self.sample_grid(self.cfg.num_eval_images)
+        self._last_grid = (self.global_step, grid)
         path = self.output_dir / "samples" / f"step-{self.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
@@ -658,7 +667,10 @@ class Trainer:
                 pipeline.unet.train()
                 self.restore_weights()
             if self.cfg.num_eval_images:
-                self.sample_grid(self.cfg.num_eval_images).save(self.output_dir / "samples.png")
+                step, grid = getattr(self, "_last_grid", (None, None))
+                if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
+                    grid = self.sample_grid(self.cfg.num_eval_images)
+                grid.save(self.output_dir / "samples.png")
             card = render_model_card(
                 hparams=self.cfg.to_dict(),
                 metrics=metrics,

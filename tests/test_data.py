@@ -1,0 +1,148 @@
+"""Data loading and validation: the embedded digits, image folders with bad items, odd modes, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_hub.data import (
+    DataError,
+    DataSpec,
+    ImageDataset,
+    load_digits_dataset,
+    load_splits,
+    normalize_uint8,
+    random_flip,
+    to_model_image,
+    validate_images,
+)
+
+
+def test_digits_split_is_fixed_and_documented():
+    dd = load_digits_dataset()
+    assert len(dd["train"]) == 1497 and len(dd["test"]) == 300
+    image = dd["train"][0]["image"]
+    assert image.mode == "L" and image.size == (8, 8)
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images
+    np.testing.assert_array_equal(np.asarray(dd["test"][1]["image"]), np.round(raw[6] * 255 / 16).astype(np.uint8))
+    assert max(np.asarray(dd["train"][i]["image"]).max() for i in range(20)) == 255
+
+
+def _folder(tmp_path, files: dict[str, bytes | Image.Image]):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, content in files.items():
+        if isinstance(content, Image.Image):
+            content.save(root / name)
+        else:
+            (root / name).write_bytes(content)
+    return root
+
+
+def _rgb(size=(8, 8), value=100):
+    return Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "name,content,needle",
+    [
+        ("zero.png", b"", "zero.png"),
+        ("notes.txt", b"hello, not an image", "notes.txt"),
+        ("truncated.png", None, "truncated.png"),
+    ],
+)
+def test_bad_files_are_named(tmp_path, name, content, needle):
+    if content is None:
+        good = tmp_path / "tmp.png"
+        _rgb((32, 32)).save(good)
+        content = good.read_bytes()[:60]
+    root = _folder(tmp_path, {"ok.png": _rgb(), name: content})
+    train, held = load_splits(DataSpec(train_data_dir=str(root)))
+    assert held is None and len(train) == 2
+    ds = ImageDataset(train, "image", 8, 3)
+    with pytest.raises(DataError, match=needle) as exc:
+        validate_images(ds, progress=False)
+    assert "--skip_bad_images" in str(exc.value)
+    images, good, skipped = validate_images(ds, skip_bad=True, progress=False)
+    assert images.shape == (1, 3, 8, 8) and skipped == 1 and len(good) == 1
+
+
+def test_all_bad_or_empty_is_an_error(tmp_path):
+    root = _folder(tmp_path, {"a.txt": b"x", "b.txt": b"y"})
+    train, _ = load_splits(DataSpec(train_data_dir=str(root)))
+    with pytest.raises(DataError, match="all 2 images .* unreadable"):
+        validate_images(ImageDataset(train, "image", 8, 3), skip_bad=True, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="contains no files"):
+        load_splits(DataSpec(train_data_dir=str(empty)))
+    with pytest.raises(DataError, match="not a directory"):
+        load_splits(DataSpec(train_data_dir=str(tmp_path / "missing")))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "I;16", "L", "LA", "1", "I", "F"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_odd_modes_are_converted(mode, channels):
+    base = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).convert("RGB")
+    if mode == "I;16":
+        image = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    elif mode in ("I", "F"):
+        image = base.convert("L").convert(mode)
+    else:
+        image = base.convert(mode)
+    arr = to_model_image(image, 8, channels)
+    assert arr.shape == (channels, 8, 8) and arr.dtype == np.uint8
+    if mode in ("L", "RGBA", "I;16", "I", "F", "P", "CMYK", "LA"):
+        assert arr.max() > 200 and arr.min() < 10  # the dynamic range survived
+
+
+def test_rgba_composited_on_black():
+    rgba = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    assert to_model_image(rgba, 8, 3).max() == 0
+
+
+def test_mixed_sizes_resize_and_center_crop():
+    wide = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (16, 1)))  # 32 wide x 16 high
+    arr = to_model_image(wide, 8, 1)
+    assert arr.shape == (1, 8, 8)
+    # short side -> 8, then the centre 8 columns of the 16-wide resized image
+    assert 60 < arr[0, 0].mean() < 200
+    assert to_model_image(_rgb((5, 50)), 16, 3).shape == (3, 16, 16)
+
+
+def test_missing_image_column_and_split():
+    with pytest.raises(DataError, match="--image_column 'img' not found"):
+        load_splits(DataSpec(dataset_name="digits", image_column="img"))
+    with pytest.raises(DataError, match="--split 'validation' not in"):
+        load_splits(DataSpec(dataset_name="digits", split="validation"))
+
+
+def test_normalize_and_flip():
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    assert normalize_uint8(x).tolist() == [[[[-1.0, 1.0]]]]
+    batch = torch.arange(2 * 1 * 1 * 3, dtype=torch.float32).reshape(2, 1, 1, 3)
+    flipped = random_flip(batch, torch.Generator().manual_seed(0))
+    for a, b in zip(batch, flipped, strict=True):
+        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+    again = random_flip(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(flipped, again)
+
+
+def test_dataset_name_goes_through_datasets_load_dataset(tmp_path):
+    """--dataset_name takes the real `datasets.load_dataset` path; here with a local parquet repo layout."""
+    dd = load_digits_dataset()
+    root = tmp_path / "hub-layout" / "data"
+    root.mkdir(parents=True)
+    dd["train"].select(range(40)).to_parquet(str(root / "train-00000-of-00001.parquet"))
+    dd["test"].select(range(10)).to_parquet(str(root / "test-00000-of-00001.parquet"))
+    train, held = load_splits(DataSpec(dataset_name=str(tmp_path / "hub-layout"), cache_dir=str(tmp_path / "cache")))
+    assert len(train) == 40 and len(held) == 10
+    images, good, skipped = validate_images(ImageDataset(train, "image", 8, 1), progress=False)
+    assert images.shape == (40, 1, 8, 8) and skipped == 0
+    np.testing.assert_array_equal(images[0, 0].numpy(), np.asarray(dd["train"][0]["image"]))
+    with pytest.raises(DataError, match="could not load --dataset_name"):
+        load_splits(DataSpec(dataset_name=str(tmp_path / "nothing-here"), cache_dir=str(tmp_path / "cache")))
