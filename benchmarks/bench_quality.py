@@ -65,7 +65,9 @@ def sample_quality(samples: np.ndarray, clf, held_out: np.ndarray) -> dict[str, 
     marginal = p.mean(0, keepdims=True)
     inception = float(np.exp((p * (np.log(p + 1e-12) - np.log(marginal + 1e-12))).sum(1).mean()))
     y = held_out.reshape(len(held_out), -1) / 255.0
-    mu1, mu2, s1, s2 = x.mean(0), y.mean(0), np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ridge = 1e-6 * np.eye(x.shape[1])  # some digit pixels are always 0: keep the covariances invertible
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False) + ridge, np.cov(y, rowvar=False) + ridge
     fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
     return {
         "recognizable": float(p.max(1).mean()),

@@ -88,8 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             from ddpm_hub.plots import vlb_terms_plot
 
             vlb_terms_plot(out.terms, args.vlb_plot)
-    if args.fid:
-        from ddpm_hub.metrics import frechet_inception_distance
+    if args.fid or args.inception_score:
+        from ddpm_hub.metrics import frechet_inception_distance, inception_score
 
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         fake = []
@@ -98,7 +98,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             fake.append(
                 pipeline(batch_size=n, generator=generator, num_inference_steps=args.steps, output_type="pt").images
             )
-        results["fid"] = frechet_inception_distance(images.split(args.batch_size), fake)
+        if args.fid:
+            results["fid"] = frechet_inception_distance(images.split(args.batch_size), fake)
+        if args.inception_score:
+            results["inception_score"], results["inception_score_std"] = inception_score(fake)
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
     e.add_argument("--fid", action="store_true", help="FID against the data (Inception features)")
+    e.add_argument("--inception_score", action="store_true", help="Inception Score of samples (Inception logits)")
     e.add_argument("--steps", type=int, default=1000)
     e.add_argument("--batch_size", type=int, default=64)
     e.add_argument("--seed", type=int, default=0)

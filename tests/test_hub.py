@@ -61,6 +61,13 @@ def test_trainer_pushes_then_loads_from_hub_and_offline(hub, tmp_path):
     } <= pushed
     assert not any(p.startswith(("checkpoints", "logs", "samples/")) or p.endswith((".bin", ".pkl")) for p in pushed)
 
+    # TensorBoard logged the training scalars, the sample grid and the bound estimate through accelerate
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"loss", "lr", "images_per_s", "grad_norm", "ema_decay"} <= set(events.Tags()["scalars"])
+
     # the token is nowhere: output, logs, TensorBoard events, card, configs, checkpoints
     assert FAKE_TOKEN not in proc.stdout + proc.stderr
     for path in out.rglob("*"):
@@ -85,6 +92,16 @@ def test_trainer_pushes_then_loads_from_hub_and_offline(hub, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "offline.npy"), _sample(local))
+
+
+def test_push_command(hub, trained, capsys):
+    from ddpm_hub.cli import main
+
+    assert main(["push", "--folder", str(trained), "--repo_id", "org/from-cli", "--private"]) == 0
+    assert hub.state.repos["org/from-cli"].private
+    assert "model_index.json" in hub.state.repos["org/from-cli"].head[1]
+    assert main(["push", "--folder", str(trained / "unet"), "--repo_id", "org/x"]) == 2
+    assert "not a pipeline folder" in capsys.readouterr().err
 
 
 def test_repush_unchanged_is_noop_and_private_is_honoured(hub, trained):

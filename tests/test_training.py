@@ -69,6 +69,26 @@ def test_two_step_smoke_run_through_accelerate_launch(tmp_path):
     assert images.shape == (2, 8, 8, 1)
 
 
+def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
+    out = tmp_path / "bf16"
+    args = [
+        *FAST_ARGS,
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_accumulation_steps",
+        "2",
+    ]
+    proc = run_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = _weights(out)
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert read_metrics(out)["steps"] == 2
+
+
 def test_exact_resume_matches_uninterrupted_run(tmp_path):
     full = tmp_path / "full"
     common = [
