@@ -62,10 +62,9 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int) 
 
     if args.dataset and Path(args.dataset).is_dir():
         spec = DataSpec(train_data_dir=args.dataset, image_column=args.image_column)
-        ds, _ = load_splits(spec)
     else:
         spec = DataSpec(dataset_name=args.dataset, split=args.split, eval_split=None, image_column=args.image_column)
-        ds, _ = load_splits(spec)
+    ds, _ = load_splits(spec)
     if args.num_images:
         ds = ds.select(range(min(args.num_images, len(ds))))
     images, _, _ = validate_images(ImageDataset(ds, args.image_column, resolution, channels, name=args.split))

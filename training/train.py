@@ -231,12 +231,9 @@ def make_scheduler(cfg: TrainConfig) -> DDPMScheduler:
     )
 
 
-def make_unet_config(cfg: TrainConfig, channels: int | None = None) -> dict[str, Any]:
+def make_unet_config(cfg: TrainConfig) -> dict[str, Any]:
     config = unet_config(cfg.unet_preset, learned_variance=cfg.variance_type.startswith("learned"))
     config["sample_size"] = cfg.resolution
-    if channels is not None and channels != config["in_channels"]:
-        config["in_channels"] = channels
-        config["out_channels"] = channels * (2 if cfg.variance_type.startswith("learned") else 1)
     factor = downsampling_factor(config)
     if cfg.resolution % factor:
         raise ConfigError(
@@ -246,10 +243,9 @@ def make_unet_config(cfg: TrainConfig, channels: int | None = None) -> dict[str,
     return config
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """A generator whose state is a pure function of (seed, step, micro-batch, rank): resumes need no RNG files."""
-    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint64)
-    return torch.Generator(device=device).manual_seed(int(state[0] % (2**63)))
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A seed that is a pure function of (seed, step, micro-batch, rank): resumes need no RNG files for the noise."""
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,8 +434,9 @@ class Trainer:
         """Algorithm 1 on one micro-batch: t ~ U (or importance), eps ~ N(0, I), a gradient step on the loss."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
-        g = step_generator(cfg.seed, self.global_step, micro, acc.process_index, device)
-        g_cpu = step_generator(cfg.seed, self.global_step, micro, acc.process_index, torch.device("cpu"))
+        seed = step_seed(cfg.seed, self.global_step, micro, acc.process_index)
+        g = torch.Generator(device=device).manual_seed(seed)
+        g_cpu = torch.Generator().manual_seed(seed)  # timestep sampling draws on the CPU
         x0 = normalize_uint8(batch.to(device, non_blocking=True))
         if cfg.random_flip:
             x0 = random_flip(x0, g)
@@ -610,12 +607,9 @@ class Trainer:
             array = np.asarray(grid.convert("RGB"))
             tracker.add_image("samples", array, self.global_step, dataformats="HWC")
 
-    def _held_out_subset(self) -> torch.Tensor | None:
-        return self.data.held_out
-
     def log_bpd_estimate(self) -> None:
         """The fast unbiased bits/dim estimate on the held-out split (EMA weights)."""
-        held = self._held_out_subset()
+        held = self.data.held_out
         if held is None or not self.accelerator.is_main_process:
             return
         pipeline = self.ema_pipeline()
@@ -660,7 +654,7 @@ class Trainer:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 pipeline.save_pretrained(self.output_dir)
-                held = self._held_out_subset()
+                held = self.data.held_out
                 if held is not None and self.cfg.final_bpd != "none":
                     metrics.update(self._final_bpd(pipeline, held))
             finally:
