@@ -314,3 +314,30 @@ def test_nonfinite_loss_stops_with_step_and_saves_no_nan(tmp_path):
         for name in ("unet", "unet_ema"):
             weights = load_file(folder / name / "diffusion_pytorch_model.safetensors")
             assert all(torch.isfinite(w).all() for w in weights.values()), folder
+
+
+def test_hybrid_loss_learned_variance_and_importance_sampling_resume_exactly(tmp_path):
+    """Learned variances with the hybrid loss and importance-sampled timesteps, whose loss history is training
+    state: a resume from a checkpoint taken after the sampler warmed up reproduces the losses exactly."""
+    common = [*FAST_ARGS, "--variance_type", "learned_range", "--loss_type", "hybrid", "--timestep_sampling",
+              "importance", "--num_train_timesteps", "10", "--num_inference_steps", "10", "--max_train_steps", "12",
+              "--checkpointing_steps", "6", "--checkpoints_total_limit", "5"]  # fmt: skip
+    full = tmp_path / "full"
+    proc = run_train([*common, "--output_dir", str(full)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = full / "checkpoints" / "checkpoint-6"
+    assert list(checkpoint.glob("custom_checkpoint_*")), "the importance sampler's state is checkpointed"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-6")
+    proc = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [h["loss"] for h in read_metrics(full)["history"] if h["step"] > 6]
+    b = [h["loss"] for h in read_metrics(resumed)["history"]]
+    assert a == b and len(b) == 6
+    from ddpm_hub import DDPMPipeline
+
+    pipeline = DDPMPipeline.from_pretrained(full)
+    assert pipeline.unet.config.out_channels == 2  # mean and variance channels
+    assert pipeline.scheduler.config.variance_type == "learned_range"
+    images = pipeline(batch_size=2, num_inference_steps=10, output_type="np").images
+    assert np.isfinite(images).all()
