@@ -180,6 +180,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quality.json")
     parser.add_argument("--figures", default="docs/figures")
     parser.add_argument("--ours", default=None, help="reuse an already trained digits pipeline folder")
+    parser.add_argument("--steps_only", action="store_true", help="only the step-count comparison of --ours")
+    parser.add_argument("--figure_prefix", default="", help="prefix of the step-count grid file names")
     args = parser.parse_args()
     from ddpm_hub import DDPMPipeline
 
@@ -192,6 +194,8 @@ def main() -> None:
     rows, step_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         ours_dir = Path(args.ours) if args.ours else Path(tmp) / "ours"
+        if args.steps_only and not args.ours:
+            parser.error("--steps_only needs --ours FOLDER")
         ours_seconds = 0.0 if args.ours else train_ours(ours_dir, args.minutes, args.quick)
         budget = 20.0 if args.quick else (ours_seconds if ours_seconds else args.minutes * 60)
         budget = min(budget, args.minutes * 60)
@@ -209,7 +213,8 @@ def main() -> None:
                 held_t, batch_size=n_bpd, generator=torch.Generator().manual_seed(0), progress=False
             )
             samples = samples_of(folder, n, sample_steps)
-            save_grid(samples, figures / f"quality_{'ours' if name.startswith('ours') else 'stock'}.png")
+            if not args.steps_only:
+                save_grid(samples, figures / f"quality_{'ours' if name.startswith('ours') else 'stock'}.png")
             rows.append(
                 {
                     "recipe": name,
@@ -218,7 +223,8 @@ def main() -> None:
                     **sample_quality(samples, clf, held),
                 }
             )
-        rows[1]["steps"] = stock_steps
+        if not args.steps_only:
+            rows[1]["steps"] = stock_steps
         for scheduler, steps in (("ddpm", sample_steps), ("ddim", 50), ("ddim", 100), ("dpm", 50), ("dpm", 100)):
             if args.quick and steps == 100:
                 continue
@@ -232,7 +238,7 @@ def main() -> None:
                     **sample_quality(samples, clf, held),
                 }
             )
-            save_grid(samples, figures / f"steps_{scheduler}_{steps}.png")
+            save_grid(samples, figures / f"steps_{args.figure_prefix}{scheduler}_{steps}.png")
     print_table(
         "Quality per compute (same wall-clock)",
         rows,
