@@ -37,6 +37,12 @@ class DDPMPipeline(DiffusionPipeline):
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
 
+    def _scheduler_uses_variance(self) -> bool:
+        """Only DDPM steps read learned-variance channels; other schedulers get the mean channels alone."""
+        return isinstance(self.scheduler, (DDPMScheduler, DiffusersDDPMScheduler)) and str(
+            self.scheduler.config.get("variance_type", "")
+        ).startswith("learned")
+
     @property
     def _sample_channels(self) -> int:
         return self.unet.config.in_channels
@@ -76,6 +82,8 @@ class DDPMPipeline(DiffusionPipeline):
         x0s: list[torch.Tensor] = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_output = self.unet(image, t).sample  # 1. predict the noise eps_theta(x_t, t)
+            if model_output.shape[1] == 2 * image.shape[1] and not self._scheduler_uses_variance():
+                model_output = model_output[:, : image.shape[1]]  # DDIM, DPM-Solver...: the mean channels only
             out = self.scheduler.step(model_output, t, image, generator=generator)  # 2. x_t -> x_{t-1}
             image = out.prev_sample
             pred_x0 = getattr(out, "pred_original_sample", None)

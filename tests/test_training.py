@@ -341,3 +341,9 @@ def test_hybrid_loss_learned_variance_and_importance_sampling_resume_exactly(tmp
     assert pipeline.scheduler.config.variance_type == "learned_range"
     images = pipeline(batch_size=2, num_inference_steps=10, output_type="np").images
     assert np.isfinite(images).all()
+    import diffusers
+
+    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):  # these get the mean channels only
+        pipeline.scheduler = getattr(diffusers, name).from_config(pipeline.scheduler.config)
+        images = pipeline(batch_size=2, num_inference_steps=5, output_type="np").images
+        assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
