@@ -26,7 +26,7 @@ def our_step_fn(unet_preset: str, resolution: int, batch: int, out_dir: str):
     """A real Trainer on the embedded digits (resized/converted to the model's shape); returns one update."""
     from train import Trainer
 
-    from ddpm_hub.training_config import build_config
+    from ddpm_hub.config import build_config
 
     cfg = build_config(
         {

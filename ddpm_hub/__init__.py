@@ -1,20 +1,10 @@
 """ddpm-hub: Denoising Diffusion Probabilistic Models (Ho et al. 2020) as a first-class diffusers extension."""
 
-from .likelihood import (
-    BitsPerDim,
-    LossSecondMomentSampler,
-    UniformSampler,
-    bits_per_dim,
-    bits_per_dim_estimate,
-    make_timestep_sampler,
-    prior_bpd,
-    simple_loss,
-    training_losses,
-    training_target,
-    vlb_terms_bpd,
-)
+from .likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate, prior_bpd, vlb_terms_bpd
+from .losses import simple_loss, training_losses, training_target
 from .models import UNET_PRESETS, count_parameters, create_unet, unet_config
 from .scheduling_ddpm import DDPMScheduler, DDPMSchedulerOutput
+from .timestep_sampling import LossSecondMomentSampler, UniformSampler, make_timestep_sampler
 
 __version__ = "0.1.0"
 

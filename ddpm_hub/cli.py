@@ -58,13 +58,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int) -> torch.Tensor:
-    from ddpm_hub.data import DataSpec, ImageDataset, load_splits, validate_images
+    from ddpm_hub.config import DataConfig
+    from ddpm_hub.data import ImageDataset, load_splits, validate_images
 
     if args.dataset and Path(args.dataset).is_dir():
-        spec = DataSpec(train_data_dir=args.dataset, image_column=args.image_column)
+        data = DataConfig(train_data_dir=args.dataset, split=args.split, image_column=args.image_column)
     else:
-        spec = DataSpec(dataset_name=args.dataset, split=args.split, eval_split=None, image_column=args.image_column)
-    ds, _ = load_splits(spec)
+        data = DataConfig(dataset_name=args.dataset, split=args.split, image_column=args.image_column)
+    ds, _ = load_splits(data)
     if args.num_images:
         ds = ds.select(range(min(args.num_images, len(ds))))
     images, _, _ = validate_images(ImageDataset(ds, args.image_column, resolution, channels, name=args.split))

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from .config import DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,61 +55,89 @@ def load_digits_dataset():
     return datasets.DatasetDict({"train": split(~is_test), "test": split(is_test)})
 
 
-@dataclass
-class DataSpec:
-    """Where the images come from: the embedded digits, a Hub dataset id, or a local image folder."""
-
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    train_data_dir: str | None = None
-    split: str = "train"
-    eval_split: str | None = "test"
-    image_column: str = "image"
-    cache_dir: str | None = None
-
-
-def load_splits(spec: DataSpec):
-    """(train, held-out or None) `datasets.Dataset`s for a `DataSpec`; images left undecoded for validation."""
+def _load_image_folder(root: str, argument: str, cache_dir: str | None):
+    """An image folder through datasets' `imagefolder` builder: `train/`, `test/`, `validation/` subfolders become
+    splits, `metadata.jsonl` adds columns, and files without an image extension are ignored, as everywhere in the
+    datasets ecosystem."""
     import datasets
 
-    if spec.train_data_dir is not None:
-        root = Path(spec.train_data_dir)
-        if not root.is_dir():
-            raise DataError(f"--train_data_dir {root} is not a directory")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"--train_data_dir {root} contains no files: put the training images there")
-        # One row per file, so that a non-image file is reported by name rather than silently ignored.
-        train = datasets.Dataset.from_dict(
-            {spec.image_column: [str(p) for p in files]},
-            features=datasets.Features({spec.image_column: datasets.Image(decode=False)}),
-        )
-        return train, None
-    if spec.dataset_name in (None, DIGITS_NAME):
-        dd = load_digits_dataset()
-    else:
-        try:
-            dd = datasets.load_dataset(spec.dataset_name, spec.dataset_config_name, cache_dir=spec.cache_dir)
-        except Exception as exc:  # datasets raises many types; name the input and what to do
-            raise DataError(
-                f"could not load --dataset_name {spec.dataset_name!r} (config {spec.dataset_config_name!r}): {exc}. "
-                "Check the id, or use --train_data_dir for a local folder of images."
-            ) from exc
-    if spec.split not in dd:
-        raise DataError(f"--split {spec.split!r} not in the dataset; available splits: {sorted(dd)}")
-    train = dd[spec.split]
-    held_out = dd[spec.eval_split] if spec.eval_split and spec.eval_split in dd else None
+    path = Path(root)
+    if not path.is_dir():
+        raise DataError(f"--{argument} {path} is not a directory")
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+    except datasets.exceptions.DataFilesNotFoundError as exc:
+        raise DataError(f"--{argument} {path} contains no image files: put the training images there") from exc
+    except Exception as exc:
+        raise DataError(f"--{argument} {path}: datasets could not load it as an imagefolder ({exc})") from exc
+
+
+def load_dataset_dict(data: DataConfig):
+    """The `datasets.DatasetDict` that `data` names: an image folder, the embedded digits, or a Hub dataset."""
+    import datasets
+
+    if data.train_data_dir is not None:
+        return _load_image_folder(data.train_data_dir, "train_data_dir", data.cache_dir)
+    if data.dataset_name in (None, DIGITS_NAME):
+        return load_digits_dataset()
+    try:
+        return datasets.load_dataset(data.dataset_name, data.dataset_config_name, cache_dir=data.cache_dir)
+    except Exception as exc:  # datasets raises many types; name the input and what to do
+        raise DataError(
+            f"could not load --dataset_name {data.dataset_name!r} (config {data.dataset_config_name!r}): {exc}. "
+            "Check the id, or use --train_data_dir for a local folder of images."
+        ) from exc
+
+
+def _held_out_split(dd, data: DataConfig):
+    """The held-out split: `--validation_data_dir`, the explicit `--eval_split`, or `test`/`validation`."""
+    if data.validation_data_dir is not None:
+        folder = _load_image_folder(data.validation_data_dir, "validation_data_dir", data.cache_dir)
+        name = data.eval_split if data.eval_split in folder else next(iter(folder))
+        return folder[name]
+    if data.eval_split is not None:
+        if data.eval_split not in dd:
+            raise DataError(f"--eval_split {data.eval_split!r} not in the dataset; available splits: {sorted(dd)}")
+        return dd[data.eval_split]
+    for name in ("test", "validation"):
+        if name in dd and name != data.split:
+            return dd[name]
+    return None
+
+
+def load_splits(data: DataConfig):
+    """(train, held-out or None) `datasets.Dataset`s for the data options; images left undecoded for validation."""
+    import datasets
+
+    dd = load_dataset_dict(data)
+    if data.split not in dd:
+        raise DataError(f"--split {data.split!r} not in the dataset; available splits: {sorted(dd)}")
+    train, held_out = dd[data.split], _held_out_split(dd, data)
     for name, ds in (("train", train), ("held-out", held_out)):
-        if ds is None:
-            continue
-        if spec.image_column not in ds.column_names:
+        if ds is not None and data.image_column not in ds.column_names:
             raise DataError(
-                f"--image_column {spec.image_column!r} not found in the {name} split; columns: {ds.column_names}"
+                f"--image_column {data.image_column!r} not found in the {name} split; columns: {ds.column_names}"
             )
-    train = train.cast_column(spec.image_column, datasets.Image(decode=False))
+    train = train.cast_column(data.image_column, datasets.Image(decode=False))
     if held_out is not None:
-        held_out = held_out.cast_column(spec.image_column, datasets.Image(decode=False))
+        held_out = held_out.cast_column(data.image_column, datasets.Image(decode=False))
     return train, held_out
+
+
+def image_channels(image: Image.Image) -> int:
+    """1 for grayscale modes (L, LA, 1, I, F, I;16), 3 for colour ones: how many channels the data has."""
+    return 1 if image.mode in ("L", "LA", "1", "I", "F", "I;16", "I;16B", "I;16L") else 3
+
+
+def detect_channels(ds, column: str, name: str = "train") -> int:
+    """The channel count of a split, from its first readable image (datasets stores no channel count)."""
+    for index in range(min(len(ds), 16)):
+        value = ds[index][column]
+        try:
+            return image_channels(decode_image(value, _row_name(name, index, value)))
+        except DataError:
+            continue
+    raise DataError(f"none of the first images of the {name} split could be read to find the number of channels")
 
 
 def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:

@@ -14,6 +14,40 @@ import torch
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def split_model_output(
+    model_output: torch.Tensor, channels: int, variance_type: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The learned-variance output contract, in one place: (mean part `[N, C, ...]`, variance part or None).
+
+    A learned variance type needs 2C output channels (the mean, then the variance); a fixed type reads the
+    first C channels, so a learned-variance model can still be sampled with a fixed variance (or by DDIM,
+    DPM-Solver, ...). Any other channel count is an error naming both numbers.
+    """
+    out = model_output.shape[1]
+    if variance_type in LEARNED_VARIANCE_TYPES:
+        if out != 2 * channels:
+            raise ValueError(
+                f"variance_type={variance_type!r} needs a model with 2 x {channels} output channels (mean and "
+                f"variance), got {out}: double the UNet's out_channels"
+            )
+        mean_part, var_part = torch.split(model_output, channels, dim=1)
+        return mean_part, var_part
+    if out == 2 * channels:
+        return model_output[:, :channels], None
+    if out != channels:
+        raise ValueError(
+            f"the model output has {out} channels but the sample has {channels}; expected {channels} (or "
+            f"{2 * channels} for a learned-variance model)"
+        )
+    return model_output, None
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch: `[N, ...] -> [N]`."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 def broadcast_to_sample(values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Training losses and the variational bound of Ho et al. 2020 (Sec. 3, eq. 5) in bits/dim.
+"""The variational bound of Ho et al. 2020 (Sec. 3, eq. 5) in bits/dim (losses: `losses.py`; timesteps:
+`timestep_sampling.py`).
 
 The bound L = L_T + sum_{t>1} L_{t-1} + L_0 is computed per example from a `DDPMScheduler`, which owns the
 schedule; every term here is reported in bits per dimension (nats / (C*H*W * ln 2)).
@@ -14,15 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import diffusion_math as dm
+from .diffusion_math import mean_flat
 from .scheduling_ddpm import DDPMScheduler
 
-LOSS_TYPES = ("simple", "hybrid", "vlb")
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but the batch: `[N, ...] -> [N]`."""
-    return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
 def uint8_to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -32,30 +28,6 @@ def uint8_to_model_range(images: torch.Tensor) -> torch.Tensor:
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
     return images.to(torch.float64) / 127.5 - 1.0
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# L_simple (Algorithm 1) and its targets
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def training_target(
-    scheduler: DDPMScheduler, x_start: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the network regresses: eps (Algorithm 1), x_0 for `sample`, v for `v_prediction`."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x_start
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x_start, noise, timesteps)
-    raise ValueError(f"prediction_type must be one of {dm.PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def simple_loss(model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_simple per example: mean squared error over C*H*W, computed in float32. Shape `[N]`."""
-    return mean_flat((model_output.float() - target.float()) ** 2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,139 +67,6 @@ def vlb_terms_bpd(
     ) / math.log(2.0)
     first = timesteps.to(kl.device) == 0
     return {"output": torch.where(first, decoder_nll, kl), "pred_original_sample": out["pred_original_sample"]}
-
-
-def _stop_mean_gradient(model_output: torch.Tensor, channels: int) -> torch.Tensor:
-    """Improved DDPM Sec. 3.1: L_vlb trains only the variance, so detach the mean channels."""
-    mean_part, var_part = torch.split(model_output, channels, dim=1)
-    return torch.cat([mean_part.detach(), var_part], dim=1)
-
-
-def training_losses(
-    scheduler: DDPMScheduler,
-    model_output: torch.Tensor,
-    x_start: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    loss_type: str = "simple",
-    vlb_weight: float = 0.001,
-    x_t: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-example losses `[N]` (float32) for one batch of Algorithm 1.
-
-    - `simple`: L_simple, the MSE to the prediction target (Ho et al. eq. 14).
-    - `hybrid`: L_simple + vlb_weight * T * L_t with the mean's gradient stopped in the bound term
-      (improved DDPM eq. 16, lambda = 0.001); needs learned variances for the bound term to train anything.
-    - `vlb`: T * L_t, an unbiased one-sample estimate of the whole bound in bits/dim.
-    `x_t` (the model's input) is recomputed with the scheduler's `add_noise` when not given.
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    channels = x_start.shape[1]
-    mean_part, _ = scheduler.split_model_output(model_output, x_start)
-    if x_t is None:
-        x_t = scheduler.add_noise(x_start, noise, timesteps)
-    num_timesteps = len(scheduler)
-    losses: dict[str, torch.Tensor] = {}
-    if loss_type in ("simple", "hybrid"):
-        losses["mse"] = simple_loss(mean_part, training_target(scheduler, x_start, noise, timesteps))
-    if loss_type in ("hybrid", "vlb"):
-        vlb_input = model_output
-        if loss_type == "hybrid" and model_output.shape[1] == 2 * channels:
-            vlb_input = _stop_mean_gradient(model_output, channels)
-        elif loss_type == "hybrid":
-            vlb_input = model_output.detach()  # fixed variance: the bound term has nothing left to train
-        terms = vlb_terms_bpd(scheduler, vlb_input, x_start, x_t, timesteps)
-        losses["vb"] = (terms["output"] * num_timesteps).float()
-    if loss_type == "simple":
-        losses["loss"] = losses["mse"]
-    elif loss_type == "hybrid":
-        losses["loss"] = losses["mse"] + vlb_weight * losses["vb"]
-    else:
-        losses["loss"] = losses["vb"]
-    return losses
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Timestep sampling
-# ------------------------------------------------------------------------------------------------------------------
-
-
-class UniformSampler:
-    """t ~ U{0..T-1} with unit importance weights (Algorithm 1, line 3)."""
-
-    def __init__(self, num_timesteps: int):
-        self.num_timesteps = num_timesteps
-
-    def weights(self) -> torch.Tensor:
-        return torch.ones(self.num_timesteps, dtype=torch.float64)
-
-    def sample(
-        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw `batch_size` timesteps and their loss weights 1 / (T p(t))."""
-        w = self.weights()
-        p = w / w.sum()
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.to(device=device, dtype=torch.float32)
-
-    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
-        """Uniform sampling ignores the loss history."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        return None
-
-
-class LossSecondMomentSampler(UniformSampler):
-    """Importance sampling of t with p(t) proportional to sqrt(E[L_t^2]) over the last `history` losses
-    (improved DDPM eq. 18), uniform until every t has a full history, mixed with `uniform_prob` of uniform."""
-
-    def __init__(self, num_timesteps: int, history_per_term: int = 10, uniform_prob: float = 0.001):
-        super().__init__(num_timesteps)
-        self.history_per_term = history_per_term
-        self.uniform_prob = uniform_prob
-        self.loss_history = torch.zeros(num_timesteps, history_per_term, dtype=torch.float64)
-        self.loss_counts = torch.zeros(num_timesteps, dtype=torch.long)
-
-    def warmed_up(self) -> bool:
-        return bool((self.loss_counts == self.history_per_term).all())
-
-    def weights(self) -> torch.Tensor:
-        if not self.warmed_up():
-            return torch.ones(self.num_timesteps, dtype=torch.float64)
-        w = torch.sqrt((self.loss_history**2).mean(dim=-1))
-        w = w / w.sum()
-        return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
-
-    def update(self, timesteps: torch.Tensor, losses: torch.Tensor) -> None:
-        """Record per-example losses (gathered from all ranks, so every rank keeps the same history)."""
-        for t, loss in zip(timesteps.tolist(), losses.detach().double().cpu().tolist(), strict=True):
-            if self.loss_counts[t] == self.history_per_term:
-                self.loss_history[t, :-1] = self.loss_history[t, 1:].clone()
-                self.loss_history[t, -1] = loss
-            else:
-                self.loss_history[t, self.loss_counts[t]] = loss
-                self.loss_counts[t] += 1
-
-    def state_dict(self) -> dict:
-        return {"loss_history": self.loss_history.clone(), "loss_counts": self.loss_counts.clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loss_history = state["loss_history"].clone().to(torch.float64)
-        self.loss_counts = state["loss_counts"].clone().to(torch.long)
-
-
-def make_timestep_sampler(name: str, num_timesteps: int) -> UniformSampler:
-    """`uniform` or `importance` (loss second moment)."""
-    if name == "uniform":
-        return UniformSampler(num_timesteps)
-    if name == "importance":
-        return LossSecondMomentSampler(num_timesteps)
-    raise ValueError(f"timestep_sampling must be 'uniform' or 'importance', got {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

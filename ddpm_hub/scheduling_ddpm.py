@@ -281,10 +281,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         """One reverse step x_t -> x_{t-1} ~ p(x_{t-1} | x_t) (Algorithm 2, line 4), with the same random draws
         as diffusers for the same generator. `model_output` has C channels, or 2C with learned variances."""
         t = timestep
-        if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ["learned", "learned_range"]:
-            model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
-        else:
-            predicted_variance = None
+        model_output, predicted_variance = dm.split_model_output(model_output, sample.shape[1], self.variance_type)
 
         # 1. alphas, betas of the (possibly strided) pair t -> prev_t
         alpha_prod_t, alpha_prod_t_prev = self._alpha_prods(t)
@@ -392,21 +389,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     def split_model_output(
         self, model_output: torch.Tensor, sample: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split a 2C-channel output into (mean part, variance part) for learned variances; else (output, None)."""
-        if self.config.variance_type in ("learned", "learned_range"):
-            if model_output.shape[1] != 2 * sample.shape[1]:
-                raise ValueError(
-                    f"variance_type={self.config.variance_type!r} needs a model with 2 x {sample.shape[1]} output "
-                    f"channels (mean and variance), got {model_output.shape[1]}: double the UNet's out_channels"
-                )
-            mean_part, var_part = torch.split(model_output, sample.shape[1], dim=1)
-            return mean_part, var_part
-        if model_output.shape[1] != sample.shape[1]:
-            raise ValueError(
-                f"the model output has {model_output.shape[1]} channels but the sample has {sample.shape[1]}; "
-                f"2C outputs need variance_type 'learned' or 'learned_range' (got {self.config.variance_type!r})"
-            )
-        return model_output, None
+        """(mean part, variance part or None) of a model output for this scheduler's variance type."""
+        return dm.split_model_output(model_output, sample.shape[1], self.config.variance_type)
 
     def model_log_variance(
         self, var_part: torch.Tensor | None, timesteps: torch.Tensor, reference: torch.Tensor

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm_hub.config import DataConfig
 from ddpm_hub.data import (
     DataError,
-    DataSpec,
     ImageDataset,
     load_digits_dataset,
     load_splits,
@@ -61,7 +61,7 @@ def test_bad_files_are_named(tmp_path, name, content, needle):
         _rgb((32, 32)).save(good)
         content = good.read_bytes()[:60]
     root = _folder(tmp_path, {"ok.png": _rgb(), name: content})
-    train, held = load_splits(DataSpec(train_data_dir=str(root)))
+    train, held = load_splits(DataConfig(train_data_dir=str(root)))
     assert held is None and len(train) == 2
     ds = ImageDataset(train, "image", 8, 3)
     with pytest.raises(DataError, match=needle) as exc:
@@ -73,15 +73,15 @@ def test_bad_files_are_named(tmp_path, name, content, needle):
 
 def test_all_bad_or_empty_is_an_error(tmp_path):
     root = _folder(tmp_path, {"a.txt": b"x", "b.txt": b"y"})
-    train, _ = load_splits(DataSpec(train_data_dir=str(root)))
+    train, _ = load_splits(DataConfig(train_data_dir=str(root)))
     with pytest.raises(DataError, match="all 2 images .* unreadable"):
         validate_images(ImageDataset(train, "image", 8, 3), skip_bad=True, progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="contains no files"):
-        load_splits(DataSpec(train_data_dir=str(empty)))
+        load_splits(DataConfig(train_data_dir=str(empty)))
     with pytest.raises(DataError, match="not a directory"):
-        load_splits(DataSpec(train_data_dir=str(tmp_path / "missing")))
+        load_splits(DataConfig(train_data_dir=str(tmp_path / "missing")))
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "P", "CMYK", "I;16", "L", "LA", "1", "I", "F"])
@@ -116,9 +116,9 @@ def test_mixed_sizes_resize_and_center_crop():
 
 def test_missing_image_column_and_split():
     with pytest.raises(DataError, match="--image_column 'img' not found"):
-        load_splits(DataSpec(dataset_name="digits", image_column="img"))
+        load_splits(DataConfig(dataset_name="digits", image_column="img"))
     with pytest.raises(DataError, match="--split 'validation' not in"):
-        load_splits(DataSpec(dataset_name="digits", split="validation"))
+        load_splits(DataConfig(dataset_name="digits", split="validation"))
 
 
 def test_normalize_and_flip():
@@ -139,10 +139,10 @@ def test_dataset_name_goes_through_datasets_load_dataset(tmp_path):
     root.mkdir(parents=True)
     dd["train"].select(range(40)).to_parquet(str(root / "train-00000-of-00001.parquet"))
     dd["test"].select(range(10)).to_parquet(str(root / "test-00000-of-00001.parquet"))
-    train, held = load_splits(DataSpec(dataset_name=str(tmp_path / "hub-layout"), cache_dir=str(tmp_path / "cache")))
+    train, held = load_splits(DataConfig(dataset_name=str(tmp_path / "hub-layout"), cache_dir=str(tmp_path / "cache")))
     assert len(train) == 40 and len(held) == 10
     images, good, skipped = validate_images(ImageDataset(train, "image", 8, 1), progress=False)
     assert images.shape == (40, 1, 8, 8) and skipped == 0
     np.testing.assert_array_equal(images[0, 0].numpy(), np.asarray(dd["train"][0]["image"]))
     with pytest.raises(DataError, match="could not load --dataset_name"):
-        load_splits(DataSpec(dataset_name=str(tmp_path / "nothing-here"), cache_dir=str(tmp_path / "cache")))
+        load_splits(DataConfig(dataset_name=str(tmp_path / "nothing-here"), cache_dir=str(tmp_path / "cache")))

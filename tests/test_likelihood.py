@@ -18,7 +18,8 @@ from ddpm_hub import (
     training_target,
 )
 from ddpm_hub import diffusion_math as dm
-from ddpm_hub.likelihood import UniformSampler, vlb_terms_bpd
+from ddpm_hub.likelihood import vlb_terms_bpd
+from ddpm_hub.timestep_sampling import UniformSampler
 
 LN2 = math.log(2.0)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_hub import checkpoints as ckpt
-from ddpm_hub.training_config import ConfigError, build_config
+from ddpm_hub.config import ConfigError, build_config
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

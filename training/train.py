@@ -1,21 +1,20 @@
 """Train a DDPM (Ho et al. 2020, Algorithm 1) with Accelerate: `accelerate launch training/train.py [--preset NAME]`.
 
 With no arguments it trains the `digits` preset on the embedded 8x8 UCI digits, offline, in minutes on a CPU.
-Orchestration only: the maths is in `ddpm_hub.scheduling_ddpm` / `ddpm_hub.likelihood`, the data in
-`ddpm_hub.data`, the checkpoints in `ddpm_hub.checkpoints`.
+accelerate owns the machine (device, processes, mixed precision, trackers: `accelerate launch` flags or
+`accelerate config`); datasets owns the data; diffusers owns the UNet, EMA and LR schedules. This file only
+orchestrates: build the components, run `train_step` in a loop with periodic actions, export the pipeline.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +22,33 @@ import numpy as np
 import torch
 
 from ddpm_hub import checkpoints as ckpt
+from ddpm_hub.config import (
+    PRESET_FOR_RESOLUTION,
+    ConfigError,
+    TrainConfig,
+    downsampling_factor,
+    parse_args,
+    validate,
+)
 from ddpm_hub.data import (
     DataError,
-    DataSpec,
     ImageDataset,
+    detect_channels,
     load_splits,
     normalize_uint8,
     random_flip,
     validate_images,
 )
-from ddpm_hub.likelihood import bits_per_dim, bits_per_dim_estimate, make_timestep_sampler, training_losses
+from ddpm_hub.export import ModelDescription, ema_weights, export_pipeline, held_out_bpd, publish, sample_grid
+from ddpm_hub.losses import training_losses
 from ddpm_hub.models import count_parameters, unet_config
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
-from ddpm_hub.training_config import (
-    TRAINING_PRESETS,
-    ConfigError,
-    TrainConfig,
-    build_config,
-    downsampling_factor,
-)
+from ddpm_hub.timestep_sampling import make_timestep_sampler
 
 logger = logging.getLogger("ddpm_hub.train")
 MEMORY_CACHE_LIMIT_BYTES = 4 << 30  # "auto" keeps decoded uint8 images in memory up to this size
+SCHEDULER_OPTIONS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                     "variance_type", "clip_sample")  # fmt: skip
 
 
 class TrainingError(RuntimeError):
@@ -52,92 +56,33 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-_HELP = {
-    "preset": f"named recipe: {', '.join(TRAINING_PRESETS)} (default: digits when no data is given)",
-    "dataset_name": "a Hub dataset id loaded with datasets.load_dataset, or 'digits' (embedded)",
-    "train_data_dir": "a local folder of images (every file must be an image)",
-    "cache_images_in_memory": "auto|yes|no: keep decoded uint8 images in RAM (auto: when under 4 GiB)",
-    "skip_bad_images": "skip (and count) unreadable images instead of stopping with an error",
-    "resume_from_checkpoint": "'latest' or a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data)",
-    "final_bpd": "held-out bits/dim at the end: full (all T steps), estimate, or none",
-    "config": "a YAML or JSON file of options; command-line flags override it",
-}
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field (diffusers-style names); only flags given on the command line are set."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=None, help=_HELP["config"])
-    parser.add_argument("--hub_token", default=None, help="Hub token (else HF_TOKEN or the saved login); never logged")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        kind = f.type.replace(" | None", "")
-        convert = {"int": int, "float": float, "bool": _parse_bool, "str": str}[kind]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = _HELP.get(f.name, "") + f" (default: {default})"
-        if kind == "bool":
-            parser.add_argument(f"--{f.name}", type=convert, nargs="?", const=True, help=help_text, metavar="BOOL")
-        else:
-            parser.add_argument(f"--{f.name}", type=convert, help=help_text)
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
-    """(validated TrainConfig, hub token or None). With no data arguments the `digits` preset is used."""
-    namespace = vars(build_parser().parse_args(argv))
-    config_file = namespace.pop("config", None)
-    token = namespace.pop("hub_token", None)
-    if "preset" not in namespace and not config_file and not {"dataset_name", "train_data_dir"} & set(namespace):
-        namespace["preset"] = "digits"
-    return build_config(namespace, config_file), token
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Set-up
+# Building the components
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def make_accelerator(cfg: TrainConfig):
-    """An Accelerator with TensorBoard tracking, seedable sampler, and CPU/gloo when no accelerator exists."""
+def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
+    """An Accelerator that takes device, processes and mixed precision from `accelerate launch`/`accelerate config`
+    (our `--mixed_precision` only when given) and any accelerate tracker (`--logger`, plus custom `trackers`)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs"))
+    log_with: list = [] if cfg.logger == "none" else [cfg.logger]
+    log_with += list(trackers or [])
+    if cfg.logger not in ("none", "all"):
+        from accelerate.tracking import get_available_trackers
+
+        if cfg.logger not in [str(t) for t in get_available_trackers()]:
+            raise ConfigError(f"--logger {cfg.logger}: the {cfg.logger} package is not installed (pip install it)")
+    project = ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)
+    )
     return Accelerator(
-        cpu=not has_device,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if cfg.logger == "none" else cfg.logger,
+        log_with=log_with or None,
         project_config=project,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
-
-
-def set_cpu_threads(accelerator) -> None:
-    """Split the CPU cores between local ranks so that OpenMP pools never oversubscribe the machine."""
-    if accelerator.device.type != "cpu":
-        return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
-    if "OMP_NUM_THREADS" in os.environ and accelerator.num_processes == 1:
-        threads = int(os.environ["OMP_NUM_THREADS"])
-    torch.set_num_threads(threads)
 
 
 @dataclass
@@ -148,23 +93,25 @@ class Data:
     held_out: torch.Tensor | None
     num_train: int
     skipped: int
+    channels: int
     description: str
     dataset_id: str | None
 
 
-def prepare_data(cfg: TrainConfig, channels: int, accelerator) -> Data:
-    """Load, validate and transform the data; errors name the bad item or argument."""
-    spec = DataSpec(
-        dataset_name=cfg.dataset_name,
-        dataset_config_name=cfg.dataset_config_name,
-        train_data_dir=cfg.train_data_dir,
-        split=cfg.split,
-        eval_split=cfg.eval_split,
-        image_column=cfg.image_column,
-        cache_dir=cfg.cache_dir,
-    )
+def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
+    """(human description, Hub dataset id or None) of the training data."""
+    if cfg.train_data_dir:
+        return f"images from the folder {Path(cfg.train_data_dir).name}", None
+    if cfg.dataset_name in (None, "digits"):
+        return "the UCI optical digits (8x8, CC BY 4.0, via scikit-learn), train split", None
+    return f"{cfg.dataset_name} ({cfg.split} split)", cfg.dataset_name
+
+
+def prepare_data(cfg: TrainConfig, accelerator) -> Data:
+    """Load (datasets), validate and transform the data; the channel count comes from the data unless given."""
     with accelerator.main_process_first():
-        train_ds, held_ds = load_splits(spec)
+        train_ds, held_ds = load_splits(cfg.data)
+    channels = cfg.channels or detect_channels(train_ds, cfg.image_column)
     progress = accelerator.is_local_main_process
     train = ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, name="train")
     size = len(train) * channels * cfg.resolution**2
@@ -192,13 +139,8 @@ def prepare_data(cfg: TrainConfig, channels: int, accelerator) -> Data:
     if held_ds is not None and len(held_ds) > 0:
         held = ImageDataset(held_ds, cfg.image_column, cfg.resolution, channels, name="held-out")
         held_out, _, _ = validate_images(held, skip_bad=True, keep=True, progress=progress)
-    if cfg.train_data_dir:
-        description, dataset_id = f"images from {Path(cfg.train_data_dir).name}", None
-    elif cfg.dataset_name in (None, "digits"):
-        description, dataset_id = "the UCI optical digits (8x8, CC BY 4.0, via scikit-learn), train split", None
-    else:
-        description, dataset_id = f"{cfg.dataset_name} ({cfg.split} split)", cfg.dataset_name
-    return Data(train_set, held_out, num_train, skipped, description, dataset_id)
+    description, dataset_id = describe_data(cfg)
+    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id)
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -219,28 +161,89 @@ def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
     )
 
 
+def adopt_pretrained_scheduler(cfg: TrainConfig) -> TrainConfig:
+    """Fine-tuning: the diffusion options come from the pretrained pipeline's scheduler config."""
+    if not cfg.pretrained_model_name_or_path:
+        return cfg
+    saved = DDPMScheduler.load_config(cfg.pretrained_model_name_or_path, subfolder="scheduler")
+    diffusion = replace(cfg.diffusion, **{k: saved[k] for k in SCHEDULER_OPTIONS if k in saved})
+    cfg = replace(cfg, diffusion=diffusion)
+    validate(cfg)
+    return cfg
+
+
 def make_scheduler(cfg: TrainConfig) -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type=cfg.prediction_type,
-        variance_type=cfg.variance_type,
-        clip_sample=cfg.clip_sample,
-    )
+    """The training/sampling scheduler of the run (its config is the saved scheduler_config.json)."""
+    return DDPMScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_OPTIONS})
 
 
-def make_unet_config(cfg: TrainConfig) -> dict[str, Any]:
-    config = unet_config(cfg.unet_preset, learned_variance=cfg.variance_type.startswith("learned"))
+def _load_unet_config(source: str) -> dict[str, Any]:
+    """A UNet2DModel config from a JSON file, a UNet folder, a pipeline folder or a Hub id."""
+    from diffusers import UNet2DModel
+
+    path = Path(source)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--model_config_name_or_path {source}: not valid JSON ({exc})") from None
+    if path.is_dir() and (path / "config.json").is_file():
+        return dict(UNet2DModel.load_config(str(path)))
+    try:
+        return dict(UNet2DModel.load_config(source, subfolder="unet"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model_config_name_or_path {source}: no UNet config found there ({exc})") from None
+
+
+def resolve_unet_config(cfg: TrainConfig, data_channels: int) -> tuple[dict[str, Any], str]:
+    """(UNet2DModel config, where it came from). An explicit architecture must match the data's channels; one
+    chosen for the resolution takes the data's channels. Learned variances double `out_channels`."""
+    learned = cfg.variance_type.startswith("learned")
+    source = cfg.pretrained_model_name_or_path or cfg.model_config_name_or_path
+    if source:
+        config = {k: v for k, v in _load_unet_config(source).items() if not k.startswith("_")}
+        origin, explicit = f"the UNet config of {source}", True
+    elif cfg.unet_preset:
+        config, origin, explicit = unet_config(cfg.unet_preset), f"UNet preset {cfg.unet_preset!r}", True
+    else:
+        preset = PRESET_FOR_RESOLUTION.get(cfg.resolution)
+        if preset is None:
+            raise ConfigError(
+                f"no UNet preset is made for --resolution {cfg.resolution} (presets: "
+                f"{ {r: p for r, p in PRESET_FOR_RESOLUTION.items()} }); give --unet_preset or "
+                "--model_config_name_or_path"
+            )
+        config, explicit = unet_config(preset), False
+        config["in_channels"] = config["out_channels"] = data_channels
+        origin = f"UNet preset {preset!r}, chosen for --resolution {cfg.resolution}, with {data_channels} channel(s)"
+    in_channels = config.get("in_channels", 3)
+    if explicit and in_channels != data_channels:
+        raise ConfigError(
+            f"the data has {data_channels} channel(s) but {origin} takes {in_channels}: pass --channels "
+            f"{in_channels} to convert the images, or choose a model for {data_channels}-channel images"
+        )
+    if cfg.pretrained_model_name_or_path:
+        if config.get("sample_size") not in (None, cfg.resolution):
+            raise ConfigError(
+                f"--resolution {cfg.resolution} differs from the pretrained UNet's sample_size "
+                f"{config['sample_size']}: fine-tune at {config['sample_size']}"
+            )
+        expected = 2 * in_channels if learned else in_channels
+        if config.get("out_channels", in_channels) != expected:
+            raise ConfigError(
+                f"--variance_type {cfg.variance_type} needs {expected} output channels but the pretrained UNet has "
+                f"{config.get('out_channels')}"
+            )
+    else:
+        config["out_channels"] = 2 * in_channels if learned else in_channels
     config["sample_size"] = cfg.resolution
     factor = downsampling_factor(config)
     if cfg.resolution % factor:
         raise ConfigError(
             f"--resolution {cfg.resolution} is not divisible by the UNet's down-sampling factor {factor} "
-            f"(preset {cfg.unet_preset!r}); use a multiple of {factor}"
+            f"({origin}); use a multiple of {factor}"
         )
-    return config
+    return config, origin
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -254,31 +257,42 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 class Trainer:
-    """Holds the run's objects; each method is one named stage of the run."""
+    """The run's objects and its stages: `run()` = resume, loop of `train_step` + periodic actions, `finish()`."""
 
-    def __init__(self, cfg: TrainConfig, hub_token: str | None = None):
+    def __init__(self, cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None):
         from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
-        self.cfg = cfg
-        self.hub_token = hub_token
-        self.accelerator = make_accelerator(cfg)
-        set_cpu_threads(self.accelerator)
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-        if not self.accelerator.is_local_main_process:
-            logging.getLogger().setLevel(logging.WARNING)
+        from ddpm_hub.runtime import configure_cpu_threads
+
+        cfg = adopt_pretrained_scheduler(cfg)
+        self.cfg, self.hub_token = cfg, hub_token
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._check_output_dir()
+        self.accelerator = acc = make_accelerator(cfg, trackers)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not acc.is_local_main_process:
+            logging.getLogger().setLevel(logging.WARNING)
+        self.threads = torch.get_num_threads()
+        if acc.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+            self.threads, why = configure_cpu_threads(cfg.num_cpu_threads, local)
+            logger.info("device cpu: %d torch thread(s) per process (%s)", self.threads, why)
         if cfg.push_to_hub:
             self._check_hub()
 
-        base = make_unet_config(cfg)
-        self.channels = base["in_channels"]
-        self.data = prepare_data(cfg, self.channels, self.accelerator)
+        self.data = prepare_data(cfg, acc)
+        base, origin = resolve_unet_config(cfg, self.data.channels)
+        logger.info("model: %s", origin)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.unet = UNet2DModel(**base)
+        if cfg.pretrained_model_name_or_path:
+            self.unet = UNet2DModel.from_pretrained(
+                cfg.pretrained_model_name_or_path, subfolder="unet", use_safetensors=True
+            )
+        else:
+            self.unet = UNet2DModel(**base)
         self.noise_scheduler = make_scheduler(cfg)
         self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampling, cfg.num_train_timesteps)
         self.ema = None
@@ -302,9 +316,9 @@ class Trainer:
             foreach=True,
         )
         loader = make_loader(self.data.train, cfg)
-        updates_per_epoch = math.ceil(len(loader) / self.accelerator.num_processes / cfg.gradient_accumulation_steps)
+        n = acc.num_processes
+        updates_per_epoch = math.ceil(len(loader) / n / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_epochs * updates_per_epoch
-        n = self.accelerator.num_processes
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler,
             optimizer=self.optimizer,
@@ -312,18 +326,28 @@ class Trainer:
             num_training_steps=self.max_steps * n,
         )
         self._register_hooks()
-        self.unet, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
+        self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(
             self.unet, self.optimizer, loader, self.lr_scheduler
         )
-        self.accelerator.register_for_checkpointing(
-            self.timestep_sampler
-        ) if cfg.timestep_sampling != "uniform" else None
+        if cfg.timestep_sampling != "uniform":
+            acc.register_for_checkpointing(self.timestep_sampler)
         if self.ema is not None:
-            self.ema.to(self.accelerator.device)
+            self.ema.to(acc.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
+        image_every = cfg.save_images_epochs * self.updates_per_epoch if cfg.save_images_epochs else None
+        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step.
+        self.periodic = [
+            (cfg.logging_steps, self.log_metrics),
+            (cfg.checkpointing_steps, self.save_checkpoint),
+            (image_every or cfg.save_images_steps, self.log_samples),
+            (cfg.eval_steps, self.log_bpd_estimate),
+        ]
         self.global_step = 0
-        self.first_bad_step = torch.tensor(-1, device=self.accelerator.device)
+        self.first_bad_step = torch.tensor(-1, device=acc.device)
         self.history: list[dict[str, float]] = []
+        self._last_grid: tuple[int, Any] | None = None
+        self._last_out: dict[str, torch.Tensor | None] = {}
+        self._clock = (time.perf_counter(), 0)
 
     # -- guards -----------------------------------------------------------------------------------------------
 
@@ -343,6 +367,16 @@ class Trainer:
         except HubError as exc:  # found before training, not after ten hours
             raise ConfigError(f"--push_to_hub: {exc}") from None
 
+    def _assert_finite(self, when: str) -> None:
+        bad = int(self.first_bad_step.item())
+        if bad >= 0:
+            raise TrainingError(
+                f"the loss became NaN or inf at step {bad}; stopped before {when}. No weights from this point were "
+                "saved. Lower --learning_rate, check the data, or use --mixed_precision no."
+            )
+        if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
+            raise TrainingError(f"non-finite weights at step {self.global_step}; stopped before {when}, nothing saved")
+
     # -- checkpoints -----------------------------------------------------------------------------------------
 
     def _register_hooks(self) -> None:
@@ -356,6 +390,7 @@ class Trainer:
                     self.ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
                 for model in models:
                     self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+                self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
                 weights.pop()
@@ -420,17 +455,7 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
-    def _assert_finite(self, when: str) -> None:
-        bad = int(self.first_bad_step.item())
-        if bad >= 0:
-            raise TrainingError(
-                f"the loss became NaN or inf at step {bad}; stopped before {when}. No weights from this point were "
-                "saved. Lower --learning_rate, check the data, or use --mixed_precision no."
-            )
-        if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
-            raise TrainingError(f"non-finite weights at step {self.global_step}; stopped before {when}, nothing saved")
-
-    def train_step(self, batch: torch.Tensor, micro: int) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: torch.Tensor, micro: int) -> dict[str, torch.Tensor | None]:
         """Algorithm 1 on one micro-batch: t ~ U (or importance), eps ~ N(0, I), a gradient step on the loss."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
@@ -465,8 +490,18 @@ class Trainer:
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, step_now, self.first_bad_step)
         return {"loss": loss.detach(), "grad_norm": grad_norm}
 
+    def batches(self):
+        """The loader's batches from the current position on, epoch after epoch (exact after a resume)."""
+        acc, cfg = self.accelerator, self.cfg
+        epoch = self.global_step // self.updates_per_epoch
+        skip = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
+        while True:
+            self.loader.set_epoch(epoch)
+            yield from (acc.skip_first_batches(self.loader, skip) if skip else self.loader)
+            epoch, skip = epoch + 1, 0
+
     def run(self) -> dict[str, Any]:
-        """Train to `max_steps`, checkpointing, logging and evaluating on the way; then write the pipeline."""
+        """Train to `max_steps`, with the periodic actions on sync steps; then export (and push) the pipeline."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -474,68 +509,27 @@ class Trainer:
         if acc.is_main_process and cfg.logger != "none":
             acc.init_trackers("ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
         self._log_start()
-        bar = tqdm(
-            total=self.max_steps,
-            initial=self.global_step,
-            desc="train",
-            unit="step",
-            disable=not acc.is_local_main_process,
-        )
-        first_epoch = self.global_step // self.updates_per_epoch
-        skip_batches = (self.global_step % self.updates_per_epoch) * cfg.gradient_accumulation_steps
-        last_time, last_step = time.perf_counter(), self.global_step
-        epoch = first_epoch
-        while self.global_step < self.max_steps:
-            self.loader.set_epoch(epoch)
-            loader = (
-                acc.skip_first_batches(self.loader, skip_batches)
-                if epoch == first_epoch and skip_batches
-                else self.loader
-            )
+        bar = tqdm(total=self.max_steps, initial=self.global_step, desc="train", unit="step",
+                   disable=not acc.is_local_main_process)  # fmt: skip
+        self._clock = (time.perf_counter(), self.global_step)
+        micro = 0
+        for batch in self.batches():
+            if self.global_step >= self.max_steps:
+                break
+            self._last_out = self.train_step(batch, micro)
+            micro += 1
+            if not acc.sync_gradients:
+                continue
             micro = 0
-            for batch in loader:
-                out = self.train_step(batch, micro)
-                micro += 1
-                if not acc.sync_gradients:
-                    continue
-                micro = 0
-                if self.ema is not None:
-                    self.ema.step(self.unet.parameters())
-                self.global_step += 1
-                bar.update(1)
-                if self.global_step % cfg.logging_steps == 0 or self.global_step == self.max_steps:
-                    self._assert_finite("logging")
-                    now = time.perf_counter()
-                    images_per_s = (
-                        (self.global_step - last_step)
-                        * cfg.train_batch_size
-                        * cfg.gradient_accumulation_steps
-                        * acc.num_processes
-                        / max(now - last_time, 1e-9)
-                    )
-                    last_time, last_step = now, self.global_step
-                    logs = {
-                        "loss": float(out["loss"]),
-                        "lr": self.lr_scheduler.get_last_lr()[0],
-                        "images_per_s": images_per_s,
-                    }
-                    if out["grad_norm"] is not None:
-                        logs["grad_norm"] = float(out["grad_norm"])
-                    if self.ema is not None:
-                        logs["ema_decay"] = self.ema.cur_decay_value or 0.0
-                    bar.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                    acc.log(logs, step=self.global_step)
-                    self.history.append({"step": self.global_step, **logs})
-                if self.global_step % cfg.checkpointing_steps == 0:
-                    self.save_checkpoint()
-                if self.global_step % cfg.save_images_steps == 0:
-                    self.log_samples()
-                if self.global_step % cfg.eval_steps == 0:
-                    self.log_bpd_estimate()
-                if self.global_step >= self.max_steps:
-                    break
-            epoch += 1
-            skip_batches = 0
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            self.global_step += 1
+            bar.update(1)
+            for every, action in self.periodic:
+                if self.global_step % every == 0 or (action == self.log_metrics and self.global_step == self.max_steps):
+                    action()
+            if "loss" in (self.history[-1] if self.history else {}):
+                bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
         bar.close()
         self._assert_finite("saving the final pipeline")
         result = self.finish()
@@ -544,68 +538,68 @@ class Trainer:
 
     def _log_start(self) -> None:
         logger.info(
-            "training %s: %d images (%d skipped), %d parameters, %d steps of batch %d x %d processes x %d accumulation",
+            "training on %s: %d images (%d skipped), %d channel(s), %d parameters, %d steps of batch %d x %d "
+            "processes x %d accumulation, device %s, mixed precision %s",
             self.data.description,
             self.data.num_train,
             self.data.skipped,
+            self.data.channels,
             count_parameters(self.unet),
             self.max_steps,
             self.cfg.train_batch_size,
             self.accelerator.num_processes,
             self.cfg.gradient_accumulation_steps,
+            self.accelerator.device,
+            self.accelerator.mixed_precision,
         )
 
-    # -- evaluation -------------------------------------------------------------------------------------------
+    # -- periodic actions -------------------------------------------------------------------------------------
+
+    def log_metrics(self) -> None:
+        """Loss, learning rate, gradient norm, EMA decay and images/s to the trackers and the history."""
+        self._assert_finite("logging")
+        cfg, acc, out = self.cfg, self.accelerator, self._last_out
+        now = time.perf_counter()
+        last_time, last_step = self._clock
+        images = (self.global_step - last_step) * cfg.train_batch_size * cfg.gradient_accumulation_steps
+        images_per_s = images * acc.num_processes / max(now - last_time, 1e-9)
+        self._clock = (now, self.global_step)
+        logs = {"loss": float(out["loss"]), "lr": self.lr_scheduler.get_last_lr()[0], "images_per_s": images_per_s}
+        if out.get("grad_norm") is not None:
+            logs["grad_norm"] = float(out["grad_norm"])
+        if self.ema is not None:
+            logs["ema_decay"] = self.ema.cur_decay_value or 0.0
+        acc.log(logs, step=self.global_step)
+        self.history.append({"step": self.global_step, **logs})
 
     def ema_pipeline(self):
-        """The pipeline with the EMA weights copied in; call `restore_weights()` afterwards."""
+        """A pipeline around the (unwrapped) UNet; use inside `ema_weights` to sample the EMA weights."""
         from ddpm_hub.pipelines import DDPMPipeline
 
         unet = self.accelerator.unwrap_model(self.unet)
-        if self.ema is not None:
-            self.ema.store(unet.parameters())
-            self.ema.copy_to(unet.parameters())
-        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
+        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
 
-    def restore_weights(self) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.accelerator.unwrap_model(self.unet).parameters())
-
-    def sample_grid(self, num_images: int):
+    def sample_grid(self):
         """A grid of EMA samples at a fixed seed (the same noise at every evaluation)."""
-        from ddpm_hub.plots import image_grid
-
         pipeline = self.ema_pipeline()
-        was_training = pipeline.unet.training
-        pipeline.unet.eval()
-        try:
-            generator = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
-            images = pipeline(
-                batch_size=num_images,
-                generator=generator,
-                num_inference_steps=self.cfg.num_inference_steps,
-                output_type="pil",
-            ).images
-        finally:
-            pipeline.unet.train(was_training)
-            self.restore_weights()
-        upscale = max(1, 64 // self.cfg.resolution)  # small images are enlarged so that people can see them
-        return image_grid(images, upscale=upscale, pad=2 if upscale > 1 else 0)
+        with ema_weights(pipeline.unet, self.ema):
+            return sample_grid(pipeline, self.cfg.num_eval_images, self.cfg.num_inference_steps, self.cfg.seed,
+                               self.cfg.eval_batch_size)  # fmt: skip
 
     def log_samples(self) -> None:
         if not self.accelerator.is_main_process or self.cfg.num_eval_images == 0:
             return
-        grid = self.sample_grid(self.cfg.num_eval_images)
+        grid = self.sample_grid()
         self._last_grid = (self.global_step, grid)
         path = self.output_dir / "samples" / f"step-{self.global_step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
-        if self.cfg.logger == "tensorboard":
-            tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-            array = np.asarray(grid.convert("RGB"))
-            tracker.add_image("samples", array, self.global_step, dataformats="HWC")
+        array = np.asarray(grid.convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", array, self.global_step, dataformats="HWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": [array]}, step=self.global_step)
 
     def log_bpd_estimate(self) -> None:
         """The fast unbiased bits/dim estimate on the held-out split (EMA weights)."""
@@ -613,22 +607,10 @@ class Trainer:
         if held is None or not self.accelerator.is_main_process:
             return
         pipeline = self.ema_pipeline()
-        pipeline.unet.eval()
-        try:
-            est = bits_per_dim_estimate(
-                pipeline.model_fn,
-                pipeline.scheduler,
-                held,
-                num_samples=self.cfg.eval_bpd_samples,
-                batch_size=max(self.cfg.eval_batch_size, 1),
-                generator=torch.Generator().manual_seed(self.cfg.seed),
-                device=self.accelerator.device,
-            )
-        finally:
-            pipeline.unet.train()
-            self.restore_weights()
-        value = float(est.total.mean())
-        stderr = float((est.stderr**2).sum().sqrt() / len(held))
+        with ema_weights(pipeline.unet, self.ema):
+            est = held_out_bpd(pipeline, held, "estimate", self.cfg.eval_batch_size, self.cfg.seed,
+                               self.cfg.eval_bpd_samples)  # fmt: skip
+        value, stderr = est["held_out_bits_per_dim_estimate"], est["held_out_bits_per_dim_stderr"]
         self.accelerator.log({"held_out_bpd_estimate": value, "held_out_bpd_stderr": stderr}, step=self.global_step)
         self.history.append({"step": self.global_step, "held_out_bpd_estimate": value, "held_out_bpd_stderr": stderr})
         logger.info("step %d: held-out bits/dim estimate %.4f +- %.4f", self.global_step, value, stderr)
@@ -636,64 +618,60 @@ class Trainer:
     # -- the end ----------------------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
-        """Save the EMA pipeline (safetensors), a sample grid, the held-out bits/dim and the model card."""
-        from ddpm_hub.hub import render_model_card
-
-        acc = self.accelerator
+        """Export the EMA pipeline (safetensors), a sample grid, the held-out bits/dim and the model card; push."""
+        acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
-        metrics: dict[str, float] = {}
         result: dict[str, Any] = {
             "output_dir": str(self.output_dir),
             "steps": self.global_step,
             "num_processes": acc.num_processes,
+            "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision,
+            "cpu_threads": self.threads,
             "ranks_identical": self._ranks_identical(),
         }
         if acc.is_main_process:
             pipeline = self.ema_pipeline()
-            pipeline.unet.eval()
-            try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                pipeline.save_pretrained(self.output_dir)
-                held = self.data.held_out
-                if held is not None and self.cfg.final_bpd != "none":
-                    metrics.update(self._final_bpd(pipeline, held))
-            finally:
-                pipeline.unet.train()
-                self.restore_weights()
-            if self.cfg.num_eval_images:
-                step, grid = getattr(self, "_last_grid", (None, None))
-                if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
-                    grid = self.sample_grid(self.cfg.num_eval_images)
-                grid.save(self.output_dir / "samples.png")
-            card = render_model_card(
-                hparams=self.cfg.to_dict(),
-                metrics=metrics,
-                repo_id=self.cfg.hub_model_id or self.output_dir.name,
-                num_parameters=count_parameters(acc.unwrap_model(self.unet)),
-                channels=self.channels,
-                dataset_id=self.data.dataset_id,
-                dataset_description=self.data.description,
-                num_inference_steps=self.cfg.num_inference_steps,
-            )
-            card.save(self.output_dir / "README.md")
-            result.update(metrics=metrics, history=self.history)
-            (self.output_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+            metrics: dict[str, float] = {}
+            grid = None
+            with ema_weights(pipeline.unet, self.ema):
+                if self.data.held_out is not None and cfg.final_bpd != "none":
+                    metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
+                                           cfg.seed, cfg.eval_bpd_samples)  # fmt: skip
+                if cfg.num_eval_images:
+                    step, grid = self._last_grid or (None, None)
+                    if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
+                        grid = sample_grid(pipeline, cfg.num_eval_images, cfg.num_inference_steps, cfg.seed,
+                                           cfg.eval_batch_size)  # fmt: skip
+                description = ModelDescription(
+                    hparams=cfg.to_dict(),
+                    num_parameters=count_parameters(pipeline.unet),
+                    channels=self.data.channels,
+                    dataset_description=self.data.description,
+                    dataset_id=self.data.dataset_id,
+                    repo_id=cfg.hub_model_id,
+                )
+                result.update(history=self.history)
+                export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+            result["metrics"] = metrics
             logger.info("saved the pipeline, samples.png and README.md to %s; metrics %s", self.output_dir, metrics)
-            if self.cfg.push_to_hub:
-                from ddpm_hub.hub_push import HubError, push_pipeline_folder
-
-                try:
-                    url = push_pipeline_folder(
-                        self.output_dir, self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo
-                    )
-                except HubError as exc:
-                    raise TrainingError(
-                        f"{exc}. The trained pipeline is intact in {self.output_dir}; push it again with "
-                        f"`python -m ddpm_hub push --folder {self.output_dir} --repo_id {self.cfg.hub_model_id}`"
-                    ) from None
-                logger.info("pushed to %s", url)
+            if cfg.push_to_hub:
+                self.push()
         acc.wait_for_everyone()
         return result
+
+    def push(self) -> None:
+        from ddpm_hub.hub_push import HubError
+
+        try:
+            url = publish(self.output_dir, self.cfg.hub_model_id, token=self.hub_token,
+                          private=self.cfg.hub_private_repo)  # fmt: skip
+        except HubError as exc:
+            raise TrainingError(
+                f"{exc}. The trained pipeline is intact in {self.output_dir}; push it again with "
+                f"`python -m ddpm_hub push --folder {self.output_dir} --repo_id {self.cfg.hub_model_id}`"
+            ) from None
+        logger.info("pushed to %s", url)
 
     def _ranks_identical(self) -> bool:
         """Data parallelism must keep every rank's weights equal: compare a fingerprint of them across ranks."""
@@ -707,36 +685,18 @@ class Trainer:
             raise TrainingError(f"ranks' weights diverged at step {self.global_step}: {gathered.tolist()}")
         return identical
 
-    def _final_bpd(self, pipeline, held: torch.Tensor) -> dict[str, float]:
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        if self.cfg.final_bpd == "full":
-            out = bits_per_dim(
-                pipeline.model_fn,
-                pipeline.scheduler,
-                held,
-                batch_size=self.cfg.eval_batch_size * 4,
-                generator=g,
-                device=self.accelerator.device,
-            )
-            return {"held_out_bits_per_dim": float(out.total.mean())}
-        out = bits_per_dim_estimate(
-            pipeline.model_fn,
-            pipeline.scheduler,
-            held,
-            num_samples=self.cfg.eval_bpd_samples,
-            batch_size=self.cfg.eval_batch_size,
-            generator=g,
-            device=self.accelerator.device,
-        )
-        return {"held_out_bits_per_dim_estimate": float(out.total.mean())}
+
+def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None) -> dict[str, Any]:
+    """Run one training job in this process (what `accelerate launch training/train.py` does) and return its
+    result (`metrics`, `history`, `steps`, ...)."""
+    return Trainer(cfg, hub_token=hub_token, trackers=trackers).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run)."""
     try:
-        cfg, token = parse_config(argv)
-        trainer = Trainer(cfg, hub_token=token)
-        trainer.run()
+        cfg, token = parse_args(argv, description=__doc__)
+        train(cfg, hub_token=token)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

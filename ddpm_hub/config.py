@@ -1,0 +1,538 @@
+"""Training options: one typed source of truth from which the CLI, config files, `--help`, trackers and cards derive.
+
+Options live in nested sections (`data`, `model`, `diffusion`, `optim`, `run`, `hub`). Each field carries its help,
+choices, range and diffusers `train_unconditional.py` aliases in its metadata; `build_parser` turns them into
+argparse flags and `validate` checks them. Precedence: field defaults < preset (`--preset`) < config file
+(`--config`, YAML or JSON, flat or nested by section) < command-line flags. Option names are unique across
+sections, so `config.learning_rate` reads `config.optim.learning_rate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .diffusion_math import PREDICTION_TYPES, VARIANCE_TYPES
+from .losses import LOSS_TYPES
+from .models import UNET_PRESETS
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+# diffusers.optimization.SchedulerType minus piecewise_constant, which needs step rules this trainer does not take.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+# accelerate.utils.LoggerType values (every tracker accelerate integrates), plus "none".
+LOGGERS = (
+    "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all", "none"
+)
+# The resolution -> UNet preset used when neither --unet_preset nor --model_config_name_or_path is given.
+PRESET_FOR_RESOLUTION = {8: "digits", 32: "cifar10", 256: "celebahq256"}
+
+
+class ConfigError(ValueError):
+    """An invalid training argument; the message names it and says what is allowed."""
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    exclusive: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A config field with its documentation: help text, allowed choices, lower bound, CLI aliases."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive": exclusive, "aliases": aliases}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they become `[C, R, R]` uint8 tensors."""
+
+    dataset_name: str | None = opt(None, "a Hub dataset id (datasets.load_dataset) or 'digits' (embedded)")
+    dataset_config_name: str | None = opt(None, "the dataset's config name, if it has several")
+    train_data_dir: str | None = opt(
+        None, "a local image folder, loaded as datasets' `imagefolder` (train/ and test/ or validation/ subfolders "
+        "become splits; metadata.jsonl allowed)"
+    )
+    validation_data_dir: str | None = opt(None, "a second image folder used as the held-out split")
+    split: str = opt("train", "the training split")
+    eval_split: str | None = opt(
+        None, "the held-out split for bits/dim (default: 'test', else 'validation', when the data has one)"
+    )
+    image_column: str = opt("image", "the column holding the images")
+    cache_dir: str | None = opt(None, "where datasets caches downloads")
+    resolution: int = opt(8, "images are resized (short side) and centre-cropped to this size", minimum=1)
+    channels: int | None = opt(
+        None, "1 (grayscale) or 3 (RGB); default: from the data (the first image's mode)", choices=(1, 3)
+    )
+    random_flip: bool = opt(False, "flip training images horizontally with probability 1/2")
+    skip_bad_images: bool = opt(False, "skip (and count) unreadable images instead of stopping with an error")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes (decoded-in-memory data needs none)", minimum=0)
+    cache_images_in_memory: str = opt(
+        "auto", "keep decoded uint8 images in RAM (auto: when under 4 GiB)", choices=("auto", "yes", "no")
+    )
+
+
+@dataclass
+class ModelConfig:
+    """Which UNet2DModel to train, or which pipeline to start from."""
+
+    unet_preset: str | None = opt(
+        None, "a UNet preset; default: chosen for the resolution (8: digits, 32: cifar10, 256: celebahq256)",
+        choices=tuple(sorted(UNET_PRESETS)),
+    )
+    model_config_name_or_path: str | None = opt(
+        None, "a UNet2DModel config JSON, or a pipeline folder / Hub id whose unet config is used (fresh weights)"
+    )
+    pretrained_model_name_or_path: str | None = opt(
+        None, "fine-tune: start from this pipeline's UNet weights and scheduler config (folder or Hub id)"
+    )
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts (the saved scheduler config)."""
+
+    num_train_timesteps: int = opt(1000, "T, the number of diffusion steps", minimum=1, aliases=("ddpm_num_steps",))
+    beta_schedule: str = opt("linear", "the beta_t schedule", choices=BETA_SCHEDULES, aliases=("ddpm_beta_schedule",))
+    beta_start: float = opt(0.0001, "beta_1 of linear/scaled_linear/sigmoid schedules", minimum=0, exclusive=True)
+    beta_end: float = opt(0.02, "beta_T of linear/scaled_linear/sigmoid schedules", minimum=0, exclusive=True)
+    prediction_type: str = opt("epsilon", "what the UNet predicts", choices=PREDICTION_TYPES)
+    variance_type: str = opt("fixed_small", "the reverse-process variance", choices=VARIANCE_TYPES)
+    clip_sample: bool = opt(True, "clip predicted x_0 to [-1, 1] when sampling")
+    loss_type: str = opt("simple", "simple (Ho et al.), hybrid (improved DDPM) or vlb", choices=LOSS_TYPES)
+    vlb_weight: float = opt(0.001, "lambda of the hybrid loss", minimum=0)
+    timestep_sampling: str = opt("uniform", "how training timesteps are drawn", choices=("uniform", "importance"))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, the learning-rate schedule and the EMA of the weights."""
+
+    train_batch_size: int = opt(128, "images per device per micro-batch", minimum=1)
+    eval_batch_size: int = opt(64, "images per batch when sampling and evaluating", minimum=1)
+    num_epochs: int | None = opt(None, "train for this many epochs (when --max_train_steps is not set)", minimum=1)
+    max_train_steps: int | None = opt(1000, "optimizer steps in all (overrides --num_epochs)", minimum=1)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", minimum=1)
+    learning_rate: float = opt(2e-4, "peak learning rate", minimum=0, exclusive=True)
+    lr_scheduler: str = opt("constant_with_warmup", "diffusers.optimization schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = opt(500, "linear warm-up steps", minimum=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1, in [0, 1)", minimum=0)
+    adam_beta2: float = opt(0.999, "AdamW beta2, in [0, 1)", minimum=0)
+    adam_weight_decay: float = opt(0.0, "AdamW weight decay", minimum=0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon", minimum=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", minimum=0)
+    use_ema: bool = opt(True, "keep an EMA of the weights and export it (default on, as in the paper)")
+    ema_max_decay: float = opt(0.9999, "EMA decay, in (0, 1)", minimum=0, exclusive=True)
+    ema_use_warmup: bool = opt(True, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, capped")
+    ema_inv_gamma: float = opt(1.0, "EMA warm-up inv_gamma", minimum=0, exclusive=True)
+    ema_power: float = opt(0.75, "EMA warm-up power", minimum=0, exclusive=True)
+    seed: int = opt(0, "seed of the weights, data order, noise and timesteps (exact resume)", minimum=0)
+
+
+@dataclass
+class RunConfig:
+    """Machine, precision, tracking, checkpoints, periodic evaluation and outputs."""
+
+    output_dir: str = opt("outputs/ddpm-digits", "where the pipeline, checkpoints and logs go")
+    overwrite_output_dir: bool = opt(False, "allow writing over a finished pipeline in --output_dir")
+    mixed_precision: str | None = opt(
+        None, "override accelerate's mixed precision (default: from `accelerate launch` / `accelerate config`)",
+        choices=MIXED_PRECISION,
+    )
+    logger: str = opt(
+        "tensorboard", "tracker(s) of accelerate: any accelerate tracker, all, or none", choices=LOGGERS,
+        aliases=("report_to",),
+    )
+    logging_dir: str = opt("logs", "tracker folder, relative to --output_dir")
+    logging_steps: int = opt(10, "log loss, lr and throughput every N steps", minimum=1)
+    checkpointing_steps: int = opt(500, "write a resumable checkpoint every N steps", minimum=1)
+    checkpoints_total_limit: int | None = opt(3, "keep at most this many checkpoints", minimum=1)
+    resume_from_checkpoint: str | None = opt(
+        None, "'latest' or a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data position)"
+    )
+    save_images_steps: int = opt(500, "save a sample grid every N steps", minimum=1)
+    save_images_epochs: int | None = opt(None, "save a sample grid every N epochs (instead of steps)", minimum=1)
+    eval_steps: int = opt(500, "estimate held-out bits/dim every N steps", minimum=1)
+    num_eval_images: int = opt(64, "images in each sample grid (0: none)", minimum=0)
+    eval_bpd_samples: int = opt(16, "strata of the fast bits/dim estimate (>= 2)", minimum=2)
+    num_inference_steps: int = opt(
+        1000, "sampling steps of the grids and the card", minimum=1,
+        aliases=("ddpm_num_inference_steps",),
+    )
+    final_bpd: str = opt("full", "held-out bits/dim at the end", choices=("full", "estimate", "none"))
+    num_cpu_threads: int | None = opt(
+        None, "torch threads per process on a CPU (default: physical cores / local processes, or "
+        "accelerate launch's --num_cpu_threads_per_process when given)", minimum=1,
+    )
+
+
+@dataclass
+class HubConfig:
+    """Publishing the final pipeline (the token is never part of the config)."""
+
+    push_to_hub: bool = opt(False, "push the final pipeline and card to --hub_model_id")
+    hub_model_id: str | None = opt(None, "ORG/NAME of the model repo")
+    hub_private_repo: bool = opt(False, "create the repo as private")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+    "hub": HubConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every training option, by section; `preset` names the recipe the values started from."""
+
+    preset: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not attributes: look the option up in its section.
+        section = FIELD_SECTION.get(name)
+        if section is None or name.startswith("__"):
+            raise AttributeError(f"TrainConfig has no option {name!r}")
+        return getattr(object.__getattribute__(self, section), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat option -> value (for trackers, model cards and metrics.json; never holds a token)."""
+        out: dict[str, Any] = {"preset": self.preset}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+
+FIELDS: dict[str, dataclasses.Field] = {}
+FIELD_SECTION: dict[str, str] = {}
+FIELD_TYPES: dict[str, Any] = {}
+for _section, _cls in SECTIONS.items():
+    _hints = typing.get_type_hints(_cls)
+    for _f in dataclasses.fields(_cls):
+        FIELDS[_f.name], FIELD_SECTION[_f.name], FIELD_TYPES[_f.name] = _f, _section, _hints[_f.name]
+ALIASES: dict[str, str] = {alias: name for name, f in FIELDS.items() for alias in f.metadata["aliases"]}
+
+
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    # Ho et al. 2020, CIFAR-10: 35.7M UNet, T=1000 linear 1e-4..0.02, Adam lr 2e-4, batch 128, warmup 5000,
+    # grad clip 1.0, EMA 0.9999, dropout 0.1 (in the UNet preset), random flips, 800k steps.
+    "cifar10": {
+        "unet_preset": "cifar10",
+        "dataset_name": "uoft-cs/cifar10",
+        "image_column": "img",
+        "resolution": 32,
+        "random_flip": True,
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "variance_type": "fixed_large",
+        "train_batch_size": 128,
+        "learning_rate": 2e-4,
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 5000,
+        "max_grad_norm": 1.0,
+        "ema_max_decay": 0.9999,
+        "ema_use_warmup": False,
+        "max_train_steps": 800_000,
+        "checkpointing_steps": 10_000,
+        "save_images_steps": 10_000,
+        "eval_steps": 10_000,
+        "output_dir": "outputs/ddpm-cifar10",
+    },
+    # Ho et al. 2020, CelebA-HQ/LSUN 256x256: 114M UNet, lr 2e-5, batch 64, EMA 0.9999, flips. Bring the data
+    # (--dataset_name or --train_data_dir): there is no canonical Hub copy to default to.
+    "celebahq256": {
+        "unet_preset": "celebahq256",
+        "dataset_name": None,
+        "resolution": 256,
+        "random_flip": True,
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "variance_type": "fixed_small",
+        "train_batch_size": 64,
+        "learning_rate": 2e-5,
+        "lr_scheduler": "constant_with_warmup",
+        "lr_warmup_steps": 5000,
+        "max_grad_norm": 1.0,
+        "ema_max_decay": 0.9999,
+        "ema_use_warmup": False,
+        "max_train_steps": 500_000,
+        "checkpointing_steps": 10_000,
+        "save_images_steps": 10_000,
+        "eval_steps": 10_000,
+        "output_dir": "outputs/ddpm-256",
+    },
+    # The embedded default: 8x8 UCI digits, tuned for recognizable digits within minutes on 2 CPU cores.
+    "digits": {
+        "unet_preset": "digits",
+        "dataset_name": "digits",
+        "image_column": "image",
+        "resolution": 8,
+        "random_flip": False,
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "variance_type": "fixed_small",
+        "train_batch_size": 128,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "max_grad_norm": 1.0,
+        "ema_max_decay": 0.999,
+        "ema_use_warmup": True,
+        "max_train_steps": 3000,
+        "checkpointing_steps": 500,
+        "save_images_steps": 1000,
+        "eval_steps": 1000,
+        "output_dir": "outputs/ddpm-digits",
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building a config: defaults < preset < file < CLI
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Accept flat option names, diffusers aliases, or `{section: {option: value}}`; error on unknown keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                name = ALIASES.get(sub_key, sub_key)
+                if FIELD_SECTION.get(name) != key:
+                    raise ConfigError(f"{origin}: {sub_key!r} is not an option of section {key!r}")
+                flat[name] = sub_value
+            continue
+        name = ALIASES.get(key, key)
+        if name != "preset" and name not in FIELDS:
+            raise ConfigError(f"{origin}: unknown option {key!r}; see train.py --help for the names")
+        flat[name] = value
+    return flat
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file (flat or nested by section) into flat option -> value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:
+        raise ConfigError(f"--config {path}: cannot parse ({exc})") from exc
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    return _flatten(values, f"--config {path}")
+
+
+def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flat option values of defaults < preset < file < CLI (not validated). The preset is `digits` when
+    nothing names a preset or data."""
+    file_values = file_values or {}
+    cli = _flatten(cli, "arguments")
+    merged_keys = set(cli) | set(file_values)
+    preset = cli.get("preset", file_values.get("preset"))
+    if preset is None and not merged_keys & {"dataset_name", "train_data_dir"}:
+        preset = "digits"
+    values = {name: f.default for name, f in FIELDS.items()}
+    if preset is not None:
+        if preset not in TRAINING_PRESETS:
+            raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(TRAINING_PRESETS)}")
+        values.update(TRAINING_PRESETS[preset])
+    values.update(file_values)
+    values.update(cli)
+    values["preset"] = preset
+    return values
+
+
+def from_values(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from flat option values (missing ones take the field defaults)."""
+    sections = {name: {} for name in SECTIONS}
+    for name, value in values.items():
+        if name != "preset":
+            sections[FIELD_SECTION[name]][name] = value
+    return TrainConfig(preset=values.get("preset"), **{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+
+
+def build_config(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """Merge defaults < preset < config file < CLI values, then validate."""
+    file_values = load_config_file(config_file) if config_file else {}
+    config = from_values(resolve_values(cli, file_values))
+    validate(config)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Validation: types, choices and ranges from the field metadata, then the rules that tie options together
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(int/float/bool/str, optional?) of a field annotation such as `int | None`."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return annotation, False
+
+
+def _check_field(name: str, value: Any) -> None:
+    f = FIELDS[name]
+    kind, optional = _base_type(FIELD_TYPES[name])
+    if value is None:
+        if not optional:
+            raise ConfigError(f"--{name} needs a value")
+        return
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"--{name} must be true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"--{name} must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"--{name} must be a number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"--{name} must be a string, got {value!r}")
+    meta = f.metadata
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"--{name} {value!r} is not valid; choose one of {list(meta['choices'])}")
+    low = meta["minimum"]
+    if low is not None and (value < low or (meta["exclusive"] and value == low)):
+        relation = ">" if meta["exclusive"] else ">="
+        raise ConfigError(f"--{name} must be {relation} {low}, got {value!r}")
+
+
+def validate(c: TrainConfig) -> None:
+    """Check every value; raise ConfigError naming the first bad argument."""
+    for name in FIELDS:
+        _check_field(name, getattr(c, name))
+    if c.max_train_steps is None and c.num_epochs is None:
+        raise ConfigError("give --max_train_steps or --num_epochs (both are unset)")
+    if c.num_inference_steps > c.num_train_timesteps:
+        raise ConfigError(
+            f"--num_inference_steps {c.num_inference_steps} exceeds --num_train_timesteps {c.num_train_timesteps}"
+        )
+    if not c.ema_max_decay < 1.0:
+        raise ConfigError(f"--ema_max_decay must be in (0, 1), got {c.ema_max_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not getattr(c, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
+    if c.beta_schedule in ("linear", "scaled_linear", "sigmoid") and not 0.0 < c.beta_start < c.beta_end < 1.0:
+        raise ConfigError(f"need 0 < --beta_start < --beta_end < 1, got {c.beta_start} and {c.beta_end}")
+    if c.loss_type == "hybrid" and not c.variance_type.startswith("learned"):
+        raise ConfigError(
+            f"--loss_type hybrid trains a learned variance: use --variance_type learned_range (got {c.variance_type!r})"
+        )
+    if c.variance_type.startswith("learned") and c.loss_type == "simple":
+        raise ConfigError(
+            f"--variance_type {c.variance_type} needs a loss that trains the variance: --loss_type hybrid or vlb"
+        )
+    if c.dataset_name is not None and c.train_data_dir is not None:
+        raise ConfigError("give either --dataset_name or --train_data_dir, not both")
+    if c.unet_preset is not None and c.model_config_name_or_path is not None:
+        raise ConfigError("give either --unet_preset or --model_config_name_or_path, not both")
+    if c.preset == "celebahq256" and c.dataset_name is None and c.train_data_dir is None:
+        raise ConfigError("--preset celebahq256 needs data: pass --dataset_name ID or --train_data_dir DIR")
+    for name in ("train_data_dir", "validation_data_dir"):
+        value = getattr(c, name)
+        if value is not None and not Path(value).is_dir():
+            raise ConfigError(f"--{name} {value}: no such directory")
+    if c.resume_from_checkpoint is not None and c.resume_from_checkpoint != "latest":
+        if not Path(c.resume_from_checkpoint).is_dir():
+            raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such checkpoint directory")
+    if c.push_to_hub and not c.hub_model_id:
+        raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line, derived from the fields
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_bool(text: str) -> bool:
+    """'true'/'false' (and 1/0, yes/no, on/off) for boolean flags."""
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(shown: dict[str, Any] | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    """One flag per option (plus its diffusers aliases), grouped by section; `--help` shows `shown[name]`, the
+    value a run would use (the preset's), and the choices. Only flags given on the command line are set."""
+    shown = shown if shown is not None else resolve_values({})
+    parser = argparse.ArgumentParser(
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a YAML or JSON file of options (flat or by section); flags override it")
+    parser.add_argument(
+        "--preset", choices=sorted(TRAINING_PRESETS), help=f"named recipe (default: {shown.get('preset')})"
+    )
+    parser.add_argument("--hub_token", help="Hub token (else HF_TOKEN or the saved login); never logged or saved")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        for f in dataclasses.fields(cls):
+            kind, _ = _base_type(FIELD_TYPES[f.name])
+            meta = f.metadata
+            flags = [f"--{f.name}", *(f"--{a}" for a in meta["aliases"])]
+            help_text = f"{meta['help']} (default: {shown.get(f.name)})"
+            if kind is bool:
+                group.add_argument(*flags, dest=f.name, type=parse_bool, nargs="?", const=True, metavar="BOOL",
+                                   help=help_text)  # fmt: skip
+            else:
+                group.add_argument(*flags, dest=f.name, type=kind, choices=meta["choices"], help=help_text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[TrainConfig, str | None]:
+    """(validated TrainConfig, hub token or None) from command-line arguments."""
+    pre = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for name in ("config", "preset", "dataset_name", "train_data_dir"):
+        pre.add_argument(f"--{name}")
+    known, _ = pre.parse_known_args(argv)
+    known = vars(known)
+    config_file = known.pop("config", None)
+    try:
+        shown = resolve_values(known, load_config_file(config_file) if config_file else {})
+    except ConfigError:  # reported by the full parse below
+        shown = resolve_values({})
+    namespace = vars(build_parser(shown, description).parse_args(argv))
+    namespace.pop("config", None)
+    token = namespace.pop("hub_token", None)
+    config = from_values(resolve_values(namespace, load_config_file(config_file) if config_file else {}))
+    validate(config)
+    return config, token
+
+
+def downsampling_factor(unet_config: dict[str, Any]) -> int:
+    """How much the UNet shrinks its input: 2 ** (number of down blocks - 1)."""
+    return 2 ** (len(unet_config["block_out_channels"]) - 1)

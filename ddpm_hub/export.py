@@ -1,0 +1,126 @@
+"""Turning trained weights into a shareable model: EMA swap-in, sample grids, held-out bits/dim, the pipeline
+folder with its model card and metrics, and the push. The trainer and the command line share these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema=None) -> Iterator[torch.nn.Module]:
+    """Inside the block `model` holds the EMA weights (if `ema` is given) and is in eval mode; on exit, even
+    after an error, its training weights and mode come back."""
+    was_training = model.training
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        if ema is not None:
+            ema.restore(model.parameters())
+
+
+def grid_upscale(resolution: int) -> int:
+    """How much to enlarge small images in a grid so that people can see them (8x8 digits -> 8x)."""
+    return max(1, 64 // resolution)
+
+
+def sample_grid(pipeline, num_images: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64):
+    """A grid (PIL) of `num_images` samples drawn with a fixed seed, so that grids of one run are comparable."""
+    from .plots import image_grid
+
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        images += pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps).images
+    return image_grid(images, upscale=grid_upscale(images[0].height))
+
+
+def held_out_bpd(
+    pipeline,
+    images: torch.Tensor,
+    mode: str = "full",
+    batch_size: int = 64,
+    seed: int = 0,
+    num_samples: int = 16,
+) -> dict[str, float]:
+    """Held-out bits/dim of uint8 `images` `[N, C, H, W]`: `full` (all T terms) or `estimate` (stratified, with
+    its standard error). Keys name what was measured, as they appear in metrics.json and the card."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "full":
+        out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g)
+        return {"held_out_bits_per_dim": float(out.total.mean())}
+    if mode != "estimate":
+        raise ValueError(f"mode must be 'full' or 'estimate', got {mode!r}")
+    out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=True, num_samples=num_samples)
+    stderr = float((out.stderr**2).sum().sqrt() / len(images))
+    return {"held_out_bits_per_dim_estimate": float(out.total.mean()), "held_out_bits_per_dim_stderr": stderr}
+
+
+@dataclass
+class ModelDescription:
+    """What the model card says about a model besides its metrics: data, size and the training options."""
+
+    hparams: dict[str, Any]
+    num_parameters: int
+    channels: int
+    dataset_description: str
+    dataset_id: str | None = None
+    repo_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def export_pipeline(
+    folder: str | Path,
+    unet: torch.nn.Module,
+    scheduler,
+    description: ModelDescription,
+    metrics: dict[str, float] | None = None,
+    grid=None,
+    result: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete model folder: the pipeline (safetensors), `samples.png`, `README.md` (model card) and
+    `metrics.json` (`result` plus the metrics). Returns the folder."""
+    from .hub import render_model_card
+    from .pipelines import DDPMPipeline
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    if grid is not None:
+        grid.save(folder / "samples.png")
+    metrics = dict(metrics or {})
+    card = render_model_card(
+        hparams=description.hparams,
+        metrics=metrics,
+        repo_id=description.repo_id or folder.name,
+        num_parameters=description.num_parameters,
+        channels=description.channels,
+        dataset_id=description.dataset_id,
+        dataset_description=description.dataset_description,
+        num_inference_steps=int(description.hparams.get("num_inference_steps", 1000)),
+    )
+    card.save(folder / "README.md")
+    payload = {**(result or {}), "metrics": metrics}
+    (folder / "metrics.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return folder
+
+
+def publish(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Push a model folder's pipeline files to the Hub (see `hub_push.push_pipeline_folder`); returns the URL."""
+    from .hub_push import push_pipeline_folder
+
+    return push_pipeline_folder(folder, repo_id, token=token, private=private)
