@@ -369,6 +369,9 @@ def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = Non
     values.update(file_values)
     values.update(cli)
     values["preset"] = preset
+    chosen_model = {"model_config_name_or_path", "pretrained_model_name_or_path"} & merged_keys
+    if chosen_model and "unet_preset" not in merged_keys:
+        values["unet_preset"] = None  # a model the user named replaces the preset's UNet
     return values
 
 

@@ -60,16 +60,19 @@ def _load_image_folder(root: str, argument: str, cache_dir: str | None):
     splits, `metadata.jsonl` adds columns, and files without an image extension are ignored, as everywhere in the
     datasets ecosystem."""
     import datasets
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     path = Path(root)
     if not path.is_dir():
         raise DataError(f"--{argument} {path} is not a directory")
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    if not any(p.suffix.lower() in extensions for p in path.rglob("*") if p.is_file()):
+        raise DataError(f"--{argument} {path} contains no image files: put the training images there")
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
-    except datasets.exceptions.DataFilesNotFoundError as exc:
-        raise DataError(f"--{argument} {path} contains no image files: put the training images there") from exc
     except Exception as exc:
-        raise DataError(f"--{argument} {path}: datasets could not load it as an imagefolder ({exc})") from exc
+        raise DataError(f"--{argument} {path}: datasets could not load it as an imagefolder ({exc}); "
+            "note that a metadata.jsonl must list every image of its folder") from exc
 
 
 def load_dataset_dict(data: DataConfig):

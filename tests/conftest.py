@@ -86,6 +86,23 @@ def read_metrics(output_dir: Path) -> dict:
     return json.loads((output_dir / "metrics.json").read_text())
 
 
+def train_in_process(args: list[str], trackers: list | None = None) -> dict:
+    """Run the trainer in this process (as `accelerate launch` would run it on one process) and return its result.
+    accelerate's process-wide state is reset afterwards, so tests with other settings can follow."""
+    from accelerate.state import AcceleratorState, GradientState
+    from ddpm_hub.training.train import train
+
+    from ddpm_hub.config import parse_args
+
+    cfg, token = parse_args(args)
+    try:
+        return train(cfg, hub_token=token, trackers=trackers)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        torch.set_num_threads(2)
+
+
 @pytest.fixture
 def fast_args() -> list[str]:
     return list(FAST_ARGS)

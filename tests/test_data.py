@@ -51,7 +51,7 @@ def _rgb(size=(8, 8), value=100):
     "name,content,needle",
     [
         ("zero.png", b"", "zero.png"),
-        ("notes.txt", b"hello, not an image", "notes.txt"),
+        ("notes.png", b"hello, not an image", "notes.png"),
         ("truncated.png", None, "truncated.png"),
     ],
 )
@@ -72,13 +72,14 @@ def test_bad_files_are_named(tmp_path, name, content, needle):
 
 
 def test_all_bad_or_empty_is_an_error(tmp_path):
-    root = _folder(tmp_path, {"a.txt": b"x", "b.txt": b"y"})
+    root = _folder(tmp_path, {"a.png": b"x", "b.jpg": b"y"})
     train, _ = load_splits(DataConfig(train_data_dir=str(root)))
     with pytest.raises(DataError, match="all 2 images .* unreadable"):
         validate_images(ImageDataset(train, "image", 8, 3), skip_bad=True, progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match="contains no files"):
+    (empty / "notes.txt").write_text("files without an image extension are not images to imagefolder")
+    with pytest.raises(DataError, match="contains no image files"):
         load_splits(DataConfig(train_data_dir=str(empty)))
     with pytest.raises(DataError, match="not a directory"):
         load_splits(DataConfig(train_data_dir=str(tmp_path / "missing")))
@@ -146,3 +147,48 @@ def test_dataset_name_goes_through_datasets_load_dataset(tmp_path):
     np.testing.assert_array_equal(images[0, 0].numpy(), np.asarray(dd["train"][0]["image"]))
     with pytest.raises(DataError, match="could not load --dataset_name"):
         load_splits(DataConfig(dataset_name=str(tmp_path / "nothing-here"), cache_dir=str(tmp_path / "cache")))
+
+
+def _gray(value=100):
+    return Image.fromarray(np.full((8, 8), value, dtype=np.uint8))
+
+
+def test_image_folder_follows_imagefolder_splits_and_metadata(tmp_path):
+    """train/ and test/ subfolders are splits (the held-out one is found by name), metadata.jsonl is allowed,
+    and non-image files are ignored, exactly as `datasets.load_dataset("imagefolder")` does."""
+    root = tmp_path / "folder"
+    for split, n in (("train", 5), ("test", 2)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            _gray(i * 10).save(root / split / f"{i}.png")
+        lines = [f'{{"file_name": "{i}.png", "caption": "digit {i}"}}' for i in range(n)]
+        (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "train" / "README.txt").write_text("not an image")
+    train, held = load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    assert len(train) == 5 and len(held) == 2 and "caption" in train.column_names
+    validation = tmp_path / "val"
+    validation.mkdir()
+    for i in range(3):
+        _gray().save(validation / f"v{i}.png")
+    _, held = load_splits(DataConfig(train_data_dir=str(root), validation_data_dir=str(validation)))
+    assert len(held) == 3
+    with pytest.raises(DataError, match="--eval_split 'holdout' not in"):
+        load_splits(DataConfig(train_data_dir=str(root), eval_split="holdout"))
+    flat = _folder(tmp_path, {"a.png": _rgb(), "b.png": _rgb()})
+    train, held = load_splits(DataConfig(train_data_dir=str(flat)))
+    assert len(train) == 2 and held is None
+
+
+def test_channels_come_from_the_data(tmp_path):
+    from ddpm_hub.data import detect_channels
+
+    gray = _folder(tmp_path, {"a.png": _gray(), "b.png": _gray()})
+    train, _ = load_splits(DataConfig(train_data_dir=str(gray)))
+    assert detect_channels(train, "image") == 1
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    _rgb().save(rgb / "a.png")
+    train, _ = load_splits(DataConfig(train_data_dir=str(rgb)))
+    assert detect_channels(train, "image") == 3
+    train, _ = load_splits(DataConfig(dataset_name="digits"))
+    assert detect_channels(train, "image") == 1

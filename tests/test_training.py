@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_ARGS, read_metrics, run_train
+from conftest import FAST_ARGS, read_metrics, run_train, train_in_process
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -82,8 +82,8 @@ def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path):
         "--gradient_accumulation_steps",
         "2",
     ]
-    proc = run_train(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = train_in_process(args)
+    assert result["mixed_precision"] == "bf16"
     weights = _weights(out)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     assert read_metrics(out)["steps"] == 2
@@ -135,8 +135,7 @@ def test_checkpoints_total_limit_prunes(tmp_path):
         "--checkpoints_total_limit",
         "2",
     ]
-    proc = run_train(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_in_process(args)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["checkpoint-6", "checkpoint-8"]
 
@@ -196,9 +195,7 @@ def test_digits_run_learns(tmp_path):
         "--lr_warmup_steps",
         "20",
     ]
-    proc = run_train(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    history = read_metrics(out)["history"]
+    history = train_in_process(args)["history"]
     losses = [h["loss"] for h in history if "loss" in h]
     bpd = [h["held_out_bpd_estimate"] for h in history if "held_out_bpd_estimate" in h]
     assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
@@ -213,7 +210,12 @@ def test_digits_run_learns(tmp_path):
         ({"learning_rate": 0}, "--learning_rate"),
         ({"loss_type": "hybrid"}, "--variance_type learned_range"),
         ({"variance_type": "learned_range"}, "--loss_type hybrid or vlb"),
-        ({"mixed_precision": "fp8"}, "--mixed_precision"),
+        ({"mixed_precision": "fp4"}, "--mixed_precision"),
+        ({"lr_scheduler": "piecewise_constant"}, "--lr_scheduler"),
+        ({"logger": "nonsense"}, "--logger"),
+        ({"channels": 2}, "--channels"),
+        ({"unet_preset": "tiny", "model_config_name_or_path": "x.json"}, "not both"),
+        ({"train_data_dir": "/no/such/folder"}, "--train_data_dir"),
         ({"ema_max_decay": 1.5}, "--ema_max_decay"),
         ({"num_inference_steps": 2000}, "--num_inference_steps"),
         ({"train_batch_size": 2.5}, "--train_batch_size"),
@@ -276,6 +278,8 @@ def test_corrupt_image_named_or_skipped(tmp_path):
         "2",
         "--unet_preset",
         "tiny",
+        "--channels",
+        "1",
         "--output_dir",
         str(tmp_path / "o"),
     ]

@@ -506,7 +506,7 @@ class Trainer:
 
         cfg, acc = self.cfg, self.accelerator
         self.resume()
-        if acc.is_main_process and cfg.logger != "none":
+        if acc.is_main_process and acc.log_with:
             acc.init_trackers("ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
         self._log_start()
         bar = tqdm(total=self.max_steps, initial=self.global_step, desc="train", unit="step",
