@@ -175,3 +175,48 @@ def prune(root: Path, total_limit: int | None) -> list[Path]:
         _remove(path)
         removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints are models: sample, evaluate and push them like pipeline folders
+# ------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_WEIGHTS = {"ema": "unet_ema", "raw": "unet"}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a local training checkpoint folder (a manifest and a `unet/` folder)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / MANIFEST).is_file() and (folder / "unet").is_dir()
+
+
+def checkpoint_scheduler_dir(folder: Path) -> Path:
+    """The scheduler config of a checkpoint: its own `scheduler/`, or (older checkpoints) the run's final one."""
+    for candidate in (folder / "scheduler", folder.parent.parent / "scheduler"):
+        if (candidate / "scheduler_config.json").is_file():
+            return candidate
+    raise CheckpointError(
+        f"{folder}: no scheduler/scheduler_config.json in the checkpoint or in its run folder; it was written by an "
+        "older version: copy the run's scheduler/ folder into it"
+    )
+
+
+def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
+    """A pipeline from a verified `checkpoint-N` (EMA weights by default, `weights="raw"` for the raw ones)."""
+    from diffusers import UNet2DModel
+
+    from .scheduling_ddpm import DDPMScheduler
+    from .weights import diagnose_weights
+
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {sorted(CHECKPOINT_WEIGHTS)}, got {weights!r}")
+    verify(folder)
+    subfolder = CHECKPOINT_WEIGHTS[weights]
+    if not (folder / subfolder).is_dir():
+        if weights == "ema":
+            raise CheckpointError(f"{folder} has no EMA weights (trained with --use_ema false): use weights='raw'")
+        raise CheckpointError(f"{folder}/{subfolder} is missing")
+    diagnose_weights(folder / subfolder)
+    unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+    scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
+    return pipeline_cls(unet=unet, scheduler=scheduler)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,11 @@ class ModelDescription:
     channels: int
     dataset_description: str
     dataset_id: str | None = None
+    data_license: str | None = None
     repo_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ema: bool | None = None
+    sampler: str | None = None
+    num_inference_steps: int = 1000
 
 
 def export_pipeline(
@@ -106,12 +109,17 @@ def export_pipeline(
     card = render_model_card(
         hparams=description.hparams,
         metrics=metrics,
-        repo_id=description.repo_id or folder.name,
+        repo_id=description.repo_id or str(folder),
         num_parameters=description.num_parameters,
         channels=description.channels,
         dataset_id=description.dataset_id,
         dataset_description=description.dataset_description,
-        num_inference_steps=int(description.hparams.get("num_inference_steps", 1000)),
+        data_license=description.data_license,
+        num_inference_steps=description.num_inference_steps,
+        sampler=description.sampler,
+        ema=description.ema,
+        has_samples=grid is not None,
+        model_name=description.repo_id or folder.name,
     )
     card.save(folder / "README.md")
     payload = {**(result or {}), "metrics": metrics}

@@ -43,57 +43,144 @@ def template_path() -> Path:
     return Path(str(resources.files("ddpm_hub") / "model_card.md"))
 
 
+CODE_LICENSE = "apache-2.0"
+# What each metric key means, for the card's table (the model-index gets the key itself as the metric type).
+METRIC_DESCRIPTIONS = {
+    "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
+    "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",
+    "held_out_bits_per_dim_stderr": "standard error of the estimate",
+    "digits_fid": "FID in the features of ddpm-hub's digits classifier (not Inception FID), samples vs held-out",
+    "digits_kid": "KID in the same digits-classifier features",
+    "fid": "FID (Inception-v3 features), samples vs held-out",
+    "kid": "KID (Inception-v3 features), samples vs held-out",
+}
+
+
 def _metrics_table(metrics: dict[str, float]) -> str:
     if not metrics:
         return "No metrics were measured for this model."
-    rows = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    rows = ["| metric | value | what it is |", "|---|---|---|"]
+    rows += [f"| {k} | {v:.4f} | {METRIC_DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
     return "\n".join(rows)
+
+
+def _usage(repo_id: str | None, num_inference_steps: int, sampler: str | None) -> str:
+    source = repo_id or "path/to/this/folder"
+    lines = ["from diffusers import DDPMPipeline  # or: from ddpm_hub import DDPMPipeline", ""]
+    lines.append(f'pipeline = DDPMPipeline.from_pretrained("{source}")')
+    if sampler and sampler != "DDPMScheduler":
+        lines[0] = f"from diffusers import DDPMPipeline, {sampler}  # or: from ddpm_hub import DDPMPipeline"
+        lines.append(f"pipeline.scheduler = {sampler}.from_config(pipeline.scheduler.config)")
+    lines.append(f"images = pipeline(batch_size=16, num_inference_steps={num_inference_steps}).images")
+    return "\n".join(lines)
 
 
 def render_model_card(
     hparams: dict[str, Any],
     metrics: dict[str, float],
-    repo_id: str,
+    repo_id: str | None,
     num_parameters: int,
     channels: int,
     dataset_id: str | None,
     dataset_description: str,
-    license: str = "apache-2.0",
+    data_license: str | None = None,
     num_inference_steps: int = 1000,
+    sampler: str | None = None,
+    ema: bool | None = None,
+    has_samples: bool = True,
+    model_name: str | None = None,
 ) -> ModelCard:
-    """A ModelCard with YAML metadata (license, library, pipeline tag, tags, dataset, measured metrics)."""
-    eval_results = None
-    if dataset_id and metrics:
-        eval_results = [
-            EvalResult(
-                task_type="unconditional-image-generation",
-                dataset_type=dataset_id,
-                dataset_name=dataset_id,
-                metric_type=name,
-                metric_value=round(float(value), 4),
-            )
-            for name, value in metrics.items()
-        ]
+    """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
+    the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage)."""
+    eval_results = [
+        EvalResult(
+            task_type="unconditional-image-generation",
+            dataset_type=dataset_id or dataset_description,
+            dataset_name=dataset_id or dataset_description,
+            metric_type=name,
+            metric_value=round(float(value), 4),
+        )
+        for name, value in metrics.items()
+    ] or None
+    license_id = data_license or "other"
     card_data = ModelCardData(
-        license=license,
+        license=license_id,
+        license_name=None if data_license else "unknown-training-data-license",
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         tags=["ddpm", "diffusers", "unconditional-image-generation", "ddpm-hub"],
         datasets=[dataset_id] if dataset_id else None,
-        model_name=repo_id,
+        model_name=model_name or repo_id or "ddpm",
         eval_results=eval_results,
     )
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
+    if ema is None:
+        weights_sentence = "Weights are stored as safetensors."
+    elif ema:
+        weights_sentence = "Weights are the exponential moving average (EMA) of the training weights, as safetensors."
+    else:
+        weights_sentence = "Weights are the training weights (no EMA), as safetensors."
+    data_part = (
+        f"The training data is licensed {data_license.upper()}" if data_license
+        else "The training data's license was not recorded by the trainer: check it before using the weights"
+    )
+    license_text = (
+        f"The code that trained this model (ddpm-hub) is licensed {CODE_LICENSE}. {data_part}; the card's "
+        f"`license` field follows the data ({license_id})."
+    )
+    scheduler_note = (
+        "Other compatible schedulers work too, e.g. "
+        "`pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)` with `num_inference_steps=50`."
+    )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
-        model_name=repo_id,
-        repo_id=repo_id,
+        model_name=model_name or repo_id or "DDPM",
         dataset_description=dataset_description,
         resolution=hparams.get("resolution"),
         channels=channels,
         num_parameters=f"{num_parameters:,}",
-        num_inference_steps=num_inference_steps,
+        weights_sentence=weights_sentence,
+        samples_section="![samples](samples.png)" if has_samples else "",
+        usage_snippet=_usage(repo_id, num_inference_steps, sampler),
+        scheduler_note=scheduler_note,
         metrics_table=_metrics_table(metrics),
         hyperparameter_rows=rows,
+        license_text=license_text,
+    )
+
+
+def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | None:
+    """The license of the training data: CC BY 4.0 for the embedded digits, the dataset card's for a Hub id
+    (None when offline or unstated, and for local folders)."""
+    if embedded:
+        return "cc-by-4.0"
+    if not dataset_id:
+        return None
+    try:
+        from huggingface_hub import DatasetCard
+
+        license_id = DatasetCard.load(dataset_id).data.get("license")
+    except Exception:  # offline, gated, no card: unknown rather than a guess
+        return None
+    return license_id[0] if isinstance(license_id, list) and license_id else license_id or None
+
+
+def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
+    """A card for a pipeline saved from Python (no training record): what its configs say, no metrics."""
+    from .models import count_parameters
+
+    unet = pipeline.unet.config
+    hparams = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
+    hparams["resolution"] = unet.sample_size
+    return render_model_card(
+        hparams=hparams,
+        metrics={},
+        repo_id=repo_id,
+        num_parameters=count_parameters(pipeline.unet),
+        channels=unet.in_channels,
+        dataset_id=None,
+        dataset_description="data not recorded (saved from Python)",
+        num_inference_steps=1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+        has_samples=False,
     )

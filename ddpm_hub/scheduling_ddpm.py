@@ -297,9 +297,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         # 4-5. posterior mean mu~_t(x_t, x_0), eq. (7)
         pred_prev_sample = dm.posterior_mean(pred_original_sample, sample, alpha_prod_t, alpha_prod_t_prev)
 
-        # 6. add sigma_t z, z ~ N(0, I), except at the last step (Algorithm 2, line 3)
+        # 6. add sigma_t z, z ~ N(0, I), on every step but the last one (Algorithm 2, line 3: z = 0 when the step
+        # lands on x_0). diffusers tests `t > 0`, which also noises the final image when trailing spacing or
+        # steps_offset >= 1 makes the last timestep positive: our one deliberate difference in `step`.
         variance = 0
-        if t > 0:
+        if self.previous_timestep(t) >= 0:
             variance_noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )

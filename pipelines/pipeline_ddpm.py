@@ -1,12 +1,18 @@
-"""`DDPMPipeline`: Algorithm 2 of Ho et al. 2020 as a diffusers `DiffusionPipeline`, plus bits/dim.
+"""`DDPMPipeline`: Algorithm 2 of Ho et al. 2020 as a diffusers `DiffusionPipeline`, for any compatible scheduler.
 
-Saved folders are plain diffusers DDPM repos (`model_index.json` names only diffusers classes), so stock
-`diffusers.DDPMPipeline.from_pretrained` loads them without ddpm_hub installed. Weights are safetensors only.
+The denoising loop is diffusers' canonical one (initial noise times `init_noise_sigma`, `scale_model_input` each
+step, `eta`/`generator` passed only to a `step` that takes them), so DDIM, DPM-Solver, UniPC, Euler, Heun, ... give
+the images they give in diffusers. Saved folders are plain diffusers repos (`model_index.json` names only diffusers
+classes, the swapped-in scheduler's own class included), so stock diffusers loads them without ddpm_hub; every
+way of saving or pushing writes our model card. Weights load from safetensors only, and a training
+`checkpoint-N` folder loads as a pipeline too (EMA weights by default).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,37 +21,57 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler as DiffusersDDPMScheduler
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
+from ddpm_hub import diffusion_math as dm
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
 StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
+# What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
+# fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
+# has no stock equivalent and is refused.
+STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
 
 
 class DDPMPipeline(DiffusionPipeline):
-    """Unconditional image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver...).
+    """Unconditional image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...).
 
     `__call__` takes diffusers' arguments; `bits_per_dim` evaluates the variational bound of uint8 images.
     """
 
     model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "model_output"]
 
     def __init__(self, unet: UNet2DModel, scheduler):
         super().__init__()
-        if isinstance(scheduler, DiffusersDDPMScheduler):
+        if type(scheduler) is DiffusersDDPMScheduler:
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
 
-    def _scheduler_uses_variance(self) -> bool:
-        """Only DDPM steps read learned-variance channels; other schedulers get the mean channels alone."""
-        return isinstance(self.scheduler, (DDPMScheduler, DiffusersDDPMScheduler)) and str(
-            self.scheduler.config.get("variance_type", "")
-        ).startswith("learned")
+    def _model_output_for_scheduler(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+        """Learned-variance (2C) outputs go whole to a DDPM scheduler configured for a learned variance; every
+        other scheduler gets the mean channels only (see `diffusion_math.split_model_output`)."""
+        variance_type = str(self.scheduler.config.get("variance_type", "fixed_small"))
+        if isinstance(self.scheduler, (DDPMScheduler, DiffusersDDPMScheduler)) and variance_type in (
+            dm.LEARNED_VARIANCE_TYPES
+        ):
+            return model_output
+        return dm.split_model_output(model_output, channels, "fixed_small")[0]
 
-    @property
-    def _sample_channels(self) -> int:
-        return self.unet.config.in_channels
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """`eta` and `generator` for the scheduler's `step`, only where its signature takes them (diffusers'
+        pattern: UniPC, PNDM, LMS, Heun, DEIS and KDPM2 take no generator)."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra: dict[str, Any] = {}
+        if "eta" in accepted:
+            extra["eta"] = eta
+        if "generator" in accepted:
+            extra["generator"] = generator
+        return extra
 
     @torch.inference_mode()
     def __call__(
@@ -55,46 +81,77 @@ class DDPMPipeline(DiffusionPipeline):
         num_inference_steps: int = 1000,
         output_type: str | None = "pil",
         return_dict: bool = True,
-        callback: StepCallback | None = None,
-        callback_steps: int = 1,
+        eta: float = 0.0,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_intermediates: bool = False,
+        **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Sample `batch_size` images by running the reverse chain from x_T ~ N(0, I) (Algorithm 2).
 
-        `callback(i, t, {"sample", "pred_original_sample"})` runs every `callback_steps` steps;
-        `return_intermediates=True` also returns the lists of x_t and predicted x_0 (as `intermediates`).
-        `output_type` is "pil", "np" (float in [0, 1], NHWC) or "pt" (float in [0, 1], NCHW).
+        `callback_on_step_end(pipeline, i, t, callback_kwargs)` runs after every step with the tensors named in
+        `callback_on_step_end_tensor_inputs` (`latents`: the current x_t, `model_output`); a returned `latents`
+        replaces x_t. `eta` is DDIM's (ignored by schedulers without it). `return_intermediates=True` also
+        returns the lists of x_t and predicted x_0 (as `intermediates`). `output_type` is "pil", "np" (float in
+        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW). The deprecated `callback(i, t, dict)` and `callback_steps`
+        still work, with a warning.
         """
+        callback = kwargs.pop("callback", None)
+        callback_steps = kwargs.pop("callback_steps", 1)
+        if kwargs:
+            raise TypeError(f"DDPMPipeline.__call__ got unexpected arguments {sorted(kwargs)}")
+        if callback is not None:
+            deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead (diffusers' callback API).")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                f"{self._callback_tensor_inputs}"
+            )
+
+        device = self._execution_device
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        image_shape = (batch_size, self._sample_channels, *size)
-        if self.device.type == "mps":  # randn does not work reproducibly on mps
-            image = randn_tensor(image_shape, generator=generator, dtype=self.unet.dtype).to(self.device)
+        channels = self.unet.config.in_channels
+        shape = (batch_size, channels, *size)
+        if device.type == "mps":  # randn does not work reproducibly on mps
+            latents = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
         else:
-            image = randn_tensor(image_shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma  # 1.0 for DDPM/DDIM; sigma_max for Euler, Heun, ...
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         xs: list[torch.Tensor] = []
         x0s: list[torch.Tensor] = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_output = self.unet(image, t).sample  # 1. predict the noise eps_theta(x_t, t)
-            if model_output.shape[1] == 2 * image.shape[1] and not self._scheduler_uses_variance():
-                model_output = model_output[:, : image.shape[1]]  # DDIM, DPM-Solver...: the mean channels only
-            out = self.scheduler.step(model_output, t, image, generator=generator)  # 2. x_t -> x_{t-1}
-            image = out.prev_sample
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = self.unet(model_input, t).sample  # 1. predict the noise eps_theta(x_t, t)
+            model_output = self._model_output_for_scheduler(model_output, channels)
+            out = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)  # 2. x_t -> x_{t-1}
+            latents = out.prev_sample
             pred_x0 = getattr(out, "pred_original_sample", None)
             if return_intermediates:
-                xs.append(image.cpu())
+                xs.append(latents.cpu())
                 if pred_x0 is not None:
                     x0s.append(pred_x0.cpu())
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "model_output": model_output}
+                callback_kwargs = {k: local[k] for k in tensor_inputs}
+                returned = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = returned.pop("latents", latents)
             if callback is not None and i % callback_steps == 0:
-                callback(i, int(t), {"sample": image, "pred_original_sample": pred_x0})
+                callback(i, int(t), {"sample": latents, "pred_original_sample": pred_x0})
 
-        images = self.postprocess(image, output_type)
+        images = self.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (images, xs, x0s) if return_intermediates else (images,)
         output = ImagePipelineOutput(images=images)
@@ -115,7 +172,8 @@ class DDPMPipeline(DiffusionPipeline):
 
     def model_fn(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The UNet as `model_fn(x_t, t) -> output` for the bound."""
-        return self.unet(sample.to(self.device, self.unet.dtype), timestep.to(self.device)).sample
+        device = self._execution_device
+        return self.unet(sample.to(device, self.unet.dtype), timestep.to(device)).sample
 
     @torch.inference_mode()
     def bits_per_dim(
@@ -134,38 +192,103 @@ class DDPMPipeline(DiffusionPipeline):
         scheduler = self.scheduler
         if not isinstance(scheduler, DDPMScheduler):
             scheduler = DDPMScheduler.from_config(scheduler.config)
+        device = self._execution_device
         if estimate:
             return bits_per_dim_estimate(
-                self.model_fn,
-                scheduler,
-                images,
-                num_samples=num_samples,
-                batch_size=batch_size,
-                generator=generator,
-                device=self.device,
-                **kwargs,
+                self.model_fn, scheduler, images, num_samples=num_samples, batch_size=batch_size, generator=generator,
+                device=device, **kwargs,
             )
         return bits_per_dim(
-            self.model_fn, scheduler, images, batch_size=batch_size, generator=generator, device=self.device, **kwargs
+            self.model_fn, scheduler, images, batch_size=batch_size, generator=generator, device=device, **kwargs
         )
 
-    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Save as a stock diffusers DDPM folder (safetensors), loadable without ddpm_hub installed."""
+    # -- saving and pushing -----------------------------------------------------------------------------------
+
+    def _check_saveable(self) -> None:
+        if str(self.scheduler.config.get("variance_type")) == "learned":
+            raise ValueError(
+                "variance_type='learned' cannot be saved as a stock diffusers folder: diffusers reads those output "
+                "channels as a raw variance (NaN samples), ddpm_hub as a log-variance. Train with "
+                "--variance_type learned_range instead (the improved-DDPM parameterisation, the same in both)."
+            )
+
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Save as a stock diffusers folder (safetensors) with our model card; `push_to_hub=True` then uploads
+        it (`repo_id`, `token`, `private`, `commit_message` as in diffusers)."""
+        self._check_saveable()
+        push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
+                       if k in kwargs}  # fmt: skip
         kwargs["safe_serialization"] = True
-        super().save_pretrained(save_directory, **kwargs)
-        index_path = Path(save_directory) / "model_index.json"
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        folder = Path(save_directory)
+        index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = "DDPMPipeline"
-        index["scheduler"] = ["diffusers", "DDPMScheduler"]  # our config is diffusers' config, key for key
+        index["scheduler"] = ["diffusers", type(self.scheduler).__name__]  # our DDPMScheduler shares the name
         index["unet"] = ["diffusers", "UNet2DModel"]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        scheduler_path = folder / "scheduler" / "scheduler_config.json"
+        config = json.loads(scheduler_path.read_text())
+        if config.get("variance_type") in STOCK_VARIANCE_TYPE:
+            config["variance_type"] = STOCK_VARIANCE_TYPE[config["variance_type"]]
+            scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        repo_id = push_kwargs.get("repo_id") or (folder.name if push_to_hub else None)
+        if self.model_card_text is not None:  # the card this pipeline was loaded with
+            (folder / "README.md").write_text(self.model_card_text)
+        else:
+            from ddpm_hub.hub import pipeline_model_card
+
+            pipeline_model_card(self, repo_id=repo_id).save(folder / "README.md")
+        if push_to_hub:
+            from ddpm_hub.hub_push import push_pipeline_folder
+
+            push_pipeline_folder(
+                folder,
+                repo_id,
+                token=push_kwargs.get("token"),
+                private=bool(push_kwargs.get("private", False)),
+                commit_message=push_kwargs.get("commit_message") or "Upload DDPM pipeline",
+            )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Upload this pipeline with our model card (not diffusers' empty template); returns the commit URL."""
+        from ddpm_hub.hub_push import push_pipeline_folder
+
+        if create_pr:
+            raise ValueError("create_pr is not supported by ddpm_hub's push; push to a branch-free repo instead")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            self.save_pretrained(folder, repo_id=repo_id)
+            return push_pipeline_folder(folder, repo_id, token=token, private=bool(private),
+                                        commit_message=commit_message or "Upload DDPM pipeline")  # fmt: skip
+
+    # -- loading ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> DDPMPipeline:
-        """Load a local folder, Hub id or cached repo; safetensors only (pickled weights are refused)."""
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, weights: str = "ema", **kwargs: Any
+    ) -> DDPMPipeline:
+        """Load a pipeline folder, Hub id, cached repo or training `checkpoint-N` folder (`weights="ema"` or
+        `"raw"` picks the checkpoint's EMA or raw weights); safetensors only (pickled weights are refused)."""
+        from ddpm_hub.checkpoints import is_checkpoint, load_checkpoint_pipeline
+        from ddpm_hub.weights import diagnose_weights
+
         if kwargs.get("use_safetensors") is False:
             raise ValueError("ddpm_hub loads safetensors weights only; use_safetensors=False is not supported")
+        if is_checkpoint(pretrained_model_name_or_path):
+            return load_checkpoint_pipeline(cls, Path(pretrained_model_name_or_path), weights)
         kwargs["use_safetensors"] = True
+        local = Path(pretrained_model_name_or_path)
+        if local.is_dir():
+            diagnose_weights(local / "unet")  # a damaged file is named as damaged, before diffusers guesses
         try:
             pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except OSError as exc:
@@ -176,6 +299,21 @@ class DDPMPipeline(DiffusionPipeline):
                     "weights (.bin/.ckpt); convert them to safetensors with a trusted tool first."
                 ) from exc
             raise
-        if isinstance(pipeline.scheduler, DiffusersDDPMScheduler):
+        if type(pipeline.scheduler) is DiffusersDDPMScheduler:
             pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        pipeline.model_card_text = _read_card(pretrained_model_name_or_path, kwargs)
         return pipeline
+
+
+def _read_card(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
+    """The README.md (model card) of a local folder or of the cached Hub repo, if there is one."""
+    local = Path(name_or_path) / "README.md"
+    if local.is_file():
+        return local.read_text()
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(name_or_path), "README.md", cache_dir=kwargs.get("cache_dir"))
+    except Exception:
+        return None
+    return Path(cached).read_text() if isinstance(cached, str) else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
+from unittest import mock
 
 import diffusers
 import numpy as np
@@ -55,8 +57,9 @@ def _pair(**config):
     return DDPMScheduler(**config), diffusers.DDPMScheduler(**config)
 
 
-def _run_chain(scheduler, num_inference_steps, channels_out, seed, max_steps=60):
-    """Run the reverse chain with a deterministic pseudo-model and a seeded generator."""
+def _run_chain(scheduler, num_inference_steps, channels_out, seed, max_steps=60, silent_last=False):
+    """Run the reverse chain with a deterministic pseudo-model and a seeded generator (`silent_last`: diffusers'
+    scheduler draws zeros instead of noise in its last step, i.e. Algorithm 2's z = 0)."""
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps)
     elif len(scheduler.timesteps) > max_steps:
@@ -67,9 +70,14 @@ def _run_chain(scheduler, num_inference_steps, channels_out, seed, max_steps=60)
     sample = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 1))
     outputs = []
     timesteps = scheduler.timesteps
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         model_output = torch.tanh(sample.repeat(1, channels_out // 3, 1, 1) * 0.7 + 0.01 * float(t))
-        out = scheduler.step(model_output, t, sample, generator=generator)
+        if silent_last and i == len(timesteps) - 1:
+            module = sys.modules[type(scheduler).__module__]
+            with mock.patch.object(module, "randn_tensor", lambda shape, **kw: torch.zeros(shape, dtype=kw["dtype"])):
+                out = scheduler.step(model_output, t, sample, generator=generator)
+        else:
+            out = scheduler.step(model_output, t, sample, generator=generator)
         outputs.append((out.prev_sample, out.pred_original_sample))
         sample = out.prev_sample
     return outputs
@@ -87,10 +95,28 @@ def test_step_matches_diffusers(config, num_inference_steps):
         return
     a = _run_chain(ours, num_inference_steps, channels_out, seed=3)
     assert len(a) == len(b) > 0
-    for (prev_a, x0_a), (prev_b, x0_b) in zip(a, b, strict=True):
+    for (prev_a, x0_a), (prev_b, x0_b) in zip(a[:-1], b[:-1], strict=True):
         torch.testing.assert_close(prev_a, prev_b, rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(x0_a, x0_b, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)
+    # The last step: Algorithm 2 adds no noise. diffusers adds noise whenever the last timestep is positive
+    # (trailing spacing, steps_offset >= 1): there, and only there, ours equals diffusers' step without its noise.
+    last_t = int(theirs.timesteps[-1])
+    silent = _run_chain(diffusers.DDPMScheduler(**config), num_inference_steps, channels_out, seed=3, silent_last=True)
+    torch.testing.assert_close(a[-1][0], silent[-1][0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(a[-1][1], b[-1][1], rtol=0, atol=0, equal_nan=True)
+    if last_t == 0:
+        torch.testing.assert_close(a[-1][0], b[-1][0], rtol=0, atol=0, equal_nan=True)
+
+
+def test_last_step_adds_no_noise_with_trailing_spacing():
+    """The issue's case: trailing spacing + fixed_large left noise of std ~0.08 on the final image in diffusers."""
+    config = {"timestep_spacing": "trailing", "variance_type": "fixed_large"}
+    ours, theirs = _pair(**config)
+    a = _run_chain(ours, 50, 3, seed=5)
+    b = _run_chain(theirs, 50, 3, seed=5)
+    residual = (b[-1][0] - a[-1][0]).std()
+    assert int(ours.timesteps[-1]) > 0 and 0.03 < float(residual) < 0.2
 
 
 def test_step_return_tuple_and_float64():

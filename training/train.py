@@ -96,6 +96,7 @@ class Data:
     channels: int
     description: str
     dataset_id: str | None
+    license: str | None
 
 
 def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
@@ -139,8 +140,12 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     if held_ds is not None and len(held_ds) > 0:
         held = ImageDataset(held_ds, cfg.image_column, cfg.resolution, channels, name="held-out")
         held_out, _, _ = validate_images(held, skip_bad=True, keep=True, progress=progress)
+    from ddpm_hub.hub import dataset_license
+
     description, dataset_id = describe_data(cfg)
-    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id)
+    embedded = cfg.train_data_dir is None and cfg.dataset_name in (None, "digits")
+    license_id = dataset_license(dataset_id, embedded=embedded)
+    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id)
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -649,7 +654,10 @@ class Trainer:
                     channels=self.data.channels,
                     dataset_description=self.data.description,
                     dataset_id=self.data.dataset_id,
-                    repo_id=cfg.hub_model_id,
+                    data_license=self.data.license,
+                    repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
+                    ema=self.ema is not None,
+                    num_inference_steps=cfg.num_inference_steps,
                 )
                 result.update(history=self.history)
                 export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)

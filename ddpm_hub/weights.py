@@ -1,0 +1,44 @@
+"""Naming what is wrong with a weights folder before a loader guesses: a damaged safetensors file (truncated,
+bad header) is reported as damaged, not as missing, and pickled-only weights as refused."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+
+class WeightsError(OSError):
+    """A weights file that cannot be used; the message names the file and what is wrong with it."""
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Read the header and sizes of one .safetensors file (no tensors): WeightsError if it is damaged."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise WeightsError(f"{path}: damaged safetensors file (truncated: {size} bytes, shorter than its header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise WeightsError(
+                f"{path}: damaged safetensors file (truncated or bad header: the header claims {header_len} bytes, "
+                f"the file has {size})"
+            )
+        try:
+            header = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsError(f"{path}: damaged safetensors file (bad header: {exc})") from None
+    ends = [meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        raise WeightsError(f"{path}: damaged safetensors file (truncated: {size} bytes of {expected})")
+
+
+def diagnose_weights(folder: Path) -> None:
+    """Check every safetensors file in a model folder (e.g. `unet/`); missing folders are left to the loader."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors_file(path)
