@@ -1,6 +1,8 @@
-"""`python -m ddpm_hub {sample,evaluate,push,plot}`: sample grids, bits/dim and FID, Hub pushes, pictures.
+"""`python -m ddpm_hub {sample,evaluate,push,plot}`: samples, bits/dim and FID/KID, Hub pushes, pictures.
 
-Models load with safetensors only, from a local folder, a Hub id or the cache (`HF_HUB_OFFLINE=1`).
+Models load with safetensors only, from a pipeline folder, a training `checkpoint-N` folder (EMA weights unless
+`--weights raw`), a Hub id or the cache (`HF_HUB_OFFLINE=1`). Every user error is one line and exit status 2.
+Heavy libraries are imported only once a command runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -10,54 +12,66 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from .choices import BETA_SCHEDULES, SAMPLERS
 
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
+DEFAULT_SAMPLER = "ddpm"
 
 
-def load_pipeline(model: str, scheduler: str = "ddpm", device: str | None = None):
-    """A DDPMPipeline from a folder or Hub id, with the chosen scheduler built from its config."""
-    import diffusers
+class UserError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
 
-    from ddpm_hub import DDPMPipeline, DDPMScheduler
 
-    pipeline = DDPMPipeline.from_pretrained(model)
-    if scheduler != "ddpm":
-        cls = getattr(diffusers, SCHEDULERS[scheduler])
-        pipeline.scheduler = cls.from_config(pipeline.scheduler.config)
-    elif not isinstance(pipeline.scheduler, DDPMScheduler):
-        pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_pipeline(model: str, sampler: str = "ddpm", device: str | None = None, weights: str = "ema"):
+    """A DDPMPipeline from a folder, checkpoint or Hub id, with the named sampler's scheduler."""
+    from ddpm_hub import DDPMPipeline
+    from ddpm_hub.sampling import build_scheduler
+
+    pipeline = DDPMPipeline.from_pretrained(model, weights=weights)
+    pipeline.scheduler = build_scheduler(sampler, pipeline.scheduler.config)
     if device:
         pipeline.to(device)
     return pipeline
 
 
-def _grid(images, path: Path, upscale: int = 1) -> Path:
-    from ddpm_hub.plots import image_grid
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, upscale=upscale, pad=2 if upscale > 1 else 0).save(path)
-    return path
+def _steps(args: argparse.Namespace) -> int:
+    return args.steps if args.steps is not None else SAMPLERS[args.scheduler].steps
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    pipeline = load_pipeline(args.model, args.scheduler, args.device)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = []
-    for start in range(0, args.num_images, args.batch_size):
-        n = min(args.batch_size, args.num_images - start)
-        images += pipeline(batch_size=n, generator=generator, num_inference_steps=args.steps).images
-    print(f"wrote {_grid(images, Path(args.out), args.upscale)}")
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_hub.export import grid_upscale
+    from ddpm_hub.plots import image_grid
+    from ddpm_hub.sampling import sample_uint8
+
+    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights)
+    images = sample_uint8(pipeline, args.num_images, _steps(args), args.seed, args.batch_size, progress=True)
+    arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
+    pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(pils):
+            image.save(out_dir / f"{i:06d}.png")
+        np.savez_compressed(out_dir / "samples.npz", arr_0=arrays)  # the layout clean-fid / the openai suite read
+        print(f"wrote {len(pils)} PNGs and samples.npz (uint8 NHWC) to {out_dir}")
+    if args.out or not args.out_dir:
+        path = Path(args.out or "grid.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        upscale = args.upscale if args.upscale is not None else grid_upscale(pils[0].height)
+        image_grid(pils, upscale=upscale).save(path)
+        print(f"wrote {path}")
     return 0
 
 
-def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int) -> torch.Tensor:
+def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int):
     from ddpm_hub.config import DataConfig
     from ddpm_hub.data import ImageDataset, load_splits, validate_images
 
@@ -73,50 +87,86 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int) 
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    pipeline = load_pipeline(args.model, "ddpm", args.device)
+    import torch
+
+    wanted = [name for name in ("bpd", "bpd_estimate", "fid", "kid", "digits_fid", "inception_score")
+              if getattr(args, name)]  # fmt: skip
+    if not wanted:
+        raise UserError(
+            "evaluate needs a metric: --bpd, --bpd_estimate, --digits_fid, --fid, --kid or --inception_score"
+        )
+    if {"fid", "kid", "inception_score"} & set(wanted):
+        from ddpm_hub.metrics import check_inception_available
+
+        try:
+            check_inception_available()  # before loading or sampling anything
+        except RuntimeError as exc:
+            raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
+    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights)
     cfg = pipeline.unet.config
+    if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
+        raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
     images = _load_eval_images(args, cfg.in_channels, cfg.sample_size)
     results: dict[str, float] = {"num_images": len(images)}
     if args.bpd or args.bpd_estimate:
+        mode = "estimate" if args.bpd_estimate else "full"
         g = torch.Generator().manual_seed(args.seed)
-        out = pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=args.bpd_estimate)
-        key = "bits_per_dim_estimate" if args.bpd_estimate else "bits_per_dim"
-        results[key] = float(out.total.mean())
-        if out.stderr is not None:
-            results[key + "_stderr"] = float((out.stderr**2).sum().sqrt() / len(images))
+        out = pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate")
+        results.update(_bpd_results(out, mode, len(images)))
         if out.terms is not None and args.vlb_plot:
             from ddpm_hub.plots import vlb_terms_plot
 
             vlb_terms_plot(out.terms, args.vlb_plot)
-    if args.fid or args.inception_score:
-        from ddpm_hub.metrics import frechet_inception_distance, inception_score
+    if {"fid", "kid", "digits_fid", "inception_score"} & set(wanted):
+        from ddpm_hub import metrics
+        from ddpm_hub.sampling import sample_uint8
 
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        fake = []
-        for start in range(0, len(images), args.batch_size):
-            n = min(args.batch_size, len(images) - start)
-            fake.append(
-                pipeline(batch_size=n, generator=generator, num_inference_steps=args.steps, output_type="pt").images
-            )
+        fake = sample_uint8(pipeline, len(images), _steps(args), args.seed, args.batch_size, progress=True)
+        results.update(sampler=args.scheduler, steps=_steps(args))
+        if args.digits_fid:
+            results.update(metrics.digits_fid_kid(images, fake))
         if args.fid:
-            results["fid"] = frechet_inception_distance(images.split(args.batch_size), fake)
+            results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
+        if args.kid:
+            results["kid"], results["kid_std"] = metrics.kernel_inception_distance([images], [fake])
         if args.inception_score:
-            results["inception_score"], results["inception_score_std"] = inception_score(fake)
+            results["inception_score"], results["inception_score_std"] = metrics.inception_score(fake.split(256))
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
-def cmd_push(args: argparse.Namespace) -> int:
-    from ddpm_hub.hub_push import push_pipeline_folder
+def _bpd_results(out, mode: str, n: int) -> dict[str, float]:
+    key = "bits_per_dim_estimate" if mode == "estimate" else "bits_per_dim"
+    results = {key: float(out.total.mean())}
+    if out.stderr is not None:  # valid for the mean over images (see bits_per_dim_estimate)
+        results[key + "_stderr"] = float((out.stderr**2).sum().sqrt() / n)
+    return results
 
-    url = push_pipeline_folder(args.folder, args.repo_id, private=args.private)
+
+def cmd_push(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ddpm_hub.checkpoints import is_checkpoint
+    from ddpm_hub.export import publish
+
+    folder = Path(args.folder)
+    if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
+        with tempfile.TemporaryDirectory() as tmp:
+            pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
+            export = Path(tmp) / folder.name
+            pipeline.save_pretrained(export, repo_id=args.repo_id)
+            url = publish(export, args.repo_id, private=args.private)
+    else:
+        url = publish(folder, args.repo_id, private=args.private)
     print(f"pushed {args.folder} to {url}")
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    import torch
+
     from ddpm_hub import plots
 
     out = Path(args.out)
@@ -132,15 +182,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
         x = x.float() / 127.5 - 1
         scheduler = DDPMScheduler(beta_schedule=args.beta_schedule)
         plots.forward_process_strip(scheduler, x, generator=torch.Generator().manual_seed(args.seed), scale=8).save(out)
-    elif args.kind == "reverse":
+    else:
         if not args.model:
-            print("error: plot reverse needs --model", file=sys.stderr)
-            return 2
-        pipeline = load_pipeline(args.model, "ddpm", args.device)
+            raise UserError("plot reverse needs --model")
+        pipeline = load_pipeline(args.model, "ddpm", args.device, args.weights)
         result = pipeline(
             batch_size=1,
             generator=torch.Generator().manual_seed(args.seed),
-            num_inference_steps=args.steps,
+            num_inference_steps=args.steps or 1000,
             output_type="pt",
             return_intermediates=True,
         )
@@ -152,53 +201,71 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ddpm_hub", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    s = sub.add_parser("sample", help="sample a grid of images")
-    s.add_argument("--model", required=True, help="a pipeline folder or Hub id")
-    s.add_argument("--num_images", type=int, default=16)
-    s.add_argument("--steps", type=int, default=1000, help="denoising steps")
-    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddpm")
-    s.add_argument("--batch_size", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
-    s.add_argument("--upscale", type=int, default=1, help="enlarge each image (nearest) for viewing small images")
-    s.add_argument("--out", default="grid.png")
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="a pipeline folder, a checkpoint-N folder, or a Hub id")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="a checkpoint's EMA or raw weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _sampler_args(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(f"{k} ({v.steps})" for k, v in SAMPLERS.items())
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help=f"sampler (its usual step count): {names}")  # fmt: skip
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the sampler's)")
+    p.add_argument("--batch_size", type=_positive, default=256)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m ddpm_hub", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="sample images: a grid, and/or every image as PNG plus one .npz")
+    _model_args(s)
+    _sampler_args(s)
+    s.add_argument("--num_images", type=_positive, default=16)
+    s.add_argument("--upscale", type=_positive, default=None, help="enlarge each grid tile (default: to ~64 px)")
+    s.add_argument("--out", default=None, help="grid PNG (default grid.png when --out_dir is not given)")
+    s.add_argument("--out_dir", default=None, help="write every image as PNG and all as samples.npz (uint8 NHWC)")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="bits/dim (full or estimate) and FID on a data set")
-    e.add_argument("--model", required=True)
+    e = sub.add_parser("evaluate", help="bits/dim (full or estimate), FID/KID/IS against a data set")
+    _model_args(e)
+    _sampler_args(e)
     e.add_argument("--dataset", default="digits", help="'digits', a Hub dataset id, or an image folder")
     e.add_argument("--split", default="test")
     e.add_argument("--image_column", default="image")
     e.add_argument("--num_images", type=int, default=0, help="0: all")
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
-    e.add_argument("--fid", action="store_true", help="FID against the data (Inception features)")
-    e.add_argument("--inception_score", action="store_true", help="Inception Score of samples (Inception logits)")
-    e.add_argument("--steps", type=int, default=1000)
-    e.add_argument("--batch_size", type=int, default=64)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default=None)
+    e.add_argument("--digits_fid", action="store_true", help="FID/KID in the shipped digits-classifier features")
+    e.add_argument("--fid", action="store_true", help="FID (Inception features; needs torch-fidelity)")
+    e.add_argument("--kid", action="store_true", help="KID (Inception features; needs torch-fidelity)")
+    e.add_argument("--inception_score", action="store_true", help="Inception Score of samples (torch-fidelity)")
     e.add_argument("--vlb_plot", default=None, help="write a PNG of the per-step VLB terms (with --bpd)")
     e.add_argument("--out", default=None, help="also write the results as JSON")
     e.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("push", help="push a trained pipeline folder to the Hub (token from HF_TOKEN or login)")
+    p = sub.add_parser("push", help="push a pipeline or checkpoint folder to the Hub (token: HF_TOKEN or login)")
     p.add_argument("--folder", required=True)
     p.add_argument("--repo_id", required=True)
     p.add_argument("--private", action="store_true")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a checkpoint folder")
     p.set_defaults(func=cmd_push)
 
     g = sub.add_parser("plot", help="pictures: forward/reverse process strips, noise schedules")
     g.add_argument("kind", choices=["forward", "reverse", "schedules"])
-    g.add_argument("--model", default=None)
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--beta_schedule", default="linear")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None)
+    _model_args(g, required=False)
+    g.add_argument("--steps", type=_positive, default=None)
+    g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
     g.add_argument("--out", default="plot.png")
     g.set_defaults(func=cmd_plot)
     return parser
@@ -206,14 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ddpm_hub.data import DataError
-    from ddpm_hub.hub_push import HubError
-
     try:
         return args.func(args)
-    except (DataError, HubError, OSError, ValueError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the library's errors name the bad input; show them as one line
+        from ddpm_hub.checkpoints import CheckpointError
+        from ddpm_hub.data import DataError
+        from ddpm_hub.hub_push import HubError
+
+        if isinstance(exc, (DataError, HubError, CheckpointError, OSError, ValueError, RuntimeError)):
+            print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -18,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .diffusion_math import PREDICTION_TYPES, VARIANCE_TYPES
-from .losses import LOSS_TYPES
+from .choices import BETA_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
 from .models import UNET_PRESETS
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 # diffusers.optimization.SchedulerType minus piecewise_constant, which needs step rules this trainer does not take.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
@@ -450,6 +448,12 @@ def validate(c: TrainConfig) -> None:
     if c.loss_type == "hybrid" and not c.variance_type.startswith("learned"):
         raise ConfigError(
             f"--loss_type hybrid trains a learned variance: use --variance_type learned_range (got {c.variance_type!r})"
+        )
+    if c.variance_type == "learned":
+        raise ConfigError(
+            "--variance_type learned is not trainable here: stock diffusers reads those channels as a raw variance "
+            "(NaN samples), ddpm_hub as a log-variance, so the model could not be shared. Use --variance_type "
+            "learned_range (improved DDPM's parameterisation, read the same way by both)"
         )
     if c.variance_type.startswith("learned") and c.loss_type == "simple":
         raise ConfigError(

@@ -12,9 +12,7 @@ import math
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
-LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+from .choices import LEARNED_VARIANCE_TYPES, PREDICTION_TYPES, VARIANCE_TYPES  # noqa: F401  (re-exported)
 
 
 def split_model_output(

@@ -7,12 +7,10 @@ from __future__ import annotations
 import torch
 
 from . import diffusion_math as dm
+from .choices import LOSS_TYPES
 from .diffusion_math import mean_flat
 from .likelihood import vlb_terms_bpd
 from .scheduling_ddpm import DDPMScheduler
-
-LOSS_TYPES = ("simple", "hybrid", "vlb")
-
 
 # ------------------------------------------------------------------------------------------------------------------
 # L_simple (Algorithm 1) and its targets

@@ -52,3 +52,46 @@ def inception_score(fake: Iterable[torch.Tensor], feature: str | torch.nn.Module
         metric.update(_as_uint8(batch))
     mean, std = metric.compute()
     return float(mean), float(std)
+
+
+def kernel_inception_distance(
+    real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], feature: int | torch.nn.Module = 2048,
+    subset_size: int = 100,
+) -> tuple[float, float]:
+    """KID (mean, std over subsets) between real and generated images (uint8 or [0, 1] float, `[N, C, H, W]`)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, fake = [_as_uint8(b) for b in real], [_as_uint8(b) for b in fake]
+    n = min(sum(len(b) for b in real), sum(len(b) for b in fake))
+    try:
+        metric = KernelInceptionDistance(feature=feature, subset_size=min(subset_size, n), normalize=False)
+    except (ModuleNotFoundError, RuntimeError, OSError) as exc:
+        raise RuntimeError(f"KID with the standard Inception features needs torch-fidelity: {exc}") from exc
+    for batch in real:
+        metric.update(batch, real=True)
+    for batch in fake:
+        metric.update(batch, real=False)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def digits_fid_kid(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    """FID and KID in the features of the shipped digits classifier (`digits_features`): uint8 `[N, 1, 8, 8]`.
+    Comparable between models on the embedded digits; not Inception FID."""
+    from .digits_features import DigitsFeatures, load_digits_classifier
+
+    feature = DigitsFeatures(load_digits_classifier())
+    fid = frechet_inception_distance([real], [fake], feature=feature)
+    kid, _ = kernel_inception_distance([real], [fake], feature=feature)
+    return {"digits_fid": fid, "digits_kid": kid}
+
+
+def check_inception_available() -> None:
+    """Fail before any sampling when the Inception metrics cannot run (torch-fidelity missing)."""
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            "Inception FID/KID/IS need torch-fidelity and its Inception weights: pip install torch-fidelity "
+            "(the weights are downloaded once); for the embedded digits use --digits_fid instead"
+        ) from exc

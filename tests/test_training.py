@@ -212,6 +212,7 @@ def test_digits_run_learns(tmp_path):
         ({"variance_type": "learned_range"}, "--loss_type hybrid or vlb"),
         ({"mixed_precision": "fp4"}, "--mixed_precision"),
         ({"lr_scheduler": "piecewise_constant"}, "--lr_scheduler"),
+        ({"variance_type": "learned", "loss_type": "hybrid"}, "learned_range"),
         ({"logger": "nonsense"}, "--logger"),
         ({"channels": 2}, "--channels"),
         ({"unet_preset": "tiny", "model_config_name_or_path": "x.json"}, "not both"),

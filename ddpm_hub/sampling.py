@@ -1,0 +1,48 @@
+"""Named samplers (`choices.SAMPLERS`) on a pipeline, and drawing many images as uint8 for metrics and files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .choices import SAMPLERS
+
+
+def build_scheduler(name: str, config: Any):
+    """The scheduler of sampler `name` built from a (DDPM) scheduler config, as `X.from_config(config)` does."""
+    import diffusers
+
+    from .scheduling_ddpm import DDPMScheduler
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    sampler = SAMPLERS[name]
+    cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
+    return cls.from_config(config, **sampler.config)
+
+
+def with_sampler(pipeline, name: str):
+    """A pipeline sharing `pipeline`'s UNet whose scheduler is sampler `name` (the original is left as it was)."""
+    return type(pipeline)(unet=pipeline.unet, scheduler=build_scheduler(name, pipeline.scheduler.config))
+
+
+def sample_uint8(
+    pipeline,
+    num_images: int,
+    num_inference_steps: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`num_images` samples as uint8 `[N, C, H, W]` (the rounding of the PIL output), drawn batch by batch from
+    one seeded generator."""
+    pipeline.set_progress_bar_config(disable=not progress)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        images = pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
+                          output_type="pt").images  # fmt: skip
+        out.append((images * 255).round().to(torch.uint8).cpu())
+    return torch.cat(out)
