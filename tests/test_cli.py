@@ -11,9 +11,13 @@ from ddpm_hub.cli import main
 
 def test_sample_with_ddpm_and_ddim(trained, tmp_path):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--model", str(trained), "--num_images", "5", "--steps", "10", "--out", str(out)]) == 0
+    args = ["sample", "--model", str(trained), "--num_images", "5", "--steps", "10", "--upscale", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
     image = Image.open(out)
     assert image.size == (24, 16)  # 5 images: 3 columns x 2 rows of 8x8
+    assert main(args[:-4] + ["--out", str(out)]) == 0  # default: small images enlarged to ~64 px, 2 px apart
+    assert Image.open(out).size == (3 * 66 + 2, 2 * 66 + 2)
     out4 = tmp_path / "ddim.png"
     args = [
         "sample",
@@ -67,3 +71,87 @@ def test_plots(trained, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "nope"), "--steps", "2"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_sample_writes_every_image_as_png_and_one_npz(trained, tmp_path):
+    import numpy as np
+
+    out_dir = tmp_path / "samples"
+    assert main(["sample", "--model", str(trained), "--num_images", "6", "--steps", "4", "--batch_size", "4",
+                 "--out_dir", str(out_dir)]) == 0  # fmt: skip
+    pngs = sorted(out_dir.glob("*.png"))
+    arrays = np.load(out_dir / "samples.npz")["arr_0"]
+    assert len(pngs) == 6 and arrays.shape == (6, 8, 8, 1) and arrays.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[5])), arrays[5, ..., 0])
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_user_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):
+    import importlib.util
+
+    cases = [
+        ["plot", "forward", "--beta_schedule", "cosine"],
+        ["sample", "--model", str(trained), "--scheduler", "bogus"],
+        ["sample", "--model", str(trained), "--steps", "0"],
+        ["evaluate", "--model", str(trained)],  # no metric asked for
+        ["evaluate", "--model", str(tmp_path / "missing"), "--bpd"],
+    ]
+    if importlib.util.find_spec("torch_fidelity") is None:  # found before any sampling
+        cases.append(["evaluate", "--model", str(trained), "--fid", "--num_images", "100000"])
+    for argv in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_help_is_fast_because_nothing_heavy_is_imported():
+    import subprocess
+    import sys
+
+    code = "import sys; from ddpm_hub.cli import build_parser; build_parser(); print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('torch', 'diffusers', 'datasets', 'huggingface_hub', 'accelerate')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ddpm_hub", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "sample" in proc.stdout
+
+
+def test_checkpoints_are_models(trained, tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from ddpm_hub import DDPMPipeline
+
+    checkpoint = trained / "checkpoints" / "checkpoint-2"
+    ema = DDPMPipeline.from_pretrained(checkpoint)
+    raw = DDPMPipeline.from_pretrained(checkpoint, weights="raw")
+    for pipeline, folder in ((ema, "unet_ema"), (raw, "unet")):
+        saved = load_file(checkpoint / folder / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(pipeline.unet.state_dict()[k], v) for k, v in saved.items())
+    assert ema.scheduler.config.num_train_timesteps == raw.scheduler.config.num_train_timesteps
+    out = tmp_path / "ckpt.png"
+    assert main(["sample", "--model", str(checkpoint), "--weights", "raw", "--steps", "3", "--out", str(out)]) == 0
+    result = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(checkpoint), "--num_images", "4", "--bpd_estimate",
+                 "--out", str(result)]) == 0  # fmt: skip
+    assert np.isfinite(json.loads(result.read_text())["bits_per_dim_estimate"])
+
+
+def test_damaged_weights_are_named_as_damaged(trained, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints", "logs", "samples"))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(["sample", "--model", str(folder), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged safetensors file (truncated" in err and "diffusion_pytorch_model.safetensors" in err
+    weights.write_bytes(b"\xff" * 8 + b"{}")
+    assert main(["sample", "--model", str(folder), "--steps", "2"]) == 2
+    assert "damaged safetensors file" in capsys.readouterr().err
