@@ -1,0 +1,206 @@
+"""The diffusers contract: every compatible scheduler gives the images of diffusers' canonical loop, callbacks as
+diffusers defines them, and every way of saving or pushing gives a folder that stock diffusers loads to the same
+images (in a process where `import ddpm_hub` fails), with our model card."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from conftest import subprocess_env
+from diffusers.utils.torch_utils import randn_tensor
+
+from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+from ddpm_hub.choices import SAMPLERS
+from ddpm_hub.cli import main as cli
+
+FAKE_TOKEN = "hf_FakeTokenForContractTests0123456789"
+STEPS = 8
+
+
+def _unet(learned: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    unet = create_unet("tiny", learned_variance=learned)
+    with torch.no_grad():  # a random UNet with non-trivial outputs (zero-initialised output layers otherwise)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2) -> np.ndarray:
+    """diffusers' canonical denoising loop, written out independently of our pipeline."""
+    generator = torch.Generator().manual_seed(seed)
+    c = unet.config.in_channels
+    latents = randn_tensor((batch, c, 8, 8), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    extra = {k: v for k, v in (("generator", generator), ("eta", 0.0)) if k in accepted}
+    learned_ddpm = isinstance(scheduler, diffusers.DDPMScheduler | DDPMScheduler) and str(
+        scheduler.config.variance_type
+    ).startswith("learned")
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            model_output = unet(scheduler.scale_model_input(latents, t), t).sample
+            if not learned_ddpm:
+                model_output = model_output[:, :c]
+            latents = scheduler.step(model_output, t, latents, **extra).prev_sample
+    return (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _compatible_classes():
+    for name in diffusers.DDPMScheduler._compatibles:
+        yield pytest.param(name, id=name)
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned_range"])
+@pytest.mark.parametrize("name", list(_compatible_classes()))
+def test_every_compatible_scheduler_gives_the_canonical_loop_images(name, learned):
+    cls = getattr(diffusers, name)
+    variance = "learned_range" if learned else "fixed_small"
+    config = DDPMScheduler(num_train_timesteps=1000, variance_type=variance).config
+    unet = _unet(learned)
+    try:
+        expected = _canonical_loop(unet, cls.from_config(config), STEPS, seed=1)
+    except (ImportError, OSError) as exc:  # DPMSolverSDE needs the optional torchsde
+        pytest.skip(f"{name} cannot run here: {exc}")
+    pipeline = DDPMPipeline(unet=unet, scheduler=cls.from_config(config))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
+                      output_type="np").images  # fmt: skip
+    np.testing.assert_array_equal(images, expected)
+    assert np.isfinite(images).all()
+
+
+def test_every_cli_sampler_is_a_compatible_scheduler():
+    """The CLI offers exactly the schedulers of DDPMScheduler._compatibles (each tested above)."""
+    assert {s.scheduler for s in SAMPLERS.values()} == set(diffusers.DDPMScheduler._compatibles)
+
+
+def test_callback_on_step_end_as_diffusers_defines_it():
+    pipeline = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        assert pipe is pipeline and set(kwargs) == {"latents", "model_output"}
+        seen.append(int(t))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 2 else {}
+
+    out = pipeline(batch_size=1, num_inference_steps=3, output_type="np", callback_on_step_end=callback,
+                   callback_on_step_end_tensor_inputs=["latents", "model_output"]).images  # fmt: skip
+    assert seen == pipeline.scheduler.timesteps.tolist()
+    np.testing.assert_array_equal(out, np.full_like(out, 0.5))  # the last step's latents were replaced by zeros
+    with pytest.raises(ValueError, match="not available"):
+        pipeline(num_inference_steps=2, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt"])
+    with pytest.warns(FutureWarning, match="callback_on_step_end"):
+        pipeline(num_inference_steps=2, callback=lambda i, t, d: None, callback_steps=1)
+
+
+def _stock_images(sources: dict[str, str], tmp_path, **env) -> dict[str, np.ndarray]:
+    """Load each source with stock diffusers in a process where ddpm_hub cannot be imported; sample each."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["ddpm_hub"] = None
+        import numpy as np, torch, diffusers
+        out = {{}}
+        for key, source in json.loads({json.dumps(json.dumps(sources))}).items():
+            p = diffusers.DiffusionPipeline.from_pretrained(source)
+            assert type(p).__module__.startswith("diffusers."), type(p)
+            x = p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                  output_type="np").images
+            out[key] = x
+            out[key + "_scheduler"] = np.array(type(p.scheduler).__name__)
+        np.savez({str(tmp_path / "stock.npz")!r}, **out)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path, **env), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(tmp_path / "stock.npz"))
+
+
+def _ours(pipeline) -> np.ndarray:
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                    output_type="np").images  # fmt: skip
+
+
+def test_every_save_and_push_path_loads_in_stock_diffusers_to_the_same_images(hub, tmp_path, trained):
+    hub.state.token = FAKE_TOKEN
+    config = DDPMScheduler(num_train_timesteps=100).config
+    pipelines = {
+        "fixed_small": DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler.from_config(config)),
+        "ddim_swapped": DDPMPipeline(unet=_unet(), scheduler=diffusers.DDIMScheduler.from_config(config)),
+        "dpm_swapped": DDPMPipeline(unet=_unet(), scheduler=diffusers.DPMSolverMultistepScheduler.from_config(config)),
+        "fixed_large_log": DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler.from_config(
+            config, variance_type="fixed_large_log")),
+        "learned_range": DDPMPipeline(unet=_unet(learned=True), scheduler=DDPMScheduler.from_config(
+            config, variance_type="learned_range")),
+    }  # fmt: skip
+    sources = {}
+    for key, pipeline in pipelines.items():
+        pipeline.save_pretrained(tmp_path / key)
+        sources[key] = str(tmp_path / key)
+    # the Hub paths: save_pretrained(push_to_hub=True), push_to_hub, and the CLI for a folder and a checkpoint
+    pipelines["fixed_small"].save_pretrained(tmp_path / "via-save", push_to_hub=True, repo_id="org/via-save",
+                                             token=FAKE_TOKEN)  # fmt: skip
+    pipelines["ddim_swapped"].push_to_hub("org/via-push", token=FAKE_TOKEN)
+    sources.update({"hub_save": "org/via-save", "hub_push": "org/via-push", "hub_cli": "org/via-cli",
+                    "hub_checkpoint": "org/via-checkpoint"})  # fmt: skip
+    env = {"HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "0"}
+    import os
+
+    os.environ["HF_TOKEN"] = FAKE_TOKEN
+    try:
+        assert cli(["push", "--folder", str(trained), "--repo_id", "org/via-cli"]) == 0
+        checkpoint = trained / "checkpoints" / "checkpoint-2"
+        assert cli(["push", "--folder", str(checkpoint), "--repo_id", "org/via-checkpoint"]) == 0
+    finally:
+        os.environ.pop("HF_TOKEN")
+    stock = _stock_images(sources, tmp_path, **env)
+
+    expected = {key: _ours(p) for key, p in pipelines.items()}
+    expected.update(hub_save=expected["fixed_small"], hub_push=expected["ddim_swapped"])
+    expected["hub_cli"] = _ours(DDPMPipeline.from_pretrained(trained))
+    expected["hub_checkpoint"] = _ours(DDPMPipeline.from_pretrained(checkpoint))
+    for key, images in expected.items():
+        atol = 1e-6 if key == "fixed_large_log" else 0  # sqrt(beta) vs exp(0.5 log beta): float rounding only
+        np.testing.assert_allclose(stock[key], images, rtol=0, atol=atol, err_msg=key)
+    assert str(stock["ddim_swapped_scheduler"]) == "DDIMScheduler" == str(stock["hub_push_scheduler"])
+    assert str(stock["dpm_swapped_scheduler"]) == "DPMSolverMultistepScheduler"
+    saved = json.loads((tmp_path / "fixed_large_log" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["variance_type"] == "fixed_large"
+    # our card went up with every push, never diffusers' empty template
+    for repo in ("org/via-save", "org/via-push", "org/via-cli", "org/via-checkpoint"):
+        card = hub.state.repos[repo].head[1]["README.md"].decode()
+        assert "ddpm-hub" in card and "Ho et al. 2020" in card and "diffusers model" not in card, repo
+        assert f'from_pretrained("{repo}")' in card or repo == "org/via-cli", repo
+
+
+def test_learned_variance_is_refused_on_save_with_a_pointer():
+    pipeline = DDPMPipeline(unet=_unet(learned=True), scheduler=DDPMScheduler(variance_type="learned"))
+    with pytest.raises(ValueError, match="learned_range"):
+        pipeline.save_pretrained("/tmp/never-written")
+
+
+def test_model_card_states_only_what_is_true(trained):
+    card = (trained / "README.md").read_text()
+    assert "license: cc-by-4.0" in card and "apache-2.0" in card  # the data's license, and the code's
+    assert "https://github.com/)" not in card and "[ddpm-hub](https://github.com/)" not in card
+    assert f'from_pretrained("{trained}")' in card  # a local path: it was not pushed
+    assert "exponential moving average" in card
+    from ddpm_hub.hub import render_model_card
+
+    common = dict(hparams={"resolution": 8}, repo_id=None, num_parameters=10, channels=1, dataset_id=None,
+                  dataset_description="the UCI optical digits (embedded)")  # fmt: skip
+    text = str(render_model_card(metrics={"held_out_bits_per_dim": 4.5}, ema=False, **common))
+    assert "model-index" in text and "name: the UCI optical digits (embedded)" in text and "4.5" in text
+    assert "no EMA" in text and "exponential moving average" not in text
+    assert "license: other" in text and "not recorded" in text  # unknown data license: said, not guessed
