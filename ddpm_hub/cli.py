@@ -27,13 +27,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def load_pipeline(model: str, sampler: str = "ddpm", device: str | None = None, weights: str = "ema"):
+def load_pipeline(
+    model: str, sampler: str = "ddpm", device: str | None = None, weights: str = "ema", seed: int = 0
+):
     """A DDPMPipeline from a folder, checkpoint or Hub id, with the named sampler's scheduler."""
     from ddpm_hub import DDPMPipeline
     from ddpm_hub.sampling import build_scheduler
 
     pipeline = DDPMPipeline.from_pretrained(model, weights=weights)
-    pipeline.scheduler = build_scheduler(sampler, pipeline.scheduler.config)
+    pipeline.scheduler = build_scheduler(sampler, pipeline.scheduler.config, seed)
     if device:
         pipeline.to(device)
     return pipeline
@@ -51,7 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import sample_uint8
 
-    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights)
+    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed)
     images = sample_uint8(pipeline, args.num_images, _steps(args), args.seed, args.batch_size, progress=True)
     arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
@@ -102,7 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             check_inception_available()  # before loading or sampling anything
         except RuntimeError as exc:
             raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
-    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights)
+    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed)
     cfg = pipeline.unet.config
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")

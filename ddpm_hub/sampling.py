@@ -9,8 +9,9 @@ import torch
 from .choices import SAMPLERS
 
 
-def build_scheduler(name: str, config: Any):
-    """The scheduler of sampler `name` built from a (DDPM) scheduler config, as `X.from_config(config)` does."""
+def build_scheduler(name: str, config: Any, seed: int = 0):
+    """The scheduler of sampler `name` built from a (DDPM) scheduler config, as `X.from_config(config)` does
+    (`seed` seeds DPM-Solver-SDE's Brownian noise, which does not come from the pipeline's generator)."""
     import diffusers
 
     from .scheduling_ddpm import DDPMScheduler
@@ -19,7 +20,8 @@ def build_scheduler(name: str, config: Any):
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     sampler = SAMPLERS[name]
     cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
-    return cls.from_config(config, **sampler.config)
+    extra = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
+    return cls.from_config(config, **sampler.config, **extra)
 
 
 def with_sampler(pipeline, name: str):
