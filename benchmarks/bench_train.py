@@ -39,6 +39,9 @@ def our_step_fn(unet_preset: str, resolution: int, batch: int, out_dir: str):
             "max_train_steps": 1000,
             "lr_warmup_steps": 0,
             "learning_rate": 1e-4,
+            "channels": 1 if unet_preset in ("digits", "tiny") else 3,
+            "num_eval_images": 0,
+            "final_bpd": "none",
         }
     )
     trainer = Trainer(cfg)
@@ -58,8 +61,10 @@ def our_step_fn(unet_preset: str, resolution: int, batch: int, out_dir: str):
     return step, trainer.accelerator.unwrap_model(trainer.unet), trainer.accelerator
 
 
-def stock_step_fn(unet, accelerator, batch: int):
-    """diffusers' examples/unconditional_image_generation step: add_noise, MSE, AdamW, clip, EMAModel."""
+def stock_step_fn(unet, accelerator, batch: int, channels_last: bool = False, compiled: bool = False):
+    """diffusers' examples/unconditional_image_generation step: add_noise, MSE, AdamW, clip, EMAModel, and the
+    loss read back with `.item()` for the progress bar and logs, as the example does every step. The accelerator
+    brings mixed precision (and compiles the model in `prepare` when its dynamo plugin is set: `compiled`)."""
     import copy
 
     from diffusers import DDPMScheduler
@@ -67,6 +72,8 @@ def stock_step_fn(unet, accelerator, batch: int):
     from diffusers.training_utils import EMAModel
 
     model = copy.deepcopy(unet).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=0, num_training_steps=1000)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -87,6 +94,8 @@ def stock_step_fn(unet, accelerator, batch: int):
         noise = torch.randn(clean.shape, device=clean.device)
         timesteps = torch.randint(0, 1000, (batch,), device=clean.device).long()
         noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        if channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             model_output = model(noisy, timesteps).sample
             loss = F.mse_loss(model_output.float(), noise.float())
@@ -97,6 +106,7 @@ def stock_step_fn(unet, accelerator, batch: int):
             lr_scheduler.step()
             optimizer.zero_grad()
         ema.step(model.parameters())
+        return loss.detach().item()  # the example logs the loss every step
 
     return step
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .choices import BETA_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, VARIANCE_TYPES
+from .choices import BETA_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, VARIANCE_TYPES
 from .models import UNET_PRESETS
 
 # diffusers.optimization.SchedulerType minus piecewise_constant, which needs step rules this trainer does not take.
@@ -164,11 +164,23 @@ class RunConfig:
     eval_steps: int = opt(500, "estimate held-out bits/dim every N steps", minimum=1)
     num_eval_images: int = opt(64, "images in each sample grid (0: none)", minimum=0)
     eval_bpd_samples: int = opt(16, "strata of the fast bits/dim estimate (>= 2)", minimum=2)
-    num_inference_steps: int = opt(
-        1000, "sampling steps of the grids and the card", minimum=1,
+    sampler: str = opt(
+        "ddpm", "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
+        choices=tuple(SAMPLERS),
+    )
+    num_inference_steps: int | None = opt(
+        None, "sampling steps of the grids, metric and card (default: the sampler's usual count)", minimum=1,
         aliases=("ddpm_num_inference_steps",),
     )
+    num_quality_samples: int = opt(
+        300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
+        "embedded digits, Inception with torch-fidelity otherwise); 0: none", minimum=0,
+    )
     final_bpd: str = opt("full", "held-out bits/dim at the end", choices=("full", "estimate", "none"))
+    compile: bool = opt(
+        False, "torch.compile the UNet (through accelerate's dynamo plugin, inductor); pays off on long runs"
+    )
+    channels_last: bool = opt(False, "keep the UNet and its inputs in channels_last memory format (GPU tensor cores)")
     num_cpu_threads: int | None = opt(
         None, "torch threads per process on a CPU (default: physical cores / local processes, or "
         "accelerate launch's --num_cpu_threads_per_process when given)", minimum=1,
@@ -212,6 +224,12 @@ class TrainConfig:
         if section is None or name.startswith("__"):
             raise AttributeError(f"TrainConfig has no option {name!r}")
         return getattr(object.__getattribute__(self, section), name)
+
+    @property
+    def sampling_steps(self) -> int:
+        """The step count of the run's sampler: `num_inference_steps`, or the sampler's usual count (at most T)."""
+        steps = self.num_inference_steps or SAMPLERS[self.sampler].steps
+        return min(steps, self.num_train_timesteps)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat option -> value (for trackers, model cards and metrics.json; never holds a token)."""
@@ -434,7 +452,7 @@ def validate(c: TrainConfig) -> None:
         _check_field(name, getattr(c, name))
     if c.max_train_steps is None and c.num_epochs is None:
         raise ConfigError("give --max_train_steps or --num_epochs (both are unset)")
-    if c.num_inference_steps > c.num_train_timesteps:
+    if c.num_inference_steps is not None and c.num_inference_steps > c.num_train_timesteps:
         raise ConfigError(
             f"--num_inference_steps {c.num_inference_steps} exceeds --num_train_timesteps {c.num_train_timesteps}"
         )

@@ -70,6 +70,32 @@ def held_out_bpd(
     return {"held_out_bits_per_dim_estimate": float(out.total.mean()), "held_out_bits_per_dim_stderr": stderr}
 
 
+def sample_quality(
+    pipeline, held_out: torch.Tensor, num_samples: int, num_inference_steps: int, seed: int = 0, batch_size: int = 256
+) -> dict[str, float]:
+    """FID/KID of `num_samples` samples against uint8 held-out images: in the shipped digits classifier's
+    features for 8x8 grayscale digits, in Inception's when torch-fidelity is installed, else nothing (logged)."""
+    import logging
+
+    from . import metrics
+    from .sampling import sample_uint8
+
+    c, h, w = held_out.shape[1:]
+    digits = (c, h, w) == (1, 8, 8)
+    if not digits:
+        try:
+            metrics.check_inception_available()
+        except RuntimeError as exc:
+            logging.getLogger(__name__).warning("no sample-quality metric: %s", exc)
+            return {}
+    fake = sample_uint8(pipeline, num_samples, num_inference_steps, seed, batch_size)
+    if digits:
+        return metrics.digits_fid_kid(held_out, fake)
+    fid = metrics.frechet_inception_distance(held_out.split(256), fake.split(256))
+    kid, _ = metrics.kernel_inception_distance(held_out.split(256), fake.split(256))
+    return {"fid": fid, "kid": kid}
+
+
 @dataclass
 class ModelDescription:
     """What the model card says about a model besides its metrics: data, size and the training options."""

@@ -65,12 +65,17 @@ def _metrics_table(metrics: dict[str, float]) -> str:
 
 
 def _usage(repo_id: str | None, num_inference_steps: int, sampler: str | None) -> str:
+    """The card's snippet: load, swap in the measured sampler (a `choices.SAMPLERS` name) if not DDPM, sample."""
+    from .choices import SAMPLERS
+
     source = repo_id or "path/to/this/folder"
     lines = ["from diffusers import DDPMPipeline  # or: from ddpm_hub import DDPMPipeline", ""]
     lines.append(f'pipeline = DDPMPipeline.from_pretrained("{source}")')
-    if sampler and sampler != "DDPMScheduler":
-        lines[0] = f"from diffusers import DDPMPipeline, {sampler}  # or: from ddpm_hub import DDPMPipeline"
-        lines.append(f"pipeline.scheduler = {sampler}.from_config(pipeline.scheduler.config)")
+    if sampler and sampler in SAMPLERS and sampler != "ddpm":
+        cls, config = SAMPLERS[sampler].scheduler, SAMPLERS[sampler].config
+        lines[0] = f"from diffusers import DDPMPipeline, {cls}  # or: from ddpm_hub import DDPMPipeline"
+        options = "".join(f", {k}={v!r}" for k, v in config.items())
+        lines.append(f"pipeline.scheduler = {cls}.from_config(pipeline.scheduler.config{options})")
     lines.append(f"images = pipeline(batch_size=16, num_inference_steps={num_inference_steps}).images")
     return "\n".join(lines)
 

@@ -121,7 +121,8 @@ def bits_per_dim(
 
     Runs `model_fn(x_t, t) -> model_output` at all T timesteps. `noise[t]` (`[T, N, C, H, W]`, optional) is the
     eps drawn for 0-based timestep t; otherwise it is drawn from `generator`. `clip_denoised` defaults to the
-    scheduler's `clip_sample or thresholding` (the bound of the sampler you run). Returns `BitsPerDim` with `terms` `[N, T]`.
+    scheduler's `clip_sample or thresholding` (the bound of the sampler you run). Returns `BitsPerDim` with
+    `terms` `[N, T]`.
     """
     _check_images(images, batch_size)
     num_timesteps = len(scheduler)

@@ -44,6 +44,8 @@ FAST_ARGS = [
     "0",
     "--final_bpd",
     "none",
+    "--num_quality_samples",
+    "0",
     "--train_batch_size",
     "32",
 ]

@@ -39,9 +39,18 @@ from ddpm_hub.data import (
     random_flip,
     validate_images,
 )
-from ddpm_hub.export import ModelDescription, ema_weights, export_pipeline, held_out_bpd, publish, sample_grid
+from ddpm_hub.export import (
+    ModelDescription,
+    ema_weights,
+    export_pipeline,
+    held_out_bpd,
+    publish,
+    sample_grid,
+    sample_quality,
+)
 from ddpm_hub.losses import training_losses
 from ddpm_hub.models import count_parameters, unet_config
+from ddpm_hub.sampling import with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 from ddpm_hub.timestep_sampling import make_timestep_sampler
 
@@ -64,7 +73,7 @@ def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
     """An Accelerator that takes device, processes and mixed precision from `accelerate launch`/`accelerate config`
     (our `--mixed_precision` only when given) and any accelerate tracker (`--logger`, plus custom `trackers`)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
 
     log_with: list = [] if cfg.logger == "none" else [cfg.logger]
     log_with += list(trackers or [])
@@ -76,8 +85,10 @@ def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)
     )
+    dynamo = TorchDynamoPlugin(backend="inductor") if cfg.compile else None  # else: accelerate launch's choice
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
+        dynamo_plugin=dynamo,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with or None,
         project_config=project,
@@ -264,7 +275,9 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class Trainer:
     """The run's objects and its stages: `run()` = resume, loop of `train_step` + periodic actions, `finish()`."""
 
-    def __init__(self, cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None):
+    def __init__(
+        self, cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None, data: Data | None = None
+    ):
         from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
@@ -288,7 +301,7 @@ class Trainer:
         if cfg.push_to_hub:
             self._check_hub()
 
-        self.data = prepare_data(cfg, acc)
+        self.data = data if data is not None else prepare_data(cfg, acc)
         base, origin = resolve_unet_config(cfg, self.data.channels)
         logger.info("model: %s", origin)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -298,6 +311,8 @@ class Trainer:
             )
         else:
             self.unet = UNet2DModel(**base)
+        if cfg.channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
         self.noise_scheduler = make_scheduler(cfg)
         self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampling, cfg.num_train_timesteps)
         self.ema = None
@@ -312,13 +327,14 @@ class Trainer:
                 model_cls=UNet2DModel,
                 model_config=self.unet.config,
             )
+        fused = acc.device.type == "cuda"  # one fused kernel per step on CUDA; foreach elsewhere
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(),
             lr=cfg.learning_rate,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             weight_decay=cfg.adam_weight_decay,
             eps=cfg.adam_epsilon,
-            foreach=True,
+            **({"fused": True} if fused else {"foreach": True}),
         )
         loader = make_loader(self.data.train, cfg)
         n = acc.num_processes
@@ -473,6 +489,8 @@ class Trainer:
         timesteps, weights = self.timestep_sampler.sample(x0.shape[0], device=device, generator=g_cpu)
         noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
         x_t = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        if cfg.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(self.unet):
             with acc.autocast():
                 model_output = self.unet(x_t, timesteps).sample
@@ -578,17 +596,18 @@ class Trainer:
         self.history.append({"step": self.global_step, **logs})
 
     def ema_pipeline(self):
-        """A pipeline around the (unwrapped) UNet; use inside `ema_weights` to sample the EMA weights."""
+        """A pipeline around the (unwrapped) UNet with our DDPM scheduler; use inside `ema_weights` to sample
+        the EMA weights."""
         from ddpm_hub.pipelines import DDPMPipeline
 
         unet = self.accelerator.unwrap_model(self.unet)
         return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
 
     def sample_grid(self):
-        """A grid of EMA samples at a fixed seed (the same noise at every evaluation)."""
-        pipeline = self.ema_pipeline()
+        """A grid of EMA samples with the run's sampler at a fixed seed (the same noise at every evaluation)."""
+        pipeline = with_sampler(self.ema_pipeline(), self.cfg.sampler)
         with ema_weights(pipeline.unet, self.ema):
-            return sample_grid(pipeline, self.cfg.num_eval_images, self.cfg.num_inference_steps, self.cfg.seed,
+            return sample_grid(pipeline, self.cfg.num_eval_images, self.cfg.sampling_steps, self.cfg.seed,
                                self.cfg.eval_batch_size)  # fmt: skip
 
     def log_samples(self) -> None:
@@ -643,10 +662,14 @@ class Trainer:
                 if self.data.held_out is not None and cfg.final_bpd != "none":
                     metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
                                            cfg.seed, cfg.eval_bpd_samples)  # fmt: skip
+                sampler = with_sampler(pipeline, cfg.sampler)
+                if self.data.held_out is not None and cfg.num_quality_samples:
+                    metrics.update(sample_quality(sampler, self.data.held_out, cfg.num_quality_samples,
+                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4))  # fmt: skip
                 if cfg.num_eval_images:
                     step, grid = self._last_grid or (None, None)
                     if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
-                        grid = sample_grid(pipeline, cfg.num_eval_images, cfg.num_inference_steps, cfg.seed,
+                        grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
                                            cfg.eval_batch_size)  # fmt: skip
                 description = ModelDescription(
                     hparams=cfg.to_dict(),
@@ -657,7 +680,8 @@ class Trainer:
                     data_license=self.data.license,
                     repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
                     ema=self.ema is not None,
-                    num_inference_steps=cfg.num_inference_steps,
+                    sampler=cfg.sampler,
+                    num_inference_steps=cfg.sampling_steps,
                 )
                 result.update(history=self.history)
                 export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
