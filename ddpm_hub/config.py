@@ -180,6 +180,10 @@ class RunConfig:
     compile: bool = opt(
         False, "torch.compile the UNet (through accelerate's dynamo plugin, inductor); pays off on long runs"
     )
+    compile_mode: str = opt(
+        "default", "torch.compile mode with --compile (reduce-overhead adds CUDA graphs)",
+        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    )
     channels_last: bool = opt(False, "keep the UNet and its inputs in channels_last memory format (GPU tensor cores)")
     num_cpu_threads: int | None = opt(
         None, "torch threads per process on a CPU (default: physical cores / local processes, or "

@@ -85,7 +85,8 @@ def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir)
     )
-    dynamo = TorchDynamoPlugin(backend="inductor") if cfg.compile else None  # else: accelerate launch's choice
+    # --compile asks accelerate's dynamo plugin for inductor; without it, accelerate launch's --dynamo_backend decides
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.compile_mode) if cfg.compile else None
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         dynamo_plugin=dynamo,
