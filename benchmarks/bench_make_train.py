@@ -78,7 +78,8 @@ def main() -> None:
     steps = args.max_train_steps
     if args.quick:
         steps = 20
-        extra = ["--final_bpd", "none", "--num_eval_images", "0", "--logging_steps", "5", "--eval_steps", "1000"]
+        extra = ["--final_bpd", "none", "--num_eval_images", "0", "--num_quality_samples", "0", "--logging_steps", "5",
+                 "--eval_steps", "1000"]  # fmt: skip
     row = {"label": args.label, **run_make_train(Path(args.script), steps, args.pythonpath, extra)}
     rows = [row]
     columns = ["label", "steps", "wall_s", "images_per_s", "torch_threads", "busy_cores"]

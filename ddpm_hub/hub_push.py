@@ -1,5 +1,7 @@
 """Pushing a final pipeline folder to the Hub with huggingface_hub: checked before training, retried, token-safe.
 
+Retries: huggingface_hub retries its pre-upload and LFS requests itself; we retry, with backoff, only the requests
+it does not (whoami, create_repo, the commit), so no request is retried by two layers.
 Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json) is uploaded,
 never checkpoints, optimizer state or logs. The token comes from the argument, HF_TOKEN or the saved login;
 it is never printed, logged or written anywhere by this module, and is scrubbed from error messages.
@@ -56,9 +58,28 @@ def _status(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+# Requests that huggingface_hub already retries itself (`http_backoff`: 5 retries with backoff on 429/5xx,
+# timeouts and dropped connections): a failure of one of these has outlasted the client's own retries, so we
+# report it instead of retrying the whole operation again (one retry layer per request, never nested).
+CLIENT_RETRIED = ("/preupload/", "/info/lfs", "/objects/batch", "xet")
+
+
+def _request_url(exc: BaseException) -> str:
+    for holder in (getattr(exc, "response", None), exc):
+        try:
+            request = getattr(holder, "request", None)
+        except RuntimeError:  # httpx raises when an exception carries no request
+            request = None
+        if request is not None:
+            return str(getattr(request, "url", ""))
+    return ""
+
+
 def _is_retryable(exc: BaseException) -> bool:
     """5xx/429/408 answers and transport failures (timeouts, refused or dropped connections) are transient;
-    other HTTP answers and programming errors are not."""
+    other HTTP answers and programming errors are not; neither is a request the client already retried."""
+    if any(marker in _request_url(exc) for marker in CLIENT_RETRIED):
+        return False
     if isinstance(exc, HfHubHTTPError):
         status = _status(exc)
         return status is None or status in RETRYABLE_STATUS

@@ -11,11 +11,14 @@ from conftest import REPO, subprocess_env
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_train", "bench_sample", "bench_bpd", "bench_quality"])
+@pytest.mark.parametrize(
+    "script", ["bench_train", "bench_sample", "bench_bpd", "bench_quality", "bench_make_train", "gpu_check"]
+)
 def test_benchmark_quick(script, tmp_path):
     out = tmp_path / f"{script}.json"
+    quick = "--dry-run" if script == "gpu_check" else "--quick"  # the GPU check's CPU rehearsal
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), quick, "--out", str(out)],
         cwd=tmp_path,
         env=subprocess_env(tmp_path),
         capture_output=True,
@@ -28,5 +31,7 @@ def test_benchmark_quick(script, tmp_path):
     assert "|" in proc.stdout  # the printed table
     rows = result.get("rows") or result.get("per_compute")
     assert rows and all(isinstance(r, dict) for r in rows)
+    if script == "bench_make_train":
+        assert rows[0]["torch_threads"] >= 1 and rows[0]["busy_cores"] > 0
     if script == "bench_sample":
         assert all(r["max_abs_diff"] < 1e-4 for r in rows)  # speed is never bought with a different result

@@ -247,3 +247,16 @@ def test_token_never_in_errors(hub, trained):
         push_pipeline_folder(trained, "org/x", token=token, base_delay=0.01)
     assert token not in str(exc.value) and token not in repr(exc.value.__cause__ or "")
     assert np.all([token not in line for line in str(exc.value).splitlines()])
+
+
+def test_requests_the_client_retries_are_not_retried_again(hub, trained, monkeypatch):
+    """One retry layer: a pre-upload that fails through huggingface_hub's own 5 retries is reported, not retried
+    by a second layer around it (which would make 5 x 6 = 30 requests)."""
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # the client's backoff, made instant
+    hub.state.faults = [Fault("POST", "/preupload/", 503, times=10_000)]
+    with pytest.raises(HubError, match="failed after 1 attempt"):
+        push_pipeline_folder(trained, "org/preupload-down", attempts=5, base_delay=0.01)
+    preuploads = [r for r in hub.state.requests if "/preupload/" in r[1]]
+    assert len(preuploads) == 6  # 1 + the client's 5 retries
