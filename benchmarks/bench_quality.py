@@ -91,6 +91,8 @@ def train_ours(out: Path, minutes: float, quick: bool) -> float:
         "0",
         "--final_bpd",
         "none",
+        "--num_quality_samples",
+        "0",
         "--save_images_steps",
         "1000000",
         "--eval_steps",

@@ -110,6 +110,10 @@ class DiffusionConfig:
     clip_sample: bool = opt(True, "clip predicted x_0 to [-1, 1] when sampling")
     loss_type: str = opt("simple", "simple (Ho et al.), hybrid (improved DDPM) or vlb", choices=LOSS_TYPES)
     vlb_weight: float = opt(0.001, "lambda of the hybrid loss", minimum=0)
+    snr_gamma: float | None = opt(
+        None, "min-SNR-gamma weighting of the MSE term (Hang et al. 2023, diffusers' compute_snr); 5 is typical",
+        minimum=0, exclusive=True,
+    )
     timestep_sampling: str = opt("uniform", "how training timesteps are drawn", choices=("uniform", "importance"))
 
 

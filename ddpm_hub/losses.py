@@ -42,6 +42,20 @@ def _stop_mean_gradient(model_output: torch.Tensor, channels: int) -> torch.Tens
     return torch.cat([mean_part.detach(), var_part], dim=1)
 
 
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-example min-SNR-gamma weights `[N]` (Hang et al. 2023), as diffusers' example trainers compute them."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
 def training_losses(
     scheduler: DDPMScheduler,
     model_output: torch.Tensor,
@@ -51,6 +65,7 @@ def training_losses(
     loss_type: str = "simple",
     vlb_weight: float = 0.001,
     x_t: torch.Tensor | None = None,
+    snr_gamma: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-example losses `[N]` (float32) for one batch of Algorithm 1.
 
@@ -58,7 +73,9 @@ def training_losses(
     - `hybrid`: L_simple + vlb_weight * T * L_t with the mean's gradient stopped in the bound term
       (improved DDPM eq. 16, lambda = 0.001); needs learned variances for the bound term to train anything.
     - `vlb`: T * L_t, an unbiased one-sample estimate of the whole bound in bits/dim.
-    `x_t` (the model's input) is recomputed with the scheduler's `add_noise` when not given.
+    `x_t` (the model's input) is recomputed with the scheduler's `add_noise` when not given. `snr_gamma` weights
+    the MSE term by min-SNR-gamma (Hang et al. 2023): min(SNR_t, gamma) / SNR_t for epsilon, / (SNR_t + 1) for
+    v, min(SNR_t, gamma) for x_0 prediction, with SNR_t = abar_t / (1 - abar_t) from diffusers' `compute_snr`.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -70,6 +87,8 @@ def training_losses(
     losses: dict[str, torch.Tensor] = {}
     if loss_type in ("simple", "hybrid"):
         losses["mse"] = simple_loss(mean_part, training_target(scheduler, x_start, noise, timesteps))
+        if snr_gamma is not None:
+            losses["mse"] = losses["mse"] * min_snr_weights(scheduler, timesteps, snr_gamma)
     if loss_type in ("hybrid", "vlb"):
         vlb_input = model_output
         if loss_type == "hybrid" and model_output.shape[1] == 2 * channels:

@@ -298,3 +298,20 @@ def test_clip_denoised_default_follows_clip_sample_or_thresholding():
     assert default_clip_denoised(DDPMScheduler(clip_sample=True))
     assert not default_clip_denoised(DDPMScheduler(clip_sample=False))
     assert default_clip_denoised(DDPMScheduler(clip_sample=False, thresholding=True))
+
+
+def test_min_snr_gamma_weights_match_the_formula():
+    from ddpm_hub.losses import min_snr_weights
+
+    scheduler = DDPMScheduler()
+    t = torch.tensor([0, 10, 300, 999])
+    abar = scheduler.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0).double(), expected, rtol=1e-5, atol=0)
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    plain = training_losses(scheduler, torch.zeros_like(x0), x0, noise, t)["loss"]
+    weighted = training_losses(scheduler, torch.zeros_like(x0), x0, noise, t, snr_gamma=5.0)["loss"]
+    torch.testing.assert_close(weighted, plain * expected.float(), rtol=1e-5, atol=0)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    torch.testing.assert_close(min_snr_weights(v, t, 5.0).double(), expected * snr / (snr + 1), rtol=1e-5, atol=0)

@@ -188,6 +188,8 @@ def test_digits_run_learns(tmp_path):
         "0",
         "--final_bpd",
         "none",
+        "--num_quality_samples",
+        "0",
         "--checkpointing_steps",
         "1000",
         "--save_images_steps",

@@ -88,6 +88,7 @@ def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
     # --compile asks accelerate's dynamo plugin for inductor; without it, accelerate launch's --dynamo_backend decides
     dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.compile_mode) if cfg.compile else None
     return Accelerator(
+        cpu=True if no_accelerator_device() else None,  # else accelerate picks (and `accelerate launch --cpu` wins)
         mixed_precision=cfg.mixed_precision,
         dynamo_plugin=dynamo,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -95,6 +96,18 @@ def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
         project_config=project,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
+
+
+def no_accelerator_device() -> bool:
+    """True when accelerate would pick the CPU anyway. Saying so lets several processes on a CPU-only machine
+    (`accelerate launch --multi_gpu --num_processes 2`) train together over gloo instead of independently."""
+    import accelerate.utils as au
+
+    checks = ("is_mps_available", "is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available",
+              "is_sdaa_available", "is_hpu_available", "is_neuron_available")  # fmt: skip
+    if torch.cuda.is_available():
+        return False
+    return not any(getattr(au, name, lambda: False)() for name in checks)
 
 
 @dataclass
@@ -495,9 +508,8 @@ class Trainer:
         with acc.accumulate(self.unet):
             with acc.autocast():
                 model_output = self.unet(x_t, timesteps).sample
-            losses = training_losses(
-                self.noise_scheduler, model_output.float(), x0, noise, timesteps, cfg.loss_type, cfg.vlb_weight, x_t
-            )
+            losses = training_losses(self.noise_scheduler, model_output.float(), x0, noise, timesteps, cfg.loss_type,
+                                     cfg.vlb_weight, x_t, snr_gamma=cfg.snr_gamma)  # fmt: skip
             loss = (losses["loss"] * weights).mean()
             acc.backward(loss)
             grad_norm = None
