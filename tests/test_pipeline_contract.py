@@ -203,3 +203,20 @@ def test_model_card_states_only_what_is_true(trained):
     assert "model-index" in text and "name: the UCI optical digits (embedded)" in text and "4.5" in text
     assert "no EMA" in text and "exponential moving average" not in text
     assert "license: other" in text and "not recorded" in text  # unknown data license: said, not guessed
+
+
+@pytest.mark.slow
+def test_compiled_sampling_stays_within_float32_rounding():
+    """`--compile` (torch.compile of the UNet, in place) changes speed, not images: within float32 rounding."""
+    pipeline = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=5,
+                        output_type="np").images  # fmt: skip
+
+    eager = run()
+    pipeline.unet.compile()
+    compiled = run()
+    assert type(pipeline.unet).__name__ == "UNet2DModel"  # compiled in place: saving and configs unchanged
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
