@@ -4,7 +4,7 @@ PYTHON ?= python
 # e.g. `make train TORCH=torch`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install train test lint
+.PHONY: install train test test-slow lint
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -16,6 +16,11 @@ train: install
 lint: install
 	ruff check .
 
+# The suite (about 10 minutes on 2 cores). Tests marked `slow` (benchmark smoke runs, SIGKILL fault injection,
+# torch.compile) run in `make test-slow`, the second step of .ci/run.
 test: install
 	ruff check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow
