@@ -169,7 +169,7 @@ class RunConfig:
     num_eval_images: int = opt(64, "images in each sample grid (0: none)", minimum=0)
     eval_bpd_samples: int = opt(16, "strata of the fast bits/dim estimate (>= 2)", minimum=2)
     sampler: str = opt(
-        "ddpm", "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
+        "dpm", "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
         choices=tuple(SAMPLERS),
     )
     num_inference_steps: int | None = opt(
