@@ -31,8 +31,11 @@ from common import machine, print_table, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_make_train(script: Path, max_train_steps: int | None, pythonpath: str | None, extra: list[str]) -> dict:
-    """One run of the README command; returns wall time, images/s, threads and busy cores."""
+def run_make_train(
+    script: Path, max_train_steps: int | None, pythonpath: str | None, extra: list[str], keep: str | None = None
+) -> dict:
+    """One run of the README command; returns wall time, images/s, threads and busy cores (`keep`: copy the
+    output folder there)."""
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.pop(name, None)
@@ -53,6 +56,11 @@ def run_make_train(script: Path, max_train_steps: int | None, pythonpath: str | 
         if proc.returncode:
             raise RuntimeError(proc.stderr[-3000:])
         metrics = json.loads((out / "metrics.json").read_text())
+        if keep:
+            import shutil
+
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(out, keep, ignore=shutil.ignore_patterns("checkpoints", "logs"))
     rates = [h["images_per_s"] for h in metrics.get("history", []) if "images_per_s" in h]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {
@@ -71,16 +79,18 @@ def main() -> None:
     parser.add_argument("--script", default=str(REPO / "training" / "train.py"))
     parser.add_argument("--pythonpath", default=None, help="where that checkout's ddpm_hub is installed")
     parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--keep", default=None, help="copy the trained output folder here (without checkpoints)")
+    parser.add_argument("extra", nargs="*", help="more training flags, after --")
     parser.add_argument("--quick", action="store_true", help="smoke test: 20 steps without evaluations")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "make_train.json"))
     args = parser.parse_args()
-    extra: list[str] = []
+    extra: list[str] = list(args.extra)
     steps = args.max_train_steps
     if args.quick:
         steps = 20
-        extra = ["--final_bpd", "none", "--num_eval_images", "0", "--num_quality_samples", "0", "--logging_steps", "5",
+        extra += ["--final_bpd", "none", "--num_eval_images", "0", "--num_quality_samples", "0", "--logging_steps", "5",
                  "--eval_steps", "1000"]  # fmt: skip
-    row = {"label": args.label, **run_make_train(Path(args.script), steps, args.pythonpath, extra)}
+    row = {"label": args.label, **run_make_train(Path(args.script), steps, args.pythonpath, extra, args.keep)}
     rows = [row]
     columns = ["label", "steps", "wall_s", "images_per_s", "torch_threads", "busy_cores"]
     print_table("make train (README command)", rows, columns)
