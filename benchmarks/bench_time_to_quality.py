@@ -99,7 +99,7 @@ def run_lever(name: str, lever: dict, budget: float, every: float, num_samples: 
                 trainer.ema.step(trainer.unet.parameters())
             trainer.global_step += 1
         trained += time.perf_counter() - start
-        row = {"lever": name, "seconds": round(trained), "steps": trainer.global_step,
+        row = {"lever": name, "seconds": round(trained), "steps": trainer.global_step, "num_samples": num_samples,
                **evaluate(trainer, num_samples, 20)}  # fmt: skip
         print(row, flush=True)
         points.append(row)
@@ -119,7 +119,8 @@ def plot(rows: list[dict], path: Path) -> None:
         style = {"linewidth": 2.5, "color": "black"} if lever == "baseline" else {"linewidth": 1}
         axes[0].plot([p["seconds"] for p in points], [p["digits_fid"] for p in points], label=lever, **style)
         axes[1].plot([p["seconds"] for p in points], [p["bpd"] for p in points], label=lever, **style)
-    axes[0].set_ylabel("digits-classifier FID (1000 samples, DPM-Solver++ 20)")
+    n = rows[0].get("num_samples", 500)
+    axes[0].set_ylabel(f"digits-classifier FID ({n} samples, DPM-Solver++ 20)")
     axes[1].set_ylabel("held-out bits/dim (estimate)")
     for ax in axes:
         ax.set_xlabel("training seconds (2-core CPU)")
