@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .choices import BETA_SCHEDULES, SAMPLERS
+from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
 
 DEFAULT_SAMPLER = "dpm"  # measured: see README, sample quality per sampler
 
@@ -226,8 +226,8 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _sampler_args(p: argparse.ArgumentParser) -> None:
-    names = ", ".join(f"{k} ({v.steps})" for k, v in SAMPLERS.items())
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+    names = ", ".join(f"{k} ({SAMPLERS[k].steps})" for k in OFFERED)
+    p.add_argument("--scheduler", choices=sorted(OFFERED), default=DEFAULT_SAMPLER,
                    help=f"sampler (its usual step count): {names}")  # fmt: skip
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the sampler's)")
     p.add_argument("--batch_size", type=_positive, default=256)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .choices import BETA_SCHEDULES, LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, VARIANCE_TYPES
+from .choices import BETA_SCHEDULES, LOSS_TYPES, OFFERED, PREDICTION_TYPES, SAMPLERS, VARIANCE_TYPES
 from .models import UNET_PRESETS
 
 # diffusers.optimization.SchedulerType minus piecewise_constant, which needs step rules this trainer does not take.
@@ -170,7 +170,7 @@ class RunConfig:
     eval_bpd_samples: int = opt(16, "strata of the fast bits/dim estimate (>= 2)", minimum=2)
     sampler: str = opt(
         "dpm", "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
-        choices=tuple(SAMPLERS),
+        choices=OFFERED,
     )
     num_inference_steps: int | None = opt(
         None, "sampling steps of the grids, metric and card (default: the sampler's usual count)", minimum=1,

@@ -79,8 +79,16 @@ def test_every_compatible_scheduler_gives_the_canonical_loop_images(name, learne
 
 
 def test_every_cli_sampler_is_a_compatible_scheduler():
-    """The CLI offers exactly the schedulers of DDPMScheduler._compatibles (each tested above)."""
+    """Every scheduler of DDPMScheduler._compatibles has a sampler (each tested above); the CLI offers exactly
+    those that passed the quality check, and names why the others are left out."""
+    from ddpm_hub.choices import NOT_OFFERED, OFFERED
+    from ddpm_hub.cli import build_parser
+
     assert {s.scheduler for s in SAMPLERS.values()} == set(diffusers.DDPMScheduler._compatibles)
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    choices = next(a.choices for a in sample._actions if a.dest == "scheduler")
+    assert sorted(choices) == sorted(OFFERED) and not set(choices) & set(NOT_OFFERED)
+    assert all(NOT_OFFERED.values())
 
 
 def test_callback_on_step_end_as_diffusers_defines_it():
