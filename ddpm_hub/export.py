@@ -38,15 +38,14 @@ def grid_upscale(resolution: int) -> int:
 
 def sample_grid(pipeline, num_images: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64):
     """A grid (PIL) of `num_images` samples drawn with a fixed seed, so that grids of one run are comparable."""
-    from .plots import image_grid
+    from PIL import Image
 
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        images += pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps).images
-    return image_grid(images, upscale=grid_upscale(images[0].height))
+    from .plots import image_grid
+    from .sampling import sample_uint8
+
+    images = sample_uint8(pipeline, num_images, num_inference_steps, seed, batch_size).permute(0, 2, 3, 1).numpy()
+    tiles = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]
+    return image_grid(tiles, upscale=grid_upscale(tiles[0].height))
 
 
 def held_out_bpd(
