@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, write_json  # noqa: E402
+import torch  # noqa: E402
+from common import machine, matmul_gflops, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,9 +91,14 @@ def main() -> None:
         steps = 20
         extra += ["--final_bpd", "none", "--num_eval_images", "0", "--num_quality_samples", "0", "--logging_steps", "5",
                  "--eval_steps", "1000"]  # fmt: skip
-    row = {"label": args.label, **run_make_train(Path(args.script), steps, args.pythonpath, extra, args.keep)}
+    # The machine's speed right before the run: wall times of runs on different days compare through this rate.
+    torch.set_num_threads(os.cpu_count() or 1)
+    gflops = round(matmul_gflops(), 1)
+    torch.set_num_threads(1)
+    row = {"label": args.label, **run_make_train(Path(args.script), steps, args.pythonpath, extra, args.keep),
+           "matmul_gflops": gflops}  # fmt: skip
     rows = [row]
-    columns = ["label", "steps", "wall_s", "images_per_s", "torch_threads", "busy_cores"]
+    columns = ["label", "steps", "wall_s", "images_per_s", "torch_threads", "busy_cores", "matmul_gflops"]
     print_table("make train (README command)", rows, columns)
     print("metrics:", json.dumps(row["metrics"]))
     write_json(args.out, {"machine": machine(), "rows": rows})

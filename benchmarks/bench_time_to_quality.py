@@ -1,15 +1,21 @@
 """Time to quality on the embedded digits: train for a wall-clock budget, evaluate at fixed wall-clock points.
 
-Each configuration is the `digits` preset with one lever changed. Training runs in-process with the real
-Trainer (`train_step` + EMA, the run's own thread policy); the clock stops during evaluations. At every point
-(`--every` seconds of training) the EMA weights are measured on the 300 held-out digits:
+Each configuration is a base recipe (`--base`: the `digits` preset, or the recipe it replaced) with one lever
+changed. Training runs in-process with the real Trainer (`train_step` + EMA, the run's own thread policy) at the
+recipe's learning rate after warm-up (its cosine decay is planned over 100,000 steps: under 0.1% of it happens in
+a 5-minute run); the clock stops during evaluations.
+At every point (`--every` seconds of training) the EMA weights are measured on the 300 held-out digits:
 - held-out bits/dim, the stratified estimate (L_0..L_10 exact + 16 strata; the same draws at every point),
-- digits-classifier FID/KID (`ddpm_hub.digits_features`, not Inception FID) of 500 samples drawn with
-  DPM-Solver++ 2M in 20 steps (fast: a few seconds on this CPU), against the held-out digits.
+- digits-classifier FID/KID (`ddpm_hub.digits_features`, not Inception FID) of `--num_samples` (1000) samples
+  drawn with the package's default sampler (DPM-Solver++ 2M, 10 steps: about 5 s per 1000 on this CPU), against
+  the held-out digits.
 Prints a table, writes JSON and a PNG of the curves.
 
-    python benchmarks/bench_time_to_quality.py [--budget 120] [--baseline_budget 300] [--every 60] [--levers ...]
-    python benchmarks/bench_time_to_quality.py --quick      # CI smoke: 2 levers, seconds
+    python benchmarks/bench_time_to_quality.py                 # round 2: the digits preset and the recipes before it
+    python benchmarks/bench_time_to_quality.py --base old_recipe --num_samples 500 --sampler_steps 20 \
+        --out benchmarks/results/time_to_quality_round1.json \
+        --figure docs/figures/time_to_quality_round1.png --levers baseline lr_2e-3 ...   # round 1 (README)
+    python benchmarks/bench_time_to_quality.py --quick         # CI smoke: 2 levers, seconds
 """
 
 from __future__ import annotations
@@ -28,10 +34,22 @@ from common import machine, print_table, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
-# One lever at a time, against the digits preset (its values are in ddpm_hub/config.py: lr 1e-3, warmup 100,
-# batch 128, EMA 0.999 with warm-up, cosine betas, epsilon prediction, uniform timesteps, channels 32/64).
+# Base recipes. `digits` is the preset as shipped (ddpm_hub/config.py: v-prediction, learned-range variance with the
+# hybrid loss, lr 1e-3, warm-up 100, batch 128, EMA 0.999 with warm-up, cosine betas, uniform timesteps, channels
+# 32/64). `old_recipe` is the preset before this study (epsilon prediction, fixed variance, L_simple).
+BASES: dict[str, dict] = {
+    "digits": {},
+    "old_recipe": {"prediction_type": "epsilon", "variance_type": "fixed_small", "loss_type": "simple"},
+}
+
+# One lever at a time, on top of the base.
 LEVERS: dict[str, dict] = {
     "baseline": {},
+    "old_recipe": BASES["old_recipe"],
+    "fixed_variance": {"variance_type": "fixed_small", "loss_type": "simple"},
+    "epsilon": {"prediction_type": "epsilon"},
+    "hybrid": {"variance_type": "learned_range", "loss_type": "hybrid"},
+    "batch_64_lr_2e-3": {"train_batch_size": 64, "learning_rate": 2e-3},
     "lr_2e-3": {"learning_rate": 2e-3},
     "lr_5e-4": {"learning_rate": 5e-4},
     "warmup_500": {"lr_warmup_steps": 500},
@@ -49,6 +67,7 @@ LEVERS: dict[str, dict] = {
 
 
 def make_trainer(lever: dict, out_dir: str, max_steps: int):
+    """The real Trainer for the digits preset with `lever` (base and lever merged) applied."""
     from train import Trainer
 
     from ddpm_hub.config import build_config
@@ -71,6 +90,7 @@ def make_trainer(lever: dict, out_dir: str, max_steps: int):
 
 
 def evaluate(trainer, num_samples: int, sampler_steps: int) -> dict[str, float]:
+    """Held-out bits/dim estimate and digits FID/KID of the EMA weights (default sampler, `sampler_steps`)."""
     from ddpm_hub.export import ema_weights, held_out_bpd
     from ddpm_hub.metrics import digits_fid_kid
     from ddpm_hub.sampling import sample_uint8, with_sampler
@@ -83,7 +103,10 @@ def evaluate(trainer, num_samples: int, sampler_steps: int) -> dict[str, float]:
     return {"bpd": bpd["held_out_bits_per_dim_estimate"], **quality}
 
 
-def run_lever(name: str, lever: dict, budget: float, every: float, num_samples: int, tmp: str) -> list[dict]:
+def run_lever(
+    name: str, lever: dict, budget: float, every: float, num_samples: int, sampler_steps: int, tmp: str
+) -> list[dict]:
+    """Train one configuration for `budget` seconds, evaluating every `every` seconds of training."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -100,14 +123,16 @@ def run_lever(name: str, lever: dict, budget: float, every: float, num_samples: 
             trainer.global_step += 1
         trained += time.perf_counter() - start
         row = {"lever": name, "seconds": round(trained), "steps": trainer.global_step, "num_samples": num_samples,
-               **evaluate(trainer, num_samples, 20)}  # fmt: skip
+               "sampler_steps": sampler_steps,
+               **evaluate(trainer, num_samples, sampler_steps)}  # fmt: skip
         print(row, flush=True)
         points.append(row)
         next_point += every
     return points
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Two panels against training seconds: FID and bits/dim, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,14 +144,14 @@ def plot(rows: list[dict], path: Path) -> None:
         style = {"linewidth": 2.5, "color": "black"} if lever == "baseline" else {"linewidth": 1}
         axes[0].plot([p["seconds"] for p in points], [p["digits_fid"] for p in points], label=lever, **style)
         axes[1].plot([p["seconds"] for p in points], [p["bpd"] for p in points], label=lever, **style)
-    n = rows[0].get("num_samples", 500)
-    axes[0].set_ylabel(f"digits-classifier FID ({n} samples, DPM-Solver++ 20)")
+    n, steps = rows[0].get("num_samples", 500), rows[0].get("sampler_steps", 20)
+    axes[0].set_ylabel(f"digits-classifier FID ({n} samples, DPM-Solver++ {steps})")
     axes[1].set_ylabel("held-out bits/dim (estimate)")
     for ax in axes:
         ax.set_xlabel("training seconds (2-core CPU)")
         ax.set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Time to quality on the embedded digits, one lever at a time")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -137,25 +162,35 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="training seconds per configuration")
     parser.add_argument("--baseline_budget", type=float, default=300.0, help="training seconds of the baseline")
     parser.add_argument("--every", type=float, default=60.0, help="evaluate every N training seconds")
-    parser.add_argument("--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS))
-    parser.add_argument("--num_samples", type=int, default=500)
+    parser.add_argument("--base", default="digits", choices=list(BASES), help="the recipe the levers change")
+    parser.add_argument("--levers", nargs="*", default=["baseline", "fixed_variance", "old_recipe"],
+                        choices=list(LEVERS))  # fmt: skip
+    parser.add_argument("--full_budget", nargs="*", default=["baseline", "fixed_variance", "old_recipe"],
+                        help="levers that get --baseline_budget instead of --budget")  # fmt: skip
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--sampler_steps", type=int, default=None, help="default: the default sampler's steps")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "time_to_quality.json"))
     parser.add_argument("--figure", default=str(REPO / "docs" / "figures" / "time_to_quality.png"))
     args = parser.parse_args()
     if args.quick:
-        args.budget, args.every, args.levers, args.num_samples = 4.0, 2.0, ["baseline", "min_snr_5"], 50
+        args.budget, args.every, args.levers, args.num_samples = 4.0, 2.0, ["baseline", "old_recipe"], 50
         args.baseline_budget = 4.0
         args.figure = str(Path(tempfile.mkdtemp()) / "ttq.png")
+    from ddpm_hub.choices import SAMPLERS
+
+    steps = args.sampler_steps or SAMPLERS["dpm"].steps
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.levers:
-            budget = args.baseline_budget if name == "baseline" else args.budget
-            rows += run_lever(name, LEVERS[name], budget, args.every, args.num_samples, tmp)
+            budget = args.baseline_budget if name in args.full_budget else args.budget
+            lever = {**BASES[args.base], **LEVERS[name]}
+            rows += run_lever(name, lever, budget, args.every, args.num_samples, steps, tmp)
     print_table(f"Time to quality (budget {args.budget:.0f} s, eval every {args.every:.0f} s)", rows,
                 ["lever", "seconds", "steps", "bpd", "digits_fid", "digits_kid"])  # fmt: skip
-    plot(rows, Path(args.figure))
+    plot(rows, Path(args.figure), f"Time to quality on the embedded digits (base: {args.base}), one lever at a time")
     write_json(args.out, {"machine": machine(), "threads": torch.get_num_threads(), "budget": args.budget,
+                          "baseline_budget": args.baseline_budget, "base": {args.base: BASES[args.base]},
                           "levers": {k: LEVERS[k] for k in args.levers}, "rows": rows})  # fmt: skip
     print(f"wrote {args.figure}")
 

@@ -35,6 +35,33 @@ def test_help_shows_the_values_a_run_would_use_and_the_choices(capsys):
     assert "peak learning rate (default: 0.0002)" in text and "linear warm-up steps (default: 5000)" in text
 
 
+def test_every_enumerated_option_shows_all_its_choices_in_help(capsys):
+    from ddpm_hub.config import FIELDS
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    enumerated = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata.get("choices")}
+    assert {"beta_schedule", "prediction_type", "variance_type", "loss_type", "sampler", "logger"} <= set(enumerated)
+    for name, choices in enumerated.items():
+        shown = "{" + ",".join(str(c) for c in choices) + "}"
+        assert f"--{name} {shown}" in text, name
+
+
+def test_naming_only_the_variance_or_only_the_loss_makes_the_other_fit():
+    preset = build_config({})  # digits: learned-range variance trained by the hybrid loss
+    assert (preset.variance_type, preset.loss_type) == ("learned_range", "hybrid")
+    assert build_config({"variance_type": "fixed_small"}).loss_type == "simple"
+    assert build_config({"loss_type": "simple"}).variance_type == "fixed_small"
+    assert build_config({"loss_type": "vlb"}).variance_type == "learned_range"
+    cifar = {"preset": "cifar10"}  # fixed_large with L_simple
+    assert build_config({**cifar, "variance_type": "learned_range"}).loss_type == "hybrid"
+    assert build_config({**cifar, "loss_type": "hybrid"}).variance_type == "learned_range"
+    assert build_config({**cifar, "loss_type": "vlb"}).variance_type == "fixed_large"
+    with pytest.raises(ConfigError, match="--loss_type hybrid trains a learned variance"):
+        build_config({"variance_type": "fixed_small", "loss_type": "hybrid"})  # both named: the user's mistake
+
+
 def test_diffusers_flag_names_are_aliases_and_config_files_may_nest(tmp_path):
     cfg, _ = parse_args(["--ddpm_num_steps", "50", "--ddpm_beta_schedule", "linear", "--ddpm_num_inference_steps",
                          "20", "--report_to", "none", "--use_ema", "false"])  # fmt: skip
