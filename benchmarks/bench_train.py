@@ -16,49 +16,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, machine, matmul_gflops, median_time, print_table, unet_flops, write_json  # noqa: E402
+from common import PeakRSS, benchmark_trainer, machine, matmul_gflops, median_time, print_table, unet_flops, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
-
-
-def our_step_fn(unet_preset: str, resolution: int, batch: int, out_dir: str):
-    """A real Trainer on the embedded digits (resized/converted to the model's shape); returns one update."""
-    from train import Trainer
-
-    from ddpm_hub.config import build_config
-
-    cfg = build_config(
-        {
-            "preset": "digits",
-            "unet_preset": unet_preset,
-            "resolution": resolution,
-            "train_batch_size": batch,
-            "logger": "none",
-            "output_dir": out_dir,
-            "max_train_steps": 1000,
-            "lr_warmup_steps": 0,
-            "learning_rate": 1e-4,
-            "channels": 1 if unet_preset in ("digits", "tiny") else 3,
-            "num_eval_images": 0,
-            "final_bpd": "none",
-        }
-    )
-    trainer = Trainer(cfg)
-    iterator = iter(trainer.loader)
-
-    def step():
-        nonlocal iterator
-        try:
-            batch_u8 = next(iterator)
-        except StopIteration:
-            iterator = iter(trainer.loader)
-            batch_u8 = next(iterator)
-        trainer.train_step(batch_u8, 0)
-        trainer.ema.step(trainer.unet.parameters())
-        trainer.global_step += 1
-
-    return step, trainer.accelerator.unwrap_model(trainer.unet), trainer.accelerator
 
 
 def stock_step_fn(unet, accelerator, batch: int, channels_last: bool = False, compiled: bool = False):
@@ -126,7 +87,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset, resolution, batch, repeats in cases:
-            ours, unet, accelerator = our_step_fn(preset, resolution, batch, f"{tmp}/{preset}-{batch}")
+            ours, trainer = benchmark_trainer(preset, resolution, batch, f"{tmp}/{preset}-{batch}")
+            unet, accelerator = trainer.accelerator.unwrap_model(trainer.unet), trainer.accelerator
             stock = stock_step_fn(unet, accelerator, batch)
             flops = unet_flops(unet, 1, backward=True)
             floor = rate * 1e9 / flops  # images/s if every FLOP ran at the matmul rate

@@ -115,3 +115,45 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1) + "\n")
     print(f"\nwrote {path}")
+
+
+# The stock diffusers example's objective (epsilon, fixed variance, L_simple): a speed comparison with its step
+# must do the same work, whatever the `digits` preset trains (v-prediction, learned variance, hybrid loss).
+STOCK_OBJECTIVE = {"prediction_type": "epsilon", "variance_type": "fixed_small", "loss_type": "simple"}
+
+
+def benchmark_trainer(
+    unet_preset: str, resolution: int, batch: int, out_dir: str, random_data: bool = False, **options: Any
+) -> tuple[Callable[[], None], Any]:
+    """Our real Trainer on a UNet preset with the stock example's objective, and a function doing one update
+    (`train_step` + EMA). Data: the embedded digits converted to the model's shape, or (`random_data`) random uint8
+    images, which need no datasets install (a step's cost does not depend on the pixels). `options`: more
+    training options (mixed precision, channels_last, compile, ...)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    import torch
+    from train import Data, Trainer
+
+    from ddpm_hub.config import build_config
+
+    channels = 1 if unet_preset in ("digits", "tiny") else 3
+    cfg = build_config({
+        "preset": "digits", "unet_preset": unet_preset, "resolution": resolution, "channels": channels,
+        "train_batch_size": batch, "logger": "none", "output_dir": out_dir, "max_train_steps": 100_000,
+        "lr_warmup_steps": 0, "learning_rate": 1e-4, "num_eval_images": 0, "final_bpd": "none",
+        "num_quality_samples": 0, **STOCK_OBJECTIVE, **options,
+    })  # fmt: skip
+    data = None
+    if random_data:
+        images = torch.randint(0, 256, (max(4 * batch, 512), channels, resolution, resolution), dtype=torch.uint8)
+        data = Data(torch.utils.data.TensorDataset(images), None, len(images), 0, channels, "random images", None, None)
+    trainer = Trainer(cfg, data=data)
+    batches = trainer.batches()
+
+    def step() -> None:
+        trainer.train_step(next(batches), 0)
+        trainer.ema.step(trainer.unet.parameters())
+        trainer.global_step += 1
+
+    return step, trainer

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import stock_step_fn  # noqa: E402
-from common import machine, median_time, print_table, write_json  # noqa: E402
+from common import benchmark_trainer, machine, median_time, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
@@ -45,33 +45,12 @@ def reset_accelerate() -> None:
 
 
 def our_trainer(preset: str, resolution: int, batch: int, mode: tuple[str, bool, bool], out_dir: str):
-    """Our real Trainer (embedded digits converted to the model's shape) and a function doing one update."""
-    from train import Data, Trainer
-
-    from ddpm_hub.config import build_config
-
+    """Our real Trainer (the stock example's objective, random images of the model's shape) in `mode`, and a
+    function doing one update."""
     precision, channels_last, compiled = mode
-    cfg = build_config({
-        "preset": "digits", "unet_preset": preset, "resolution": resolution, "channels": 3 if preset != "tiny" else 1,
-        "train_batch_size": batch, "logger": "none", "output_dir": out_dir, "max_train_steps": 100_000,
-        "lr_warmup_steps": 0, "learning_rate": 1e-4, "mixed_precision": precision, "channels_last": channels_last,
-        "compile": bool(compiled), "compile_mode": compiled or "default", "num_eval_images": 0, "final_bpd": "none",
-        "num_quality_samples": 0,
-    })  # fmt: skip
-    # random uint8 images of the model's shape: the step's cost does not depend on the pixels, and the GPU
-    # image needs no datasets install
-    channels = cfg.channels
-    images = torch.randint(0, 256, (max(4 * batch, 512), channels, resolution, resolution), dtype=torch.uint8)
-    data = Data(torch.utils.data.TensorDataset(images), None, len(images), 0, channels, "random images", None, None)
-    trainer = Trainer(cfg, data=data)
-    batches = trainer.batches()
-
-    def step():
-        trainer.train_step(next(batches), 0)
-        trainer.ema.step(trainer.unet.parameters())
-        trainer.global_step += 1
-
-    return step, trainer
+    return benchmark_trainer(preset, resolution, batch, out_dir, random_data=True, mixed_precision=precision,
+                             channels_last=channels_last, compile=bool(compiled),
+                             compile_mode=compiled or "default")  # fmt: skip
 
 
 def stock_in_mode(trainer, batch: int, mode: tuple[str, bool, bool]):

@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mode = "estimate" if args.bpd_estimate else "full"
         g = torch.Generator().manual_seed(args.seed)
         out = pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate")
-        results.update(_bpd_results(out, mode, len(images)))
+        results.update(_bpd_results(out, mode))
         if out.terms is not None and args.vlb_plot:
             from ddpm_hub.plots import vlb_terms_plot
 
@@ -147,11 +147,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bpd_results(out, mode: str, n: int) -> dict[str, float]:
+def _bpd_results(out, mode: str) -> dict[str, float]:
     key = "bits_per_dim_estimate" if mode == "estimate" else "bits_per_dim"
     results = {key: float(out.total.mean())}
-    if out.stderr is not None:  # valid for the mean over images (see bits_per_dim_estimate)
-        results[key + "_stderr"] = float((out.stderr**2).sum().sqrt() / n)
+    if out.stderr is not None:
+        results[key + "_stderr"] = out.mean_stderr()
     return results
 
 

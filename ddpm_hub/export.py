@@ -65,8 +65,10 @@ def held_out_bpd(
     if mode != "estimate":
         raise ValueError(f"mode must be 'full' or 'estimate', got {mode!r}")
     out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=True, num_samples=num_samples)
-    stderr = float((out.stderr**2).sum().sqrt() / len(images))
-    return {"held_out_bits_per_dim_estimate": float(out.total.mean()), "held_out_bits_per_dim_stderr": stderr}
+    return {
+        "held_out_bits_per_dim_estimate": float(out.total.mean()),
+        "held_out_bits_per_dim_stderr": out.mean_stderr(),
+    }
 
 
 def sample_quality(

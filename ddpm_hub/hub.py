@@ -64,16 +64,31 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def _usage(repo_id: str | None, num_inference_steps: int, sampler: str | None) -> str:
-    """The card's snippet: load, swap in the measured sampler (a `choices.SAMPLERS` name) if not DDPM, sample."""
+def _usage(
+    repo_id: str | None,
+    num_inference_steps: int,
+    sampler: str | None,
+    learned_variance: bool = False,
+    saved_scheduler: str = "DDPMScheduler",
+) -> str:
+    """The card's snippet: load, swap in the measured sampler (a `choices.SAMPLERS` name) if not DDPM, sample.
+
+    Stock diffusers' `DDPMPipeline` hands the whole UNet output to the scheduler; only its DDPMScheduler splits a
+    learned variance off it (DPM-Solver keeps the first 3 channels, DDIM and the others none), so a learned-variance
+    model with another sampler is loaded with ddpm_hub's `DDPMPipeline`, which passes them the mean channels."""
     from .choices import SAMPLERS
 
     source = repo_id or "path/to/this/folder"
-    lines = ["from diffusers import DDPMPipeline  # or: from ddpm_hub import DDPMPipeline", ""]
+    swap = bool(sampler and sampler in SAMPLERS and sampler != "ddpm")
+    if learned_variance and (swap or saved_scheduler != "DDPMScheduler"):
+        pipeline_import = "from ddpm_hub import DDPMPipeline  # stock diffusers' DDPMPipeline: DDPMScheduler only"
+    else:
+        pipeline_import = "from diffusers import DDPMPipeline  # or: from ddpm_hub import DDPMPipeline"
+    lines = [pipeline_import, ""]
     lines.append(f'pipeline = DDPMPipeline.from_pretrained("{source}")')
-    if sampler and sampler in SAMPLERS and sampler != "ddpm":
+    if swap:
         cls, config = SAMPLERS[sampler].scheduler, SAMPLERS[sampler].config
-        lines[0] = f"from diffusers import DDPMPipeline, {cls}  # or: from ddpm_hub import DDPMPipeline"
+        lines.insert(1, f"from diffusers import {cls}")
         options = "".join(f", {k}={v!r}" for k, v in config.items())
         lines.append(f"pipeline.scheduler = {cls}.from_config(pipeline.scheduler.config{options})")
     lines.append(f"images = pipeline(batch_size=16, num_inference_steps={num_inference_steps}).images")
@@ -94,9 +109,15 @@ def render_model_card(
     ema: bool | None = None,
     has_samples: bool = True,
     model_name: str | None = None,
+    learned_variance: bool | None = None,
+    saved_scheduler: str = "DDPMScheduler",
 ) -> ModelCard:
     """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
-    the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage)."""
+    the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage).
+    `learned_variance` defaults to what `hparams["variance_type"]` says; `saved_scheduler` is the class the folder
+    stores."""
+    if learned_variance is None:
+        learned_variance = str(hparams.get("variance_type", "")).startswith("learned")
     eval_results = [
         EvalResult(
             task_type="unconditional-image-generation",
@@ -137,6 +158,12 @@ def render_model_card(
         "Other compatible schedulers work too, e.g. "
         "`pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)` with `num_inference_steps=50`."
     )
+    if learned_variance:
+        scheduler_note += (
+            " The UNet also predicts the variance (learned, improved DDPM): stock diffusers' `DDPMPipeline` samples it"
+            " with its `DDPMScheduler` only (its other schedulers do not split the variance channels off the output);"
+            " `ddpm_hub.DDPMPipeline` runs every compatible scheduler on the mean channels."
+        )
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -147,7 +174,7 @@ def render_model_card(
         num_parameters=f"{num_parameters:,}",
         weights_sentence=weights_sentence,
         samples_section="![samples](samples.png)" if has_samples else "",
-        usage_snippet=_usage(repo_id, num_inference_steps, sampler),
+        usage_snippet=_usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler),
         scheduler_note=scheduler_note,
         metrics_table=_metrics_table(metrics),
         hyperparameter_rows=rows,
@@ -188,4 +215,6 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         dataset_description="data not recorded (saved from Python)",
         num_inference_steps=1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
         has_samples=False,
+        learned_variance=unet.out_channels == 2 * unet.in_channels,
+        saved_scheduler=type(pipeline.scheduler).__name__,
     )

@@ -94,6 +94,13 @@ class BitsPerDim:
     def __getitem__(self, key: str) -> torch.Tensor | None:
         return getattr(self, key)
 
+    def mean_stderr(self) -> float | None:
+        """Standard error of `total.mean()` for an estimate (None for the full bound): the images' draws are
+        independent, so their errors add in quadrature (valid and conservative, see `bits_per_dim_estimate`)."""
+        if self.stderr is None:
+            return None
+        return float((self.stderr.double() ** 2).sum().sqrt() / len(self.stderr))
+
 
 def _check_images(images: torch.Tensor, batch_size: int) -> None:
     if not isinstance(images, torch.Tensor):
