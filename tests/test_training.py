@@ -168,8 +168,8 @@ def test_two_rank_cpu_data_parallel_run(tmp_path):
 
 def test_digits_run_learns(tmp_path):
     """Loss falls and the held-out bits/dim estimate (same timesteps and noise each time) improves; with the
-    epsilon-prediction, fixed-variance recipe this test was calibrated on (the trainer's learning, not a preset, is
-    under test; naming the variance alone also sets the loss to L_simple)."""
+    epsilon-prediction, fixed-variance, batch-128 recipe this test was calibrated on (the trainer's learning, not
+    a preset, is under test; naming the variance alone also sets the loss to L_simple)."""
     out = tmp_path / "digits"
     args = [
         "--preset",
@@ -178,6 +178,10 @@ def test_digits_run_learns(tmp_path):
         "epsilon",
         "--variance_type",
         "fixed_small",
+        "--train_batch_size",
+        "128",
+        "--learning_rate",
+        "1e-3",
         "--output_dir",
         str(out),
         "--max_train_steps",

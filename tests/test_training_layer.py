@@ -25,7 +25,7 @@ def test_help_shows_the_values_a_run_would_use_and_the_choices(capsys):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     # no arguments -> the digits preset: its values, not the dataclass defaults
-    assert "peak learning rate (default: 0.001)" in text
+    assert "peak learning rate (default: 0.002)" in text
     assert "the beta_t schedule (default: squaredcos_cap_v2)" in text
     assert "{linear,scaled_linear,squaredcos_cap_v2,sigmoid,laplace}" in text
     assert "(default: digits)" in text and "(default: None) (default" not in text
