@@ -220,7 +220,7 @@ def test_the_cards_usage_snippet_runs_as_written(tmp_path, learned, sampler):
                  ).save_pretrained(folder)  # fmt: skip
     snippet = _card_snippet(folder, learned, sampler)
     needs_ours = learned and sampler is not None
-    assert ("from ddpm_hub import DDPMPipeline" in snippet.splitlines()[0]) == needs_ours
+    assert snippet.startswith("from ddpm_hub import DDPMPipeline") == needs_ours, snippet
     proc = _run_snippet(snippet, tmp_path, block_ddpm_hub=not needs_ours)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if needs_ours:  # the claim behind the choice: stock diffusers' pipeline fails with this sampler
