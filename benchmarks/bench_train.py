@@ -18,9 +18,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, benchmark_trainer, machine, matmul_gflops, median_time, print_table, unet_flops, write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
-
 
 def stock_step_fn(unet, accelerator, batch: int, channels_last: bool = False, compiled: bool = False):
     """diffusers' examples/unconditional_image_generation step: add_noise, MSE, AdamW, clip, EMAModel, and the

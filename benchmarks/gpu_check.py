@@ -24,7 +24,6 @@ from bench_train import stock_step_fn  # noqa: E402
 from common import benchmark_trainer, machine, median_time, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
 
 MODES = {  # name: (mixed precision, channels_last, compile mode or False)
     "fp32": ("no", False, False),
