@@ -12,11 +12,11 @@ At every point (`--every` seconds of training) the EMA weights are measured on t
 Prints a table, writes JSON and a PNG of the curves.
 
     python benchmarks/bench_time_to_quality.py                 # the digits preset and the recipes before it
-    python benchmarks/bench_time_to_quality.py --base round2 \
-        --levers baseline fixed_variance old_recipe batch_64_lr_2e-3      # round 2 as it ran (README)
+    python benchmarks/bench_time_to_quality.py --base batch_128_lr_1e-3 \
+        --levers baseline fixed_variance old_recipe batch_64_lr_2e-3      # docs/benchmarks.md, first table
     python benchmarks/bench_time_to_quality.py --base old_recipe --num_samples 500 --sampler_steps 20 \
         --out benchmarks/results/time_to_quality_round1.json \
-        --figure docs/figures/time_to_quality_round1.png --levers baseline lr_2e-3 ...   # round 1 (README)
+        --figure docs/figures/time_to_quality_round1.png --levers baseline lr_2e-3 ...   # docs/benchmarks.md, levers
     python benchmarks/bench_time_to_quality.py --quick         # CI smoke: 2 levers, seconds
 """
 
@@ -38,13 +38,13 @@ sys.path.insert(0, str(REPO / "training"))
 
 # Base recipes. `digits` is the preset as shipped (ddpm_hub/config.py: v-prediction, learned-range variance with the
 # hybrid loss, batch 64, lr 2e-3, warm-up 100, EMA 0.999 with warm-up, cosine betas, uniform timesteps, channels
-# 32/64). `round2` is the preset while round 2 of the study ran (batch 128, lr 1e-3). `old_recipe` is the preset
-# before the study (epsilon prediction, fixed variance, L_simple, batch 128, lr 1e-3).
+# 32/64). `batch_128_lr_1e-3` is the same at batch 128 and lr 1e-3. `old_recipe` is the epsilon-prediction recipe
+# (epsilon prediction, fixed variance, L_simple, batch 128, lr 1e-3).
 OLD_RECIPE = {"prediction_type": "epsilon", "variance_type": "fixed_small", "loss_type": "simple",
               "train_batch_size": 128, "learning_rate": 1e-3}  # fmt: skip
 BASES: dict[str, dict] = {
     "digits": {},
-    "round2": {"train_batch_size": 128, "learning_rate": 1e-3},
+    "batch_128_lr_1e-3": {"train_batch_size": 128, "learning_rate": 1e-3},
     "old_recipe": OLD_RECIPE,
 }
 
