@@ -15,8 +15,8 @@ Prints a table, writes JSON and a PNG of the curves.
     python benchmarks/bench_time_to_quality.py --base batch_128_lr_1e-3 \
         --levers baseline fixed_variance old_recipe batch_64_lr_2e-3      # docs/benchmarks.md, first table
     python benchmarks/bench_time_to_quality.py --base old_recipe --num_samples 500 --sampler_steps 20 \
-        --out benchmarks/results/time_to_quality_round1.json \
-        --figure docs/figures/time_to_quality_round1.png --levers baseline lr_2e-3 ...   # docs/benchmarks.md, levers
+        --out benchmarks/results/time_to_quality_levers.json \
+        --figure docs/figures/time_to_quality_levers.png --levers baseline lr_2e-3 ...   # docs/benchmarks.md, levers
     python benchmarks/bench_time_to_quality.py --quick         # CI smoke: 2 levers, seconds
 """
 
