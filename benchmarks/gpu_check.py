@@ -5,7 +5,7 @@ H100-class GPU; `--dry-run` runs the same code on tiny sizes on a CPU in seconds
 
     python benchmarks/gpu_check.py [--dry-run] [--skip_compile] [--out benchmarks/results/gpu_check.json]
 
-Targets (issue 11): ours >= 1.3x the stock step at batch 128 and >= 21 training steps/s at batch 128 (the paper's
+Targets: ours >= 1.3x the stock step at batch 128 and >= 21 training steps/s at batch 128 (the paper's
 TPU v3-8 rate).
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
 
-DEFAULT_SAMPLER = "dpm"  # measured: see README, sample quality per sampler
+DEFAULT_SAMPLER = "dpm"  # measured: docs/benchmarks.md, sample quality per sampler
 
 
 class UserError(Exception):
