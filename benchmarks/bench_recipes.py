@@ -9,8 +9,9 @@ samples are scored against the 300 held-out digits in both shipped classifier sp
 FID, KID, precision, recall, class-frequency error, classifier score; `ddpm_hub.metrics.digits_quality`).
 
 Outputs in `--out DIR`: `recipe_NAME.json` per recipe as soon as it finishes (a time-out keeps the finished ones),
-the pipelines in `models/NAME`, worker logs in `logs/`, and `summary.json` + `summary.md`: per recipe the mean and
-95% t-interval over seeds, and per seed the difference from `--baseline` (paired) with its t-interval.
+the pipelines in `models/NAME` (or `--models_dir`), worker logs in `logs/`, and `summary.json` + `summary.md`: per
+recipe the mean and 95% t-interval over seeds, and per seed the difference from `--baseline` (paired) with its
+t-interval.
 
     python benchmarks/bench_recipes.py --out outputs/recipes --jobs 6                 # default recipes, train + score
     python benchmarks/bench_recipes.py --recipes previous current eps_fixed_b64 --out outputs/recipes
@@ -89,7 +90,7 @@ def train_recipe(name: str, plan: dict[str, Any]) -> dict[str, Any]:
 
     from ddpm_hub.config import build_config
 
-    values = {"preset": "digits", **RECIPES[name], **QUIET, "output_dir": str(Path(plan["out"]) / "models" / name),
+    values = {"preset": "digits", **RECIPES[name], **QUIET, "output_dir": str(Path(plan["models_dir"]) / name),
               "final_bpd": plan["final_bpd"], "num_cpu_threads": plan["threads"]}  # fmt: skip
     if plan["quick"]:
         values.update(QUICK)
@@ -260,6 +261,8 @@ def run_workers(names: list[str], plan_path: Path, out: Path, jobs: int, threads
     """Run a worker per name, at most `jobs` at once; returns the names that failed (their log tails printed)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1")  # fmt: skip
+    for offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the digits are embedded: never wait on a network
+        env.setdefault(offline, "1")
     (out / "logs").mkdir(parents=True, exist_ok=True)
     pending, running, failed = list(names), {}, []
     while pending or running:
@@ -302,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 tiny recipes, 20 steps, 2 seeds, 50 "
                         "samples, DDPM 20 steps")  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "outputs" / "recipes"))
+    parser.add_argument("--models_dir", default=None, help="where the trained pipelines go (default: OUT/models)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -332,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()  # a summary must not mix runs
     plan = {"out": str(out), "quick": args.quick, "seeds": args.seeds, "num_samples": args.num_samples,
             "samplers": samplers, "final_bpd": args.final_bpd, "threads": args.threads, "device": args.device,
-            "models": models, "recipes": names}  # fmt: skip
+            "models": models, "recipes": names,
+            "models_dir": str(Path(args.models_dir).resolve() if args.models_dir else out / "models")}  # fmt: skip
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1) + "\n")
     jobs = args.jobs or min(len(names), 8)
