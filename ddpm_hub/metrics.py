@@ -231,6 +231,7 @@ def sample_quality_report(
     seeds: Sequence[int] = (0,),
     batch_size: int = 1000,
     k: int = 3,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """`digits_quality` of a pipeline's samples at each seed (`num_samples` per seed, `num_inference_steps` of its
     scheduler; each seed gives the same initial noise to every model: paired), or of given uint8 images (`source`
@@ -243,11 +244,31 @@ def sample_quality_report(
 
         if not num_samples or not num_inference_steps:
             raise ValueError("sampling a pipeline needs num_samples and num_inference_steps")
-        sets = (sample_uint8(source, num_samples, num_inference_steps, s, batch_size) for s in seeds)
+        sets = (sample_uint8(source, num_samples, num_inference_steps, s, batch_size, progress) for s in seeds)
     per_seed = [digits_quality(real, fake, spaces, k) for fake in sets]
     summary = {name: mean_interval([row[name] for row in per_seed]) for name in per_seed[0]}
     return {"spaces": list(spaces), "num_samples": num_samples if seeds else len(source), "num_real": len(real),
             "seeds": list(seeds), "k": k, "per_seed": per_seed, "summary": summary}  # fmt: skip
+
+
+METRIC_LABELS = {"fid": "FID", "kid": "KID", "precision": "precision (k={k})", "recall": "recall (k={k})",
+                 "class_error": "class-frequency error", "classifier_score": "classifier score (max 10)"}  # fmt: skip
+
+
+def quality_table(report: dict[str, Any]) -> str:
+    """A `sample_quality_report` as a markdown table: one row per metric, one column per feature space, each cell
+    the mean over seeds (with the 95% t-interval half-width when there are several seeds)."""
+    seeds = len(report["seeds"]) or 1
+    lines = [f"{report['num_samples']} samples x {seeds} seed(s) against {report['num_real']} real images"
+             + ("; mean +- 95% t-interval half-width over seeds" if seeds > 1 else ""), "",
+             "| metric | " + " | ".join(report["spaces"]) + " |", "|---|" + "---|" * len(report["spaces"])]  # fmt: skip
+    for metric, label in METRIC_LABELS.items():
+        cells = []
+        for space in report["spaces"]:
+            stat = report["summary"][f"{space}_{metric}"]
+            cells.append(f"{stat['mean']:.4g}" + (f" +- {stat['half_width']:.2g}" if seeds > 1 else ""))
+        lines.append(f"| {label.format(k=report['k'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def check_inception_available() -> None:
