@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
 
@@ -112,12 +113,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             check_inception_available()  # before loading or sampling anything
         except RuntimeError as exc:
             raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
+    if args.digits_fid:  # before loading anything, as far as the arguments tell
+        _check_digits_counts(args.num_images or 4, args.num_samples or args.num_images or 4)
     pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed, args.compile)
     cfg = pipeline.unet.config
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
     images = _load_eval_images(args, cfg.in_channels, cfg.sample_size)
-    results: dict[str, float] = {"num_images": len(images)}
+    if args.digits_fid:
+        _check_digits_counts(len(images), args.num_samples or len(images))
+    results: dict[str, Any] = {"num_images": len(images)}
+    report = None
     if args.bpd or args.bpd_estimate:
         mode = "estimate" if args.bpd_estimate else "full"
         g = torch.Generator().manual_seed(args.seed)
@@ -131,20 +137,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from ddpm_hub import metrics
         from ddpm_hub.sampling import sample_uint8
 
-        fake = sample_uint8(pipeline, len(images), _steps(args), args.seed, args.batch_size, progress=True)
-        results.update(sampler=args.scheduler, steps=_steps(args))
+        num_samples = args.num_samples or len(images)
+        seeds = list(range(args.seed, args.seed + args.num_seeds))
+        results.update(sampler=args.scheduler, steps=_steps(args), num_samples=num_samples)
         if args.digits_fid:
-            results.update(metrics.digits_fid_kid(images, fake))
-        if args.fid:
-            results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
-        if args.kid:
-            results["kid"], results["kid_std"] = metrics.kernel_inception_distance([images], [fake])
-        if args.inception_score:
-            results["inception_score"], results["inception_score_std"] = metrics.inception_score(fake.split(256))
-    print(json.dumps(results, indent=1))
+            report = metrics.sample_quality_report(pipeline, images, num_samples=num_samples,
+                                                   num_inference_steps=_steps(args), seeds=seeds,
+                                                   batch_size=args.batch_size, progress=True)  # fmt: skip
+            results["seeds"] = seeds
+            results.update({name: stat["mean"] for name, stat in report["summary"].items()})
+            if len(seeds) > 1:
+                results.update({f"{name}_ci95": stat["half_width"] for name, stat in report["summary"].items()})
+            results["digits_per_seed"] = report["per_seed"]
+        if {"fid", "kid", "inception_score"} & set(wanted):
+            fake = sample_uint8(pipeline, num_samples, _steps(args), args.seed, args.batch_size, progress=True)
+            if args.fid:
+                results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
+            if args.kid:
+                results["kid"], results["kid_std"] = metrics.kernel_inception_distance([images], [fake])
+            if args.inception_score:
+                results["inception_score"], results["inception_score_std"] = metrics.inception_score(fake.split(256))
+    shown = {k: v for k, v in results.items() if k == "seeds" or not k.startswith(("digits_", "seeds"))}
+    print(json.dumps(shown, indent=1))
+    if report is not None:
+        print(f"\ndigits sample quality ({args.scheduler}, {_steps(args)} steps), in the shipped classifiers' features "
+              "(not Inception):\n" + metrics.quality_table(report))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def _check_digits_counts(num_real: int, num_samples: int) -> None:
+    if min(num_real, num_samples) < 4:
+        raise UserError("--digits_fid needs at least 4 samples and 4 reference images (precision/recall use each "
+                        "point's 3rd nearest neighbour): raise --num_images / --num_samples")  # fmt: skip
 
 
 def _bpd_results(out, mode: str) -> dict[str, float]:
@@ -258,7 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num_images", type=int, default=0, help="0: all")
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
-    e.add_argument("--digits_fid", action="store_true", help="FID/KID in the shipped digits-classifier features")
+    e.add_argument("--digits_fid", action="store_true",
+                   help="8x8 digits: FID, KID, precision/recall, class-frequency error and classifier score in the "
+                   "features of both shipped digits classifiers (digits_mlp, digits_conv)")  # fmt: skip
+    e.add_argument("--num_samples", type=_positive, default=None,
+                   help="samples per seed for FID/KID/IS (default: as many as evaluation images)")  # fmt: skip
+    e.add_argument("--num_seeds", type=_positive, default=1,
+                   help="--digits_fid at seeds --seed, --seed+1, ...: mean and 95%% t-interval over them")  # fmt: skip
     e.add_argument("--fid", action="store_true", help="FID (Inception features; needs torch-fidelity)")
     e.add_argument("--kid", action="store_true", help="KID (Inception features; needs torch-fidelity)")
     e.add_argument("--inception_score", action="store_true", help="Inception Score of samples (torch-fidelity)")

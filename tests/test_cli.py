@@ -155,3 +155,42 @@ def test_damaged_weights_are_named_as_damaged(trained, tmp_path, capsys):
     weights.write_bytes(b"\xff" * 8 + b"{}")
     assert main(["sample", "--model", str(folder), "--steps", "2"]) == 2
     assert "damaged safetensors file" in capsys.readouterr().err
+
+
+def test_evaluate_digits_fid_reports_both_spaces_with_seed_intervals(trained, tmp_path, capsys):
+    """One table with both feature spaces; its numbers are those of the metrics API on the same paired seeds."""
+    from ddpm_hub import metrics
+    from ddpm_hub.cli import load_pipeline
+    from ddpm_hub.digits_features import SPACES, digits_arrays
+
+    out = tmp_path / "digits.json"
+    assert main(["evaluate", "--model", str(trained), "--digits_fid", "--num_images", "40", "--num_samples", "24",
+                 "--num_seeds", "2", "--seed", "5", "--steps", "4", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    table = printed[printed.index("| metric | digits_mlp | digits_conv |"):].strip().splitlines()
+    labels = [row.split("|")[1].strip() for row in table[2:]]
+    assert labels == ["FID", "KID", "precision (k=3)", "recall (k=3)", "class-frequency error",
+                      "classifier score (max 10)"]  # fmt: skip
+    assert "24 samples x 2 seed(s) against 40 real images" in printed
+    assert all(row.count("+-") == 2 for row in table[2:])  # mean +- half-width in both spaces
+
+    result = json.loads(out.read_text())
+    real = digits_arrays("test")[0][:40]
+    pipeline = load_pipeline(str(trained), "dpm")  # the default sampler
+    expected = metrics.sample_quality_report(pipeline, real, num_samples=24, num_inference_steps=4, seeds=(5, 6))
+    assert result["seeds"] == [5, 6] and result["num_samples"] == 24 and result["sampler"] == "dpm"
+    assert result["digits_per_seed"] == expected["per_seed"]
+    for space in SPACES:
+        for metric in metrics.DIGITS_METRICS:
+            stat = expected["summary"][f"{space}_{metric}"]
+            assert result[f"{space}_{metric}"] == stat["mean"]
+            assert result[f"{space}_{metric}_ci95"] == stat["half_width"]
+    fid = expected["summary"]["digits_conv_fid"]
+    assert f"| FID | {expected['summary']['digits_mlp_fid']['mean']:.4g} +- " in printed
+    assert f"{fid['mean']:.4g} +- {fid['half_width']:.2g} |" in printed
+
+
+def test_evaluate_digits_fid_needs_four_images(trained, capsys):
+    assert main(["evaluate", "--model", str(trained), "--digits_fid", "--num_images", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --digits_fid needs at least 4 samples") and err.count("\n") == 1

@@ -53,3 +53,165 @@ def test_inception_score_code_path():
     images = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
     mean, std = inception_score([images[:20], images[20:]], feature=Logits(), splits=2)
     assert 1.0 <= mean <= 3.0 and std >= 0
+
+
+# ---- precision/recall, class-frequency error, classifier score, the two digits feature spaces ----------------------
+
+from ddpm_hub import metrics  # noqa: E402
+
+
+def _reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. 2019 by brute force in float64 numpy: loops, no shared code with the torch version."""
+
+    def radii(x):
+        d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+        return np.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+    def covered(points, centres, r):
+        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r, strict=True)) for p in points])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force_float64(k):
+    rng = np.random.default_rng(k)
+    real = rng.normal(size=(70, 4))
+    fake = rng.normal(loc=0.8, scale=1.0, size=(55, 4))
+    expected = _reference_precision_recall(real, fake, k)
+    got = metrics.precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=k, chunk=16)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1  # a case that tells the two apart from the trivial answers
+
+
+def test_precision_recall_known_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g)
+    assert metrics.precision_recall(x, x.clone()) == (1.0, 1.0)  # identical sets
+    assert metrics.precision_recall(x, x + 1000.0) == (0.0, 0.0)  # disjoint, far apart
+    # fakes collapsed onto one real point: every fake is real-looking (precision 1), diversity is gone (recall low)
+    collapsed = x[:1].repeat(50, 1)
+    precision, recall = metrics.precision_recall(x, collapsed)
+    assert precision == 1.0 and recall <= 4 / 50
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.precision_recall(x[:3], x[:3], k=3)
+
+
+def test_class_frequency_error_is_total_variation_of_predicted_mix():
+    def logits(labels):
+        return torch.nn.functional.one_hot(torch.tensor(labels), 10).float() * 5
+
+    assert metrics.class_frequency_error(logits([0, 1, 2, 3]), logits([3, 2, 1, 0])) == 0.0
+    assert metrics.class_frequency_error(logits([0, 1]), logits([2, 3, 2])) == pytest.approx(1.0)
+    # real mix (1/2, 1/2, 0), fake mix (1/4, 1/4, 1/2): TV = (1/4 + 1/4 + 1/2) / 2
+    assert metrics.class_frequency_error(logits([0, 1]), logits([0, 1, 2, 2])) == pytest.approx(0.5)
+
+
+def test_classifier_score_closed_form():
+    confident = torch.eye(10).repeat(3, 1) * 50  # every class equally often, each sample certain
+    assert metrics.classifier_score(confident) == pytest.approx(10.0, rel=1e-6)
+    assert metrics.classifier_score(torch.zeros(30, 10)) == pytest.approx(1.0)  # no information
+    assert metrics.classifier_score(confident[:1].repeat(30, 1)) == pytest.approx(1.0)  # one class only
+
+
+def test_frechet_and_kernel_distance_of_features_match_float64_references():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(120, 5)), rng.normal(loc=0.3, size=(120, 5))
+    fid = metrics.frechet_distance(torch.from_numpy(a), torch.from_numpy(b))
+    assert fid == pytest.approx(_reference_fid(b, a), rel=1e-6)
+
+    def k(x, y):
+        return (x @ y.T / x.shape[1] + 1) ** 3
+
+    m = len(a)
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    unbiased = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    kid, std = metrics.kernel_distance(torch.from_numpy(a), torch.from_numpy(b))  # one subset size = all: exact
+    assert kid == pytest.approx(unbiased, rel=1e-6) and std == pytest.approx(0.0, abs=1e-9)
+    assert metrics.kernel_distance(torch.from_numpy(a), torch.from_numpy(b), 50, seed=1) == metrics.kernel_distance(
+        torch.from_numpy(a), torch.from_numpy(b), 50, seed=1
+    )  # seeded subsets: repeatable
+
+
+def test_mean_interval_matches_scipy():
+    from scipy import stats
+
+    values = [2.26, 2.48, 4.12, 5.08]
+    out = metrics.mean_interval(values)
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert out["mean"] == pytest.approx(np.mean(values))
+    assert out["half_width"] == pytest.approx((high - low) / 2)
+    assert metrics.mean_interval([1.5])["half_width"] == 0.0
+
+
+def test_shipped_digits_classifiers_accuracy_as_documented():
+    from ddpm_hub.digits_features import SPACES, digits_arrays, held_out_accuracy, load_digits_classifier
+
+    documented = {"digits_mlp": 294 / 300, "digits_conv": 296 / 300}  # module docstring and README
+    for space in SPACES:
+        assert held_out_accuracy(load_digits_classifier(space)) == pytest.approx(documented[space], abs=1e-6)
+    x, _ = digits_arrays("test")
+    assert load_digits_classifier("digits_conv").features(x[:4]).shape == (4, 128)
+    with pytest.raises(ValueError, match="digits_mlp, digits_conv"):
+        load_digits_classifier("inception")
+
+
+def test_digits_quality_in_every_space_orders_real_digits_above_noise():
+    from ddpm_hub.digits_features import SPACES, digits_arrays
+
+    train, _ = digits_arrays("train")
+    test, _ = digits_arrays("test")
+    same = metrics.digits_quality(test, test)
+    digits = metrics.digits_quality(test, train[:300])
+    noise_images = torch.randint(0, 256, (300, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise = metrics.digits_quality(test, noise_images)
+    assert set(same) == {f"{s}_{m}" for s in SPACES for m in metrics.DIGITS_METRICS}
+    for space in SPACES:
+        assert same[f"{space}_fid"] == pytest.approx(0.0, abs=1e-6)
+        assert same[f"{space}_precision"] == same[f"{space}_recall"] == 1.0
+        assert same[f"{space}_class_error"] == 0.0
+        for lower_is_better in ("fid", "kid", "class_error"):
+            assert digits[f"{space}_{lower_is_better}"] < noise[f"{space}_{lower_is_better}"]
+        for higher_is_better in ("precision", "recall", "classifier_score"):
+            assert digits[f"{space}_{higher_is_better}"] > noise[f"{space}_{higher_is_better}"]
+
+
+def test_sample_quality_report_pairs_seeds_and_summarises():
+    from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+    from ddpm_hub.digits_features import digits_arrays
+
+    torch.manual_seed(0)
+    pipeline = DDPMPipeline(unet=create_unet("tiny"), scheduler=DDPMScheduler(num_train_timesteps=20))
+    real, _ = digits_arrays("test")
+    report = metrics.sample_quality_report(pipeline, real, ("digits_conv",), num_samples=12, num_inference_steps=3,
+                                           seeds=(0, 1))  # fmt: skip
+    again = metrics.sample_quality_report(pipeline, real, ("digits_conv",), num_samples=12, num_inference_steps=3,
+                                          seeds=(1,))  # fmt: skip
+    assert report["per_seed"][1] == again["per_seed"][0]  # a seed is the same noise whatever else is drawn
+    assert report["per_seed"][0] != report["per_seed"][1]
+    fids = [row["digits_conv_fid"] for row in report["per_seed"]]
+    assert report["summary"]["digits_conv_fid"] == metrics.mean_interval(fids)
+    assert (report["num_samples"], report["num_real"], report["seeds"]) == (12, 300, [0, 1])
+    given = metrics.sample_quality_report(real[:40], real, ("digits_mlp",))
+    assert given["num_samples"] == 40 and given["seeds"] == [] and len(given["per_seed"]) == 1
+
+
+@pytest.mark.slow
+def test_conv_classifier_training_regenerates_the_shipped_weights():
+    from ddpm_hub.digits_features import (
+        digits_arrays,
+        held_out_accuracy,
+        load_digits_classifier,
+        train_digits_conv_classifier,
+    )
+
+    torch.set_num_threads(1)  # the shipped weights were written with one thread
+    try:
+        fresh = train_digits_conv_classifier()
+    finally:
+        torch.set_num_threads(2)
+    shipped = load_digits_classifier("digits_conv")
+    assert held_out_accuracy(fresh) == held_out_accuracy(shipped)
+    x, _ = digits_arrays("test")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.features(x), shipped.features(x), rtol=1e-4, atol=1e-4)
