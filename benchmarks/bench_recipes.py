@@ -50,6 +50,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "current": {},
     "eps_fixed_b64": {**EPS_FIXED, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
     "eps_fixed_b128": {**EPS_FIXED, "train_batch_size": 128, "learning_rate": 2e-3, "max_train_steps": 800},
+    "previous_800": {**PREVIOUS, "max_train_steps": 800},  # the previous recipe cut to the same cost
+    "eps_fixed_b64_lr1e-3": {**EPS_FIXED, "train_batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 1600},
     "eps_hybrid_b64": {**EPS_HYBRID, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
     "v_fixed_b64": {**V_FIXED, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
     # longer runs (2x and 4x `current`), for when the same cost is not enough
