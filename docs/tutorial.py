@@ -159,9 +159,10 @@ forward_process_strip(scheduler, x_test[:4], strip_steps, generator=torch.Genera
 # The paper uses a linear schedule, $\beta_1 = 10^{-4}$ to $\beta_T = 0.02$ (Sec. 4). Improved DDPM (Nichol &
 # Dhariwal 2021, eq. 17) instead sets $\bar\alpha_t = f(t)/f(0)$ with $f(t) = \cos^2\big(\frac{t/T + s}{1 + s}
 # \cdot \frac{\pi}{2}\big)$ (`beta_schedule="squaredcos_cap_v2"`). The schedule decides how fast the mean
-# coefficient $\sqrt{\bar\alpha_t}$ of eq. (4) falls and the variance $1 - \bar\alpha_t$ rises: with the linear one,
-# the signal is practically gone after 60% of the steps, which wastes the last ones, most visibly on small images
-# like these. The signal-to-noise ratio $\bar\alpha_t / (1 - \bar\alpha_t)$ summarises both.
+# coefficient $\sqrt{\bar\alpha_t}$ of eq. (4) falls and the variance $1 - \bar\alpha_t$ rises. With the linear one,
+# $\bar\alpha_t < 0.01$ over the last third of the steps: they are nearly pure noise and teach the model little,
+# most visibly on small images like these. The signal-to-noise ratio $\bar\alpha_t / (1 - \bar\alpha_t)$
+# summarises both.
 
 # %% tags=["schedules"]
 cosine = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
@@ -223,6 +224,7 @@ plt.show()
 
 # %% tags=["posterior-check"]
 gen = torch.Generator().manual_seed(1)
+step_scheduler = DDPMScheduler(num_train_timesteps=T, clip_sample=False)  # variance_type="fixed_small"
 x0 = x_test[:8].double()
 eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
 for i in (1, 10, 100, 500, 999):  # scheduler index i is the paper's t = i + 1 >= 2
@@ -237,7 +239,6 @@ for i in (1, 10, 100, 500, 999):  # scheduler index i is the paper's t = i + 1 >
     precision = (1 - beta) / beta + 1 / (1 - abar_prev)
     mean_bayes = ((1 - beta).sqrt() / beta * x_t + abar_prev.sqrt() / (1 - abar_prev) * x0) / precision
     # the sampling step with the true noise as the "model output" (float32, as sampling runs)
-    step_scheduler = DDPMScheduler(num_train_timesteps=T, clip_sample=False)  # variance_type="fixed_small"
     prev = step_scheduler.step(eps.float(), i, x_t.float(), generator=torch.Generator().manual_seed(i)).prev_sample
     z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))  # the step's own noise draw
     errors = ((mean - mean_eq7).abs().max(), (var[0, 0, 0, 0] - var_eq7).abs(), (mean - mean_bayes).abs().max(),
@@ -310,7 +311,8 @@ plt.show()
 #
 # ## 6. The variational bound and its terms
 #
-# Training maximises a variational bound on the log-likelihood (eq. 3), which splits into one term per step:
+# Training minimises a variational bound $L \ge \mathbb{E}[-\log p_\theta(\mathbf{x}_0)]$ on the negative
+# log-likelihood (eq. 3), which splits into one term per step:
 #
 # $$L = \mathbb{E}_q\Big[\underbrace{D_\text{KL}\big(q(\mathbf{x}_T|\mathbf{x}_0)\,\|\,p(\mathbf{x}_T)\big)}_{L_T}
 # + \sum_{t>1}\underbrace{D_\text{KL}\big(q(\mathbf{x}_{t-1}|\mathbf{x}_t,\mathbf{x}_0)\,\|\,
@@ -378,9 +380,10 @@ print("vlb_terms_bpd == eq. (12) for both fixed variances")
 # $L_\text{simple} + \lambda L_\text{vlb}$ ($\lambda = 0.001$), where $L_\text{vlb} = T \cdot L_{t-1}$ is the
 # one-step estimate of the whole bound with the gradient to the mean stopped: the mean channels are trained by
 # $L_\text{simple}$ exactly as in Algorithm 1, the variance channels by the bound. The paper's exponential moving
-# average of the weights (diffusers' `EMAModel`) is what we sample from. About 800 steps of 64 images take
-# 20-40 s on one CPU thread; `make train` (`accelerate launch training/train.py --preset digits`) runs the same
-# algorithm with a larger UNet, checkpoints and evaluation.
+# average of the weights (diffusers' `EMAModel`) is what we sample from. 800 steps of 64 images take about half a
+# minute on one CPU thread. `make train` (`accelerate launch training/train.py --preset digits`) runs the same
+# algorithm with a larger UNet, checkpoints and evaluation, and two changes that train faster on these small
+# images: the cosine schedule, and v-prediction (Salimans & Ho 2022) in place of $\boldsymbol\epsilon$.
 
 # %% tags=["training"]
 STEPS, BATCH = 800, 64
@@ -509,9 +512,10 @@ plt.show()
 # $\mathbf{x}_{t-1} = \frac{1}{\sqrt{\alpha_t}}\big(\mathbf{x}_t - \frac{1-\alpha_t}{\sqrt{1-\bar\alpha_t}}
 # \boldsymbol\epsilon_\theta(\mathbf{x}_t, t)\big) + \sigma_t\mathbf{z}$; return $\mathbf{x}_0$.
 #
-# The scheduler's `step` is one line of the loop (it predicts $\hat{\mathbf{x}}_0$ by eq. 15, clips it to
-# $[-1, 1]$, and takes the posterior mean (7), which equals eq. (11) without the clipping). Written out, and then
-# by `DDPMPipeline`, which runs the same loop: same generator, same images.
+# The scheduler's `step` is one line of the loop: it predicts $\hat{\mathbf{x}}_0$ by eq. (15), clips it to
+# $[-1, 1]$, takes the posterior mean (7) at it (eq. 11 without the clipping) and adds $\sigma_t\mathbf{z}$, here
+# with the learned $\sigma_t$. Written out, and then by `DDPMPipeline`, which runs the same loop: same generator,
+# same images.
 
 # %% tags=["algorithm-2"]
 generator = torch.Generator().manual_seed(0)
@@ -533,7 +537,7 @@ show_grids({"samples (Algorithm 2)": samples["DDPM, 1000 steps"], "training digi
 
 # %% [markdown]
 # The chain for the first sample: $\mathbf{x}_t$ (top) and the network's $\hat{\mathbf{x}}_0$ (bottom) along the
-# way (`plots.reverse_process_strip`). Coarse shape first, details last:
+# way (`plots.reverse_process_strip`; labels are scheduler indices). Coarse shape first, details last:
 
 # %%
 intermediates = result["intermediates"]
