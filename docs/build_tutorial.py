@@ -26,8 +26,9 @@ def notebook_from_source(source: Path = SOURCE) -> nbformat.NotebookNode:
     """The notebook of the jupytext script, without outputs, with only the kernelspec as notebook metadata."""
     nb = jupytext.read(source)
     nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC})
-    for cell in nb.cells:
+    for index, cell in enumerate(nb.cells):
         cell.metadata.pop("lines_to_next_cell", None)  # jupytext's layout hint, meaningless in a .ipynb
+        cell.id = f"cell-{index:02d}"  # stable ids (jupytext draws random ones), so rebuilds diff only where changed
     return nb
 
 

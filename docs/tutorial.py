@@ -12,7 +12,7 @@
 # This notebook follows *Denoising Diffusion Probabilistic Models* (Ho, Jain and Abbeel, 2020,
 # [arXiv:2006.11239](https://arxiv.org/abs/2006.11239)) section by section on the 8x8 digits that ship with
 # ddpm_hub, using ddpm_hub's own functions. Equation numbers are the paper's. It runs on a CPU in about a minute:
-# every model here is small and trained for seconds, so the samples are rough; `make train` trains the real
+# the model here is small and trained for half a minute, so its samples are rough; `make train` trains the real
 # digits model in a few minutes.
 #
 # Contents: 1. the data; 2. the forward process $q(\mathbf{x}_t|\mathbf{x}_{t-1})$ and its closed form
@@ -20,8 +20,10 @@
 # 5. the reverse process $p_\theta(\mathbf{x}_{t-1}|\mathbf{x}_t)$; 6. the variational bound; 7. $L_\text{simple}$
 # and Algorithm 1 (training); 8. the bound of the trained model; 9. Algorithm 2 (sampling); 10. fast samplers.
 #
-# The source of this notebook is `docs/tutorial.py` (a jupytext script); `python docs/build_tutorial.py` rebuilds
-# and executes `docs/tutorial.ipynb` from it, and the test suite runs it (`tests/test_tutorial.py`).
+# To run it yourself, open `docs/tutorial.ipynb` in Jupyter (`pip install jupyterlab`, then `jupyter lab
+# docs/tutorial.ipynb`) or VS Code. Its source is `docs/tutorial.py` (a jupytext script): `python
+# docs/build_tutorial.py` rebuilds and executes the notebook from it, and the test suite runs it
+# (`tests/test_tutorial.py`).
 #
 # A note on indices: the paper counts $t = 1, \dots, T$; diffusers and ddpm_hub index timesteps from 0, so the
 # scheduler's timestep `i` is the paper's $t = i + 1$.
