@@ -206,7 +206,7 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     write_manifest(staging, step, epoch)
     final = Path(root) / f"{PREFIX}{step}"
     if final.exists():
-        _remove(final)
+        remove_checkpoint(final)
     fault_point("checkpoint.finalize.before_rename")
     os.replace(staging, final)
     fault_point("checkpoint.finalize.after_rename")
@@ -214,7 +214,7 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     return final
 
 
-def _remove(path: Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Rename first (atomic), then delete: a crash mid-delete leaves a `.tmp` folder, never a half checkpoint."""
     trash = path.with_name(path.name + ".deleting.tmp")
     if trash.exists():  # left by an earlier crash mid-delete: renaming onto it would fail
@@ -236,7 +236,7 @@ def prune(root: Path, total_limit: int | None) -> list[Path]:
         return removed
     checkpoints = list_checkpoints(root)
     for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        _remove(path)
+        remove_checkpoint(path)
         removed.append(path)
     return removed
 
@@ -305,7 +305,8 @@ def load_rng_state(folder: Path, rank: int, step: int) -> None:
                              float(meta["numpy_cached_gaussian"])))  # fmt: skip
         torch.set_rng_state(tensors["torch_cpu"])
         if torch.cuda.is_available():
-            cuda = [tensors[f"torch_cuda_{i}"] for i in range(torch.cuda.device_count()) if f"torch_cuda_{i}" in tensors]
+            count = torch.cuda.device_count()
+            cuda = [tensors[f"torch_cuda_{i}"] for i in range(count) if f"torch_cuda_{i}" in tensors]
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
     except Exception as exc:  # a damaged or foreign file: never a silent, inexact resume
@@ -361,7 +362,8 @@ def check_no_pickled_state(folder: Path) -> None:
 
 
 def storage_hint(exc: BaseException) -> str:
-    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG, else ''."""
+    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
+    else '': the suffix is only added where it is true."""
     import errno
 
     seen: BaseException | None = exc
