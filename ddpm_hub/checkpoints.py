@@ -51,7 +51,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -80,7 +80,7 @@ def write_manifest(folder: Path, step: int, epoch: int) -> None:
         os.fsync(fh.fileno())
     fault_point("checkpoint.manifest.after_tmp")
     os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     fault_point("checkpoint.manifest.after_replace")
 
 
@@ -210,7 +210,7 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     fault_point("checkpoint.finalize.before_rename")
     os.replace(staging, final)
     fault_point("checkpoint.finalize.after_rename")
-    _fsync_dir(Path(root))
+    fsync_dir(Path(root))
     return final
 
 

@@ -27,18 +27,28 @@ def _holder(path: Path) -> str:
     return f"PID {text}" if text else "another process"
 
 
-def acquire(folder: str | Path, purpose: str) -> Path:
-    """Lock `folder` (created if needed) for this process, or raise OutputLockedError at once naming the holder."""
+def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
+    """Lock `folder` for this process, or raise OutputLockedError at once naming the holder. With `create=False`
+    (readers such as a push) a missing or read-only folder is not locked (nothing can write into it); returns
+    whether the lock is held."""
     import fcntl
 
     folder = Path(folder).resolve()
     if folder in _held:
         fd, depth = _held[folder]
         _held[folder] = (fd, depth + 1)
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
+        return True
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        return False
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        if create:
+            raise
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -51,7 +61,7 @@ def acquire(folder: str | Path, purpose: str) -> Path:
     os.write(fd, f"{os.getpid()} ({purpose})\n".encode())
     _held[folder] = (fd, 1)
     fault_point("lock.acquired")
-    return folder
+    return True
 
 
 def release(folder: str | Path) -> None:
@@ -69,11 +79,14 @@ def release(folder: str | Path) -> None:
 class OutputLock:
     """`with OutputLock(folder, "push"):` holds the folder's lock for the block."""
 
-    def __init__(self, folder: str | Path, purpose: str):
-        self.folder, self.purpose = folder, purpose
+    def __init__(self, folder: str | Path, purpose: str, create: bool = True):
+        self.folder, self.purpose, self.create = folder, purpose, create
+        self.held = False
 
-    def __enter__(self) -> Path:
-        return acquire(self.folder, self.purpose)
+    def __enter__(self) -> OutputLock:
+        self.held = acquire(self.folder, self.purpose, self.create)
+        return self
 
     def __exit__(self, *exc) -> None:
-        release(self.folder)
+        if self.held:
+            release(self.folder)

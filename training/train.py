@@ -45,6 +45,7 @@ from ddpm_hub.export import (
     export_pipeline,
     held_out_bpd,
     publish,
+    recover_export,
     sample_grid,
     sample_quality,
 )
@@ -422,6 +423,7 @@ class Trainer:
             except OutputLockedError as exc:
                 raise ConfigError(f"--output_dir: {exc}") from None
             ckpt.recover(self.checkpoint_root)
+            recover_export(self.output_dir)
             if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
                 for old in ckpt.list_checkpoints(self.checkpoint_root):
                     logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
@@ -810,13 +812,22 @@ class Trainer:
                     num_inference_steps=cfg.sampling_steps,
                 )
                 result.update(history=self.history)
-                export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+                self._export(pipeline, description, metrics, grid, result)
             result["metrics"] = metrics
             logger.info("saved the pipeline, samples.png and README.md to %s; metrics %s", self.output_dir, metrics)
             if cfg.push_to_hub:
                 self.push()
         acc.wait_for_everyone()
         return result
+
+    def _export(self, pipeline, description: ModelDescription, metrics: dict, grid, result: dict) -> None:
+        from ddpm_hub.export import ExportError
+
+        try:
+            export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+        except ExportError as exc:
+            raise TrainingError(f"{exc}; the checkpoints are intact: rerun with --resume_from_checkpoint latest to "
+                                "export again") from None
 
     def push(self) -> None:
         from ddpm_hub.hub_push import HubError
