@@ -1,6 +1,6 @@
 """Named fault points at the write boundaries of checkpoints, exports and locks, for fault-injection tests.
 
-`fault_point("checkpoint.manifest.before_replace")` does nothing unless the environment variable
+`fault_point("checkpoint.manifest.after_tmp")` does nothing unless the environment variable
 `DDPM_HUB_FAULT=NAME:ACTION[:N]` names it: then, at its N-th pass (default 1), the process is killed (`kill`:
 SIGKILL to itself, no cleanup runs), or raises (`raise`: OSError, `enospc`: OSError(ENOSPC), as a full disk
 would). Every point is declared in `POINTS`, so a test can cover all of them and a new one cannot be forgotten.

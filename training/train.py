@@ -858,9 +858,13 @@ class Trainer:
 def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None) -> dict[str, Any]:
     """Run one training job in this process (what `accelerate launch training/train.py` does) and return its
     result (`metrics`, `history`, `steps`, ...)."""
+    trainer = None
     try:
-        return Trainer(cfg, hub_token=hub_token, trackers=trackers).run()
+        trainer = Trainer(cfg, hub_token=hub_token, trackers=trackers)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.stop.uninstall()
         release(cfg.output_dir)
 
 
