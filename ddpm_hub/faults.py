@@ -1,9 +1,10 @@
 """Named fault points at the write boundaries of checkpoints, exports and locks, for fault-injection tests.
 
 `fault_point("checkpoint.manifest.after_tmp")` does nothing unless the environment variable
-`DDPM_HUB_FAULT=NAME:ACTION[:N]` names it: then, at its N-th pass (default 1), the process is killed (`kill`:
-SIGKILL to itself, no cleanup runs), or raises (`raise`: OSError, `enospc`: OSError(ENOSPC), as a full disk
-would). Every point is declared in `POINTS`, so a test can cover all of them and a new one cannot be forgotten.
+`DDPM_HUB_FAULT=NAME:ACTION[:N][,NAME:ACTION[:N]...]` names it: then, at its N-th pass (default 1), the process
+is killed (`kill`: SIGKILL to itself, no cleanup runs), raises (`raise`: OSError, `enospc`: OSError(ENOSPC), as a
+full disk would) or sends itself SIGTERM/SIGINT (`sigterm`, `sigint`) and goes on. Every point is declared in
+`POINTS`, so a test can cover all of them and a new one cannot be forgotten.
 """
 
 from __future__ import annotations
@@ -43,11 +44,17 @@ POINTS: dict[str, str] = {
 _counts: dict[str, int] = {}
 
 
-def _parse(spec: str) -> tuple[str, str, int]:
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in POINTS or parts[1] not in ("kill", "raise", "enospc"):
-        raise ValueError(f"{ENV}={spec!r}: expected NAME:kill|raise|enospc[:N] with NAME one of {sorted(POINTS)}")
-    return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1
+ACTIONS = ("kill", "raise", "enospc", "sigterm", "sigint")
+
+
+def _parse(spec: str) -> list[tuple[str, str, int]]:
+    parsed = []
+    for item in spec.split(","):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in POINTS or parts[1] not in ACTIONS:
+            raise ValueError(f"{ENV}={spec!r}: expected NAME:{'|'.join(ACTIONS)}[:N] with NAME one of {sorted(POINTS)}")
+        parsed.append((parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 1))
+    return parsed
 
 
 def fault_point(name: str) -> None:
@@ -57,11 +64,18 @@ def fault_point(name: str) -> None:
         return
     if name not in POINTS:
         raise ValueError(f"undeclared fault point {name!r}")
-    target, action, nth = _parse(spec)
-    if target != name:
+    actions = [(action, nth) for target, action, nth in _parse(spec) if target == name]
+    if not actions:
         return
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] != nth:
+    for action, nth in actions:
+        if _counts[name] == nth:
+            _act(name, action)
+
+
+def _act(name: str, action: str) -> None:
+    if action in ("sigterm", "sigint"):
+        os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGINT)
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

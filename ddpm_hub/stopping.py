@@ -28,7 +28,9 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Handle SIGTERM and SIGINT from now on (main thread only, as Python requires)."""
+        """Handle SIGTERM and SIGINT from now on (main thread only, as Python requires); idempotent."""
+        if self._previous:
+            return
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 

@@ -302,7 +302,12 @@ class Trainer:
     """The run's objects and its stages: `run()` = resume, loop of `train_step` + periodic actions, `finish()`."""
 
     def __init__(
-        self, cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None, data: Data | None = None
+        self,
+        cfg: TrainConfig,
+        hub_token: str | None = None,
+        trackers: list | None = None,
+        data: Data | None = None,
+        stop: StopRequest | None = None,
     ):
         from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
@@ -312,6 +317,7 @@ class Trainer:
 
         cfg = adopt_pretrained_scheduler(cfg)
         self.cfg, self.hub_token = cfg, hub_token
+        self.stop = stop if stop is not None else StopRequest()
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._check_output_dir()
@@ -390,7 +396,6 @@ class Trainer:
         ]
         self.global_step = 0
         self._saved_step = -1
-        self.stop = StopRequest()
         self.first_bad_step = torch.tensor(-1, device=acc.device)
         self.history: list[dict[str, float]] = []
         self._last_grid: tuple[int, Any] | None = None
@@ -858,13 +863,12 @@ class Trainer:
 def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None) -> dict[str, Any]:
     """Run one training job in this process (what `accelerate launch training/train.py` does) and return its
     result (`metrics`, `history`, `steps`, ...)."""
-    trainer = None
+    stop = StopRequest()
+    stop.install()  # a signal during set-up stops the run after its first step
     try:
-        trainer = Trainer(cfg, hub_token=hub_token, trackers=trackers)
-        return trainer.run()
+        return Trainer(cfg, hub_token=hub_token, trackers=trackers, stop=stop).run()
     finally:
-        if trainer is not None:
-            trainer.stop.uninstall()
+        stop.uninstall()
         release(cfg.output_dir)
 
 
