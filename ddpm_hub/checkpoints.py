@@ -361,6 +361,19 @@ def check_no_pickled_state(folder: Path) -> None:
             )
 
 
+def check_accelerate_files(folder: Path) -> None:
+    """accelerate's optimizer/scheduler/scaler files load with torch's `weights_only` unpickler (no code can run);
+    try each first, so that one that cannot be restored is an error naming it."""
+    import torch
+
+    for path in sorted([*Path(folder).glob("*.bin"), *Path(folder).glob("*.pt")]):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path}: cannot be restored safely ({type(exc).__name__}: {detail})") from None
+
+
 def storage_hint(exc: BaseException) -> str:
     """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
     else '': the suffix is only added where it is true."""

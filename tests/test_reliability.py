@@ -399,3 +399,101 @@ def test_push_cli_refuses_a_folder_another_process_writes(tmp_path, trained):
         holder.wait()
     assert proc.returncode != 0 and f"in use by PID {holder.pid}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- the trainer, in process ------------------------------------------------------------------------------------------
+
+
+def _train(out: Path, *extra: str) -> dict:
+    from conftest import FAST_ARGS, train_in_process
+
+    return train_in_process([*FAST_ARGS, "--output_dir", str(out), "--checkpointing_steps", "4", *extra])
+
+
+def test_a_new_run_into_another_runs_checkpoints_is_refused_and_overwrite_clears_them(tmp_path):
+    from ddpm_hub.config import ConfigError
+
+    out = tmp_path / "run"
+    _make(out / "checkpoints", 40)  # an older run's
+    with pytest.raises(ConfigError, match=r"holds another run's checkpoints \(checkpoint-40\).*--overwrite_output_dir"):
+        _train(out, "--max_train_steps", "4")
+    _train(out, "--max_train_steps", "4", "--overwrite_output_dir")
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
+    assert ckpt.resolve_latest(out / "checkpoints").step == 4  # a later `latest` resumes this run
+
+
+def test_latest_with_only_damaged_checkpoints_is_an_error_and_latest_or_new_starts_afresh(tmp_path):
+    out = tmp_path / "run"
+    for step in (8, 12):
+        folder = _make(out / "checkpoints", step)
+        (folder / "optimizer.bin").write_bytes(b"damaged")
+    with pytest.raises(ckpt.CheckpointError, match="rejected: checkpoint-8, checkpoint-12.*latest_or_new"):
+        _train(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert not (out / "model_index.json").exists()
+    result = _train(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest_or_new")
+    assert result["steps"] == 4
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
+
+
+CRAFTED = b"cos\nsystem\n(S'touch %s'\ntR."  # pickle protocol 0: os.system("touch ...") when unpickled
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    """8 steps with checkpoints at 4 and 8, the base of the resume tests."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    _train(out, "--max_train_steps", "8", "--checkpoints_total_limit", "5")
+    return out
+
+
+def _copy_checkpoint(run: Path, step: int, out: Path) -> Path:
+    import shutil
+
+    target = out / "checkpoints" / f"checkpoint-{step}"
+    shutil.copytree(run / "checkpoints" / f"checkpoint-{step}", target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(tmp_path, short_run, name):
+    out = tmp_path / "run"
+    folder = _copy_checkpoint(short_run, 4, out)
+    marker = tmp_path / "pwned"
+    (folder / name).write_bytes(CRAFTED.replace(b"%s", str(marker).encode()))
+    ckpt.write_manifest(folder, 4, 0)  # recomputed, as anyone who can write the folder can
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(str(folder / name))) as exc:
+        _train(out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest")
+    assert "\n" not in str(exc.value)
+    assert not marker.exists()
+    import pickle
+
+    live = tmp_path / "live"
+    pickle.loads(CRAFTED.replace(b"%s", str(live).encode()))  # the payload is real: plain unpickling runs it
+    assert live.exists()
+
+
+def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effect(tmp_path, short_run, caplog):
+    """The NaN error's advice ("Lower --learning_rate") works when followed: on resume the new rate replaces the
+    restored schedule's, so the losses change; an option that cannot change is refused before any work."""
+    from conftest import read_metrics
+
+    from ddpm_hub.config import ConfigError
+
+    out = tmp_path / "run"
+    _copy_checkpoint(short_run, 4, out)
+    with pytest.raises(ConfigError, match="--num_train_timesteps 10 differs from the checkpoint's run"):
+        _train(out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest", "--num_train_timesteps", "10")
+    before = {h["step"]: h for h in read_metrics(short_run)["history"] if "loss" in h}
+    saved = json.loads((short_run / "checkpoints" / "checkpoint-4" / ckpt.TRAINER_STATE).read_text())
+    base = saved["config"]["learning_rate"]
+    lr = base / 10
+    with caplog.at_level(logging.INFO):
+        _train(out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest", "--learning_rate", str(lr))
+    assert "resume: --learning_rate was" in caplog.text and "the new value is used from here on" in caplog.text
+    after = {h["step"]: h for h in read_metrics(out)["history"] if "loss" in h}
+    assert sorted(after) == [5, 6, 7, 8]
+    for step in after:  # the same schedule shape, scaled to the new base rate
+        assert after[step]["lr"] / lr == pytest.approx(before[step]["lr"] / base, rel=1e-9)
+    assert after[5]["loss"] == before[5]["loss"]  # computed with the step-4 weights
+    assert all(after[s]["loss"] != before[s]["loss"] for s in (6, 7, 8))
+

@@ -541,7 +541,7 @@ class Trainer:
         if target in ("latest", "latest_or_new"):
             info = ckpt.resolve_latest(self.checkpoint_root, allow_new=target == "latest_or_new")
             if info is None:
-                logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
+                self._start_afresh()
                 return
         else:
             try:
@@ -552,15 +552,27 @@ class Trainer:
         try:
             self.accelerator.load_state(str(info.path))
         except Exception as exc:
-            raise TrainingError(f"cannot resume from {info.path}: {type(exc).__name__}: {exc}") from exc
+            detail = " ".join(str(exc).split())
+            raise TrainingError(f"cannot resume from {info.path}: {type(exc).__name__}: {detail}") from exc
         self._restore_own_state(info, state)
         self.global_step = info.step
         logger.info("resumed from %s at step %d", info.path, info.step)
+
+    def _start_afresh(self) -> None:
+        """No valid checkpoint (and `latest_or_new`): remove the rejected ones, which a later `latest` or pruning
+        would otherwise mistake for this run's."""
+        if self.accelerator.is_main_process:
+            for rejected in ckpt.list_checkpoints(self.checkpoint_root):
+                logger.warning("--resume_from_checkpoint latest_or_new: deleting the rejected %s", rejected)
+                ckpt.remove_checkpoint(rejected)
+        self.accelerator.wait_for_everyone()
+        logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
 
     def _check_resumable(self, info: ckpt.CheckpointInfo) -> dict:
         """The checkpoint's trainer state, after refusing pickled state and options that cannot change."""
         state = ckpt.read_trainer_state(info)
         ckpt.check_no_pickled_state(info.path)
+        ckpt.check_accelerate_files(info.path)
         if state.get("num_processes") != self.accelerator.num_processes:
             raise ConfigError(
                 f"{info.path} was written by {state.get('num_processes')} process(es), this run has "
