@@ -497,3 +497,12 @@ def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effe
     assert after[5]["loss"] == before[5]["loss"]  # computed with the step-4 weights
     assert all(after[s]["loss"] != before[s]["loss"] for s in (6, 7, 8))
 
+
+
+def test_every_test_the_readme_fault_table_names_exists():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| fault | what happens | test |"):].split("\n\n")[0]
+    named = set(re.findall(r"`(test_\w+)`", table))
+    sources = [path.read_text() for path in (REPO / "tests").glob("test_*.py")]
+    defined = {name for text in sources for name in re.findall(r"def (test_\w+)", text)}
+    assert len(named) >= 20 and named <= defined, named - defined
