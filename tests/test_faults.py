@@ -151,6 +151,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path):
     assert "is the disk full?" not in proc.stderr  # the suffix is only added when it is true
     assert "checkpoint-4 is intact" in proc.stderr
     assert ckpt.latest_valid(out / "checkpoints").step == 4
+    assert not ckpt.staging_dir(out / "checkpoints", 8).exists()  # the failed staging folder is not left behind
     ckpt.verify(out / "checkpoints" / "checkpoint-4")
 
 

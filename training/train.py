@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -499,6 +500,8 @@ class Trainer:
             if acc.is_main_process:
                 final = ckpt.finalize(self.checkpoint_root, self.global_step, self._epoch())
         except Exception as exc:  # disk full (OSError, SafetensorError), quota, permissions: never a checkpoint
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space; a failed staging is never left behind
             previous = ckpt.latest_valid(self.checkpoint_root)
             kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
             raise TrainingError(
