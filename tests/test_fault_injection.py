@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from ddpm_hub import checkpoints as ckpt
 from ddpm_hub import faults
 
-ARGS = [*FAST_ARGS, "--max_train_steps", "24", "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
+ARGS = [*FAST_ARGS, "--max_train_steps", "16", "--checkpointing_steps", "4", "--checkpoints_total_limit", "1",
         "--lr_warmup_steps", "3"]  # fmt: skip
 
-# The order in which one run passes the points (prune first runs at step 12, when a third checkpoint is written),
+# The order in which one run passes the points (prune first runs at step 8, when a second checkpoint is written),
 # so that a chain of runs, each killed at the next point and resumed with `latest`, reaches every one of them.
 CHAIN = [
     "lock.acquired",
