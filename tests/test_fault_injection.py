@@ -108,7 +108,7 @@ def _start(args: list[str], tmp_path: Path, launcher: list[str] | None = None) -
 
 def _signal_after_first_checkpoint(child: subprocess.Popen, out: Path, sig: int, times: int = 1) -> str:
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "checkpoint-4").exists():
+    while not ckpt.list_checkpoints(out / "checkpoints"):
         assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()[-3000:]
         time.sleep(0.01)
     for _ in range(times):
@@ -145,7 +145,7 @@ def test_sigint_stops_cleanly_and_a_second_signal_later_exits_at_once(tmp_path, 
     slow = tmp_path / "slow"
     child = _start([*ARGS, "--output_dir", str(slow), "--max_train_steps", "100000", "--checkpointing_steps", "4"],
                    tmp_path)  # fmt: skip
-    while not (slow / "checkpoints" / "checkpoint-4").exists():
+    while not ckpt.list_checkpoints(slow / "checkpoints"):
         assert child.poll() is None, child.stderr.read()[-3000:]
         time.sleep(0.01)
     child.send_signal(signal.SIGTERM)
