@@ -449,7 +449,8 @@ class Trainer:
         if bad >= 0:
             raise TrainingError(
                 f"the loss became NaN or inf at step {bad}; stopped before {when}. No weights from this point were "
-                "saved. Lower --learning_rate, check the data, or use --mixed_precision no."
+                "saved. Lower --learning_rate (also when resuming from a checkpoint: the new rate takes effect), "
+                "check the data, or use --mixed_precision no."
             )
         if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
             raise TrainingError(f"non-finite weights at step {self.global_step}; stopped before {when}, nothing saved")
