@@ -1,9 +1,11 @@
 """Crash-safe training checkpoints: `output_dir/checkpoints/checkpoint-{step}` with a verified manifest.
 
-A checkpoint is written into a temporary folder, then a manifest (`checkpoint.json`: step, epoch, and the
+A checkpoint is written into a fresh temporary folder, then a manifest (`checkpoint.json`: step, epoch, and the
 SHA-256 and size of every file) is written last, and the folder is renamed into place. A folder without a
-valid manifest, or whose files do not match it, is never chosen as "latest": the previous good checkpoint is
-used instead, with a warning. The step is read from the manifest, not parsed from the folder name.
+valid manifest, whose files do not match it, or whose name disagrees with its step is never chosen as "latest":
+the previous good checkpoint is used instead, with a warning. Old checkpoints are renamed to `*.deleting.tmp`
+before they are deleted, and `recover` removes any `*.tmp` folder a crash left behind before a run writes.
+Every write boundary is a named fault point (`ddpm_hub.faults`), so tests can crash at each one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from .faults import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,10 @@ def _sha256(path: Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, MANIFEST + ".tmp"))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -69,12 +73,15 @@ def write_manifest(folder: Path, step: int, epoch: int) -> None:
         files[str(path.relative_to(folder))] = {"sha256": _sha256(path), "size": path.stat().st_size}
     manifest = {"step": step, "epoch": epoch, "files": files}
     tmp = folder / (MANIFEST + ".tmp")
+    fault_point("checkpoint.manifest.before_tmp")
     with open(tmp, "w") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
+    fault_point("checkpoint.manifest.after_tmp")
     os.replace(tmp, folder / MANIFEST)
-    _fsync_dir(folder)
+    fsync_dir(folder)
+    fault_point("checkpoint.manifest.after_replace")
 
 
 def verify(folder: Path) -> CheckpointInfo:
@@ -88,6 +95,10 @@ def verify(folder: Path) -> CheckpointInfo:
         step, epoch, files = int(manifest["step"]), int(manifest["epoch"]), dict(manifest["files"])
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    named = _named_step(folder)
+    if named is not None and named != step:
+        raise CheckpointError(f"{manifest_path}: says step {step} but the folder is {folder.name}; not a checkpoint "
+                              "this trainer wrote")
     for name, meta in files.items():
         path = folder / name
         if not path.is_file():
@@ -98,7 +109,16 @@ def verify(folder: Path) -> CheckpointInfo:
             )
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: corrupted (checksum does not match the manifest)")
+    for path in _files(folder):
+        if str(path.relative_to(folder)) not in files:
+            raise CheckpointError(f"{path}: not in the manifest of checkpoint {folder} (added after it was written)")
     return CheckpointInfo(path=folder, step=step, epoch=epoch)
+
+
+def _named_step(folder: Path) -> int | None:
+    """N of a folder named `checkpoint-N`, else None (a checkpoint copied under another name is allowed)."""
+    suffix = folder.name[len(PREFIX):] if folder.name.startswith(PREFIX) else ""
+    return int(suffix) if suffix.isdigit() else None
 
 
 def _manifest_step(path: Path) -> int | None:
@@ -138,9 +158,46 @@ def latest_valid(root: Path) -> CheckpointInfo | None:
     return None
 
 
+def resolve_latest(root: Path, allow_new: bool = False) -> CheckpointInfo | None:
+    """The newest valid checkpoint; None when there are none at all (or none valid and `allow_new`), else an
+    error naming the rejected ones: a resume must never silently become a fresh run."""
+    info = latest_valid(root)
+    rejected = list_checkpoints(root)
+    if info is not None or not rejected or allow_new:
+        return info
+    names = ", ".join(p.name for p in rejected)
+    raise CheckpointError(
+        f"--resume_from_checkpoint latest: no valid checkpoint under {root} (rejected: {names}; the warnings above "
+        "say why); pass --resume_from_checkpoint latest_or_new to start afresh, or a checkpoint folder"
+    )
+
+
+def recover(root: Path) -> list[Path]:
+    """Remove the `*.tmp` folders (staging, half-deleted checkpoints) a crash left under `root`; call it while
+    holding the output folder's lock, before anything is written."""
+    root = Path(root)
+    removed = sorted(root.glob(f"{PREFIX}*.tmp")) if root.is_dir() else []
+    for path in removed:
+        logger.warning("removing %s, left by an interrupted run", path)
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            raise CheckpointError(f"{path}: left by an interrupted run and cannot be removed; delete it by hand")
+    return removed
+
+
 def staging_dir(root: Path, step: int) -> Path:
     """Where checkpoint `step` is written before it is renamed into place."""
     return Path(root) / f"{PREFIX}{step}.tmp"
+
+
+def fresh_staging(root: Path, step: int) -> Path:
+    """An empty staging folder for checkpoint `step`: anything an earlier attempt left there is removed first."""
+    staging = staging_dir(root, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    fault_point("checkpoint.staging.created")
+    return staging
 
 
 def finalize(root: Path, step: int, epoch: int) -> Path:
@@ -149,32 +206,189 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     write_manifest(staging, step, epoch)
     final = Path(root) / f"{PREFIX}{step}"
     if final.exists():
-        _remove(final)
+        remove_checkpoint(final)
+    fault_point("checkpoint.finalize.before_rename")
     os.replace(staging, final)
-    _fsync_dir(Path(root))
+    fault_point("checkpoint.finalize.after_rename")
+    fsync_dir(Path(root))
     return final
 
 
-def _remove(path: Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Rename first (atomic), then delete: a crash mid-delete leaves a `.tmp` folder, never a half checkpoint."""
     trash = path.with_name(path.name + ".deleting.tmp")
+    if trash.exists():  # left by an earlier crash mid-delete: renaming onto it would fail
+        shutil.rmtree(trash)
+    fault_point("checkpoint.prune.before_rename")
     os.replace(path, trash)
+    files = sorted(p for p in trash.rglob("*") if p.is_file())
+    for file in files[: len(files) // 2]:
+        file.unlink()
+    fault_point("checkpoint.prune.mid_delete")
     shutil.rmtree(trash, ignore_errors=True)
+    fault_point("checkpoint.prune.after_delete")
 
 
 def prune(root: Path, total_limit: int | None) -> list[Path]:
     """Delete the oldest checkpoints so that at most `total_limit` remain; leftover staging folders go too."""
-    removed = []
-    for stale in Path(root).glob(f"{PREFIX}*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-        removed.append(stale)
+    removed = recover(root)
     if total_limit is None:
         return removed
     checkpoints = list_checkpoints(root)
     for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        _remove(path)
+        remove_checkpoint(path)
         removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The state we own, without pickle: RNG states and trainer state as safetensors + JSON
+# ------------------------------------------------------------------------------------------------------------------
+
+TRAINER_STATE = "trainer_state.json"
+TIMESTEP_SAMPLER_STATE = "timestep_sampler.safetensors"
+
+
+def rng_state_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"rng_state_{rank}.safetensors"
+
+
+def save_rng_state(folder: Path, rank: int, step: int) -> Path:
+    """This rank's Python, NumPy, torch CPU (and CUDA) RNG states as safetensors: restorable without unpickling."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    version, words, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {
+        "python_state": torch.tensor(words, dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    metadata = {"step": str(step), "python_version": str(version), "python_gauss_next": repr(gauss_next),
+                "numpy_kind": kind, "numpy_pos": str(pos), "numpy_has_gauss": str(has_gauss),
+                "numpy_cached_gaussian": repr(float(cached))}  # fmt: skip
+    path = rng_state_file(folder, rank)
+    save_file(tensors, path, metadata=metadata)
+    fault_point("checkpoint.rng.saved")
+    return path
+
+
+def load_rng_state(folder: Path, rank: int, step: int) -> None:
+    """Restore what `save_rng_state` wrote; CheckpointError naming the file if it is missing or unusable."""
+    import random
+
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    path = rng_state_file(folder, rank)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; this rank's RNG state cannot be restored, so the resume would not "
+                              "be exact (a checkpoint from another number of processes or an older version?)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+        if int(meta["step"]) != step:
+            raise ValueError(f"it is the state of step {meta['step']}, not {step}")
+        gauss = None if meta["python_gauss_next"] == "None" else float(meta["python_gauss_next"])
+        random.setstate((int(meta["python_version"]), tuple(tensors["python_state"].tolist()), gauss))
+        np.random.set_state((meta["numpy_kind"], tensors["numpy_keys"].numpy().astype(np.uint32),
+                             int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]),
+                             float(meta["numpy_cached_gaussian"])))  # fmt: skip
+        torch.set_rng_state(tensors["torch_cpu"])
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            cuda = [tensors[f"torch_cuda_{i}"] for i in range(count) if f"torch_cuda_{i}" in tensors]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+    except Exception as exc:  # a damaged or foreign file: never a silent, inexact resume
+        raise CheckpointError(f"{path}: cannot restore the RNG state ({type(exc).__name__}: {exc})") from None
+
+
+def write_trainer_state(folder: Path, state: dict, sampler_state: dict | None = None) -> None:
+    """The trainer's own state: step, epoch, run config (JSON) and the timestep sampler's history (safetensors)."""
+    from safetensors.torch import save_file
+
+    if sampler_state:
+        save_file({k: v.contiguous() for k, v in sampler_state.items()}, Path(folder) / TIMESTEP_SAMPLER_STATE)
+    (Path(folder) / TRAINER_STATE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+    fault_point("checkpoint.trainer_state.saved")
+
+
+def read_trainer_state(info: CheckpointInfo) -> dict:
+    """The trainer state of a verified checkpoint; CheckpointError unless its step and epoch match the manifest's."""
+    path = info.path / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+        step, epoch = int(state["step"]), int(state["epoch"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (a checkpoint from an older version?); cannot resume from it") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if (step, epoch) != (info.step, info.epoch):
+        raise CheckpointError(
+            f"{path}: step {step}, epoch {epoch} disagree with the manifest's step {info.step}, epoch {info.epoch}"
+        )
+    return state
+
+
+def read_timestep_sampler_state(folder: Path) -> dict:
+    """The saved timestep-sampler tensors ({} for samplers without state)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TIMESTEP_SAMPLER_STATE
+    return load_file(path) if path.is_file() else {}
+
+
+PICKLED_STATE = ("custom_checkpoint_*.pkl", "random_states_*.pkl")
+
+
+def check_no_pickled_state(folder: Path) -> None:
+    """Our checkpoints hold no pickled RNG or custom state; one that does is refused, naming the file."""
+    for pattern in PICKLED_STATE:
+        for path in sorted(Path(folder).glob(pattern)):
+            raise CheckpointError(
+                f"{path}: pickled state this trainer never writes or loads (an older version's checkpoint, or "
+                "tampered); resume from a checkpoint written by this version"
+            )
+
+
+def check_accelerate_files(folder: Path) -> None:
+    """accelerate's optimizer/scheduler/scaler files load with torch's `weights_only` unpickler (no code can run);
+    try each first, so that one that cannot be restored is an error naming it."""
+    import torch
+
+    for path in sorted([*Path(folder).glob("*.bin"), *Path(folder).glob("*.pt")]):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"{path}: cannot be restored safely ({type(exc).__name__}: {detail})") from None
+
+
+def storage_hint(exc: BaseException) -> str:
+    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
+    else '': the suffix is only added where it is true."""
+    import errno
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        text = str(seen)
+        if code in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text or "QuotaExceeded" in text:
+            return " (is the disk full?)"
+        if code == errno.EFBIG or "FileTooLarge" in text:
+            return " (a file size limit was reached)"
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -217,6 +431,29 @@ def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
             raise CheckpointError(f"{folder} has no EMA weights (trained with --use_ema false): use weights='raw'")
         raise CheckpointError(f"{folder}/{subfolder} is missing")
     diagnose_weights(folder / subfolder)
-    unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+    if weights == "ema":
+        unet, _ = load_ema_unet(folder / subfolder)
+    else:
+        unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
     return pipeline_cls(unet=unet, scheduler=scheduler)
+
+
+def load_ema_unet(folder: Path):
+    """(UNet2DModel with the EMA weights of a `unet_ema/` folder, the EMA's own settings). EMAModel saves its
+    settings (decay, optimization_step, ...) into the UNet config; they are split off here, so that diffusers does
+    not warn that UNet2DModel does not expect them."""
+    import inspect
+
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    config = dict(UNet2DModel.load_config(str(folder)))
+    accepted = set(inspect.signature(UNet2DModel.__init__).parameters)
+    ema_settings = {k: config.pop(k) for k in list(config) if not k.startswith("_") and k not in accepted}
+    unet = UNet2DModel.from_config(config)
+    weights = Path(folder) / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    unet.load_state_dict(load_file(weights), strict=True)
+    return unet.eval(), ema_settings

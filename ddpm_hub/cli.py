@@ -186,10 +186,14 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     from ddpm_hub.checkpoints import is_checkpoint
     from ddpm_hub.export import publish
+    from ddpm_hub.hub_push import check_repo_id
+    from ddpm_hub.output_lock import OutputLock
 
+    check_repo_id(args.repo_id)  # before anything is loaded or written
     folder = Path(args.folder)
     if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
-        with tempfile.TemporaryDirectory() as tmp:
+        run_folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder
+        with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False):
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
             export = Path(tmp) / folder.name
             pipeline.save_pretrained(export, repo_id=args.repo_id)

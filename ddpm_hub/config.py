@@ -174,7 +174,8 @@ class RunConfig:
     checkpointing_steps: int = opt(500, "write a resumable checkpoint every N steps", minimum=1)
     checkpoints_total_limit: int | None = opt(3, "keep at most this many checkpoints", minimum=1)
     resume_from_checkpoint: str | None = opt(
-        None, "'latest' or a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data position)"
+        None, "'latest' (an error if checkpoints exist but none is valid), 'latest_or_new' (start afresh then), or "
+        "a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data position)"
     )
     save_images_steps: int = opt(500, "save a sample grid every N steps", minimum=1)
     save_images_epochs: int | None = opt(None, "save a sample grid every N epochs (instead of steps)", minimum=1)
@@ -562,7 +563,7 @@ def validate(c: TrainConfig) -> None:
         value = getattr(c, name)
         if value is not None and not Path(value).is_dir():
             raise ConfigError(f"--{name} {value}: no such directory")
-    if c.resume_from_checkpoint is not None and c.resume_from_checkpoint != "latest":
+    if c.resume_from_checkpoint not in (None, "latest", "latest_or_new"):
         if not Path(c.resume_from_checkpoint).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such checkpoint directory")
     if c.push_to_hub and not c.hub_model_id:

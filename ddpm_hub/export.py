@@ -5,6 +5,8 @@ folder with its model card and metrics, and the push. The trainer and the comman
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .faults import fault_point
+
+EXPORT_STAGING = ".pipeline.tmp"
+# What an export writes; model_index.json, which makes a folder load as a pipeline, is moved in last.
+PIPELINE_ITEMS = ("unet", "scheduler", "samples.png", "README.md", "metrics.json")
+
+
+class ExportError(OSError):
+    """The pipeline could not be written; the message names the folder. The folder never half-loads."""
 
 
 @contextmanager
@@ -123,15 +135,77 @@ def export_pipeline(
     result: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete model folder: the pipeline (safetensors), `samples.png`, `README.md` (model card) and
-    `metrics.json` (`result` plus the metrics). Returns the folder."""
+    `metrics.json` (`result` plus the metrics). Everything is written to a fresh staging folder inside `folder`
+    and then moved into place, `model_index.json` last: a failure (a full disk) leaves either the previous
+    pipeline or a folder that does not load as one, never a half pipeline, and is an ExportError naming the folder.
+    Holds the folder's lock meanwhile. Returns the folder."""
+    from safetensors import SafetensorError
+
+    from .checkpoints import storage_hint
+    from .output_lock import OutputLock
+
+    folder = Path(folder)
+    with OutputLock(folder, "export"):
+        staging = recover_export(folder)
+        try:
+            staging.mkdir()
+            _write_pipeline(staging, folder, unet, scheduler, description, metrics, grid, result)
+            _commit_pipeline(staging, folder)
+        except (OSError, SafetensorError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ExportError(f"could not write the pipeline to {folder}: {exc}{storage_hint(exc)}") from None
+    return folder
+
+
+def recover_export(folder: Path) -> Path:
+    """Remove what an interrupted export left in `folder` (its staging and replaced-item folders); returns the
+    (now absent) staging path."""
+    for leftover in [folder / EXPORT_STAGING, *folder.glob(".*.old.tmp")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return folder / EXPORT_STAGING
+
+
+def _commit_pipeline(staging: Path, folder: Path) -> None:
+    """Move the staged pipeline into `folder`, model_index.json last (so the folder loads only when complete)."""
+    from .checkpoints import fsync_dir
+
+    (folder / "model_index.json").unlink(missing_ok=True)
+    fault_point("export.commit.index_removed")
+    for name in PIPELINE_ITEMS:
+        target, new = folder / name, staging / name
+        old = folder / f".{name}.old.tmp"
+        if target.exists():
+            os.replace(target, old)
+        if new.exists():
+            os.replace(new, target)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    fault_point("export.commit.before_index")
+    os.replace(staging / "model_index.json", folder / "model_index.json")
+    fsync_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    fault_point("export.commit.done")
+
+
+def _write_pipeline(
+    staging: Path,
+    folder: Path,
+    unet: torch.nn.Module,
+    scheduler,
+    description: ModelDescription,
+    metrics: dict[str, float] | None,
+    grid,
+    result: dict[str, Any] | None,
+) -> None:
     from .hub import render_model_card
     from .pipelines import DDPMPipeline
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+    fault_point("export.staging.pipeline_saved")
     if grid is not None:
-        grid.save(folder / "samples.png")
+        grid.save(staging / "samples.png")
     metrics = dict(metrics or {})
     card = render_model_card(
         hparams=description.hparams,
@@ -148,14 +222,18 @@ def export_pipeline(
         has_samples=grid is not None,
         model_name=description.repo_id or folder.name,
     )
-    card.save(folder / "README.md")
+    card.save(staging / "README.md")
     payload = {**(result or {}), "metrics": metrics}
-    (folder / "metrics.json").write_text(json.dumps(payload, indent=1) + "\n")
-    return folder
+    (staging / "metrics.json").write_text(json.dumps(payload, indent=1) + "\n")
+    fault_point("export.staging.card_saved")
 
 
 def publish(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Push a model folder's pipeline files to the Hub (see `hub_push.push_pipeline_folder`); returns the URL."""
-    from .hub_push import push_pipeline_folder
+    """Push a model folder's pipeline files to the Hub (see `hub_push.push_pipeline_folder`), holding the folder's
+    lock so that no trainer writes into it meanwhile; returns the URL."""
+    from .hub_push import check_repo_id, push_pipeline_folder
+    from .output_lock import OutputLock
 
-    return push_pipeline_folder(folder, repo_id, token=token, private=private)
+    check_repo_id(repo_id)
+    with OutputLock(folder, "push", create=False):
+        return push_pipeline_folder(folder, repo_id, token=token, private=private)

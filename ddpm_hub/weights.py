@@ -27,12 +27,25 @@ def check_safetensors_file(path: Path) -> None:
             )
         try:
             header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WeightsError(f"{path}: damaged safetensors file (bad header: {exc})") from None
-    ends = [meta["data_offsets"][1] for key, meta in header.items() if key != "__metadata__"]
+            ends = [int(meta["data_offsets"][1]) for key, meta in header.items() if key != "__metadata__"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise WeightsError(f"{path}: damaged safetensors file (bad header: {type(exc).__name__}: {exc})") from None
     expected = 8 + header_len + max(ends, default=0)
     if size < expected:
         raise WeightsError(f"{path}: damaged safetensors file (truncated: {size} bytes of {expected})")
+    _check_with_safetensors(path)
+
+
+def _check_with_safetensors(path: Path) -> None:
+    """safetensors' own header validation (dtypes, shapes, contiguous offsets), without reading the tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise WeightsError(f"{path}: damaged safetensors file (bad header: {detail})") from None
 
 
 def diagnose_weights(folder: Path) -> None:

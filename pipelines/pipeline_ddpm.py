@@ -218,6 +218,10 @@ class DDPMPipeline(DiffusionPipeline):
         self._check_saveable()
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
                        if k in kwargs}  # fmt: skip
+        if push_to_hub:  # a bad repo id is reported before anything is written
+            from ddpm_hub.hub_push import check_repo_id
+
+            check_repo_id(push_kwargs.get("repo_id") or Path(save_directory).name)
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
@@ -260,10 +264,11 @@ class DDPMPipeline(DiffusionPipeline):
         **kwargs: Any,
     ) -> str:
         """Upload this pipeline with our model card (not diffusers' empty template); returns the commit URL."""
-        from ddpm_hub.hub_push import push_pipeline_folder
+        from ddpm_hub.hub_push import check_repo_id, push_pipeline_folder
 
         if create_pr:
             raise ValueError("create_pr is not supported by ddpm_hub's push; push to a branch-free repo instead")
+        check_repo_id(repo_id)  # before anything is written
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]
             self.save_pretrained(folder, repo_id=repo_id)

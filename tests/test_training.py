@@ -343,7 +343,8 @@ def test_hybrid_loss_learned_variance_and_importance_sampling_resume_exactly(tmp
     proc = run_train([*common, "--output_dir", str(full)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = full / "checkpoints" / "checkpoint-6"
-    assert list(checkpoint.glob("custom_checkpoint_*")), "the importance sampler's state is checkpointed"
+    assert (checkpoint / "timestep_sampler.safetensors").is_file(), "the importance sampler's state is checkpointed"
+    assert not list(checkpoint.glob("*.pkl")), "no pickled state of ours"
     resumed = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-6")
     proc = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -45,13 +46,17 @@ from ddpm_hub.export import (
     export_pipeline,
     held_out_bpd,
     publish,
+    recover_export,
     sample_grid,
     sample_quality,
 )
 from ddpm_hub.losses import training_losses
 from ddpm_hub.models import count_parameters, unet_config
+from ddpm_hub.output_lock import OutputLockedError, acquire, release
+from ddpm_hub.resuming import ResumeOptionError, apply_ema_options, apply_optimizer_options, check_resumed_options
 from ddpm_hub.sampling import with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
+from ddpm_hub.stopping import StopRequest
 from ddpm_hub.timestep_sampling import make_timestep_sampler
 
 logger = logging.getLogger("ddpm_hub.train")
@@ -62,6 +67,14 @@ SCHEDULER_OPTIONS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta
 
 class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, bad checkpoint): the message names the step or file."""
+
+
+class StoppedBySignal(Exception):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; `exit_code` is 143 or 130."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(exit_code)
+        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -290,7 +303,12 @@ class Trainer:
     """The run's objects and its stages: `run()` = resume, loop of `train_step` + periodic actions, `finish()`."""
 
     def __init__(
-        self, cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None, data: Data | None = None
+        self,
+        cfg: TrainConfig,
+        hub_token: str | None = None,
+        trackers: list | None = None,
+        data: Data | None = None,
+        stop: StopRequest | None = None,
     ):
         from diffusers import UNet2DModel
         from diffusers.optimization import get_scheduler
@@ -300,6 +318,7 @@ class Trainer:
 
         cfg = adopt_pretrained_scheduler(cfg)
         self.cfg, self.hub_token = cfg, hub_token
+        self.stop = stop if stop is not None else StopRequest()
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._check_output_dir()
@@ -307,6 +326,7 @@ class Trainer:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not acc.is_local_main_process:
             logging.getLogger().setLevel(logging.WARNING)
+        self._claim_output_dir()
         self.threads = torch.get_num_threads()
         if acc.device.type == "cpu":
             local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
@@ -364,8 +384,6 @@ class Trainer:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(
             self.unet, self.optimizer, loader, self.lr_scheduler
         )
-        if cfg.timestep_sampling != "uniform":
-            acc.register_for_checkpointing(self.timestep_sampler)
         if self.ema is not None:
             self.ema.to(acc.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
@@ -378,6 +396,7 @@ class Trainer:
             (cfg.eval_steps, self.log_bpd_estimate),
         ]
         self.global_step = 0
+        self._saved_step = -1
         self.first_bad_step = torch.tensor(-1, device=acc.device)
         self.history: list[dict[str, float]] = []
         self._last_grid: tuple[int, Any] | None = None
@@ -393,6 +412,29 @@ class Trainer:
                 f"--output_dir {self.output_dir} already holds a trained pipeline; pass --overwrite_output_dir "
                 "or --resume_from_checkpoint latest, or choose another folder"
             )
+        others = ckpt.list_checkpoints(self.checkpoint_root)
+        if others and not self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
+            raise ConfigError(
+                f"--output_dir {self.output_dir} holds another run's checkpoints ({', '.join(p.name for p in others)}):"
+                " pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir to delete them, or "
+                "choose another folder"
+            )
+
+    def _claim_output_dir(self) -> None:
+        """One writer per folder: lock it (main process), then clear what a crash left (and, for a new run with
+        --overwrite_output_dir, the old run's checkpoints) before anything is written."""
+        if self.accelerator.is_main_process:
+            try:
+                acquire(self.output_dir, "training")
+            except OutputLockedError as exc:
+                raise ConfigError(f"--output_dir: {exc}") from None
+            ckpt.recover(self.checkpoint_root)
+            recover_export(self.output_dir)
+            if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
+                for old in ckpt.list_checkpoints(self.checkpoint_root):
+                    logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
+                    ckpt.remove_checkpoint(old)
+        self.accelerator.wait_for_everyone()
 
     def _check_hub(self) -> None:
         from ddpm_hub.hub_push import HubError, check_push_access
@@ -407,7 +449,8 @@ class Trainer:
         if bad >= 0:
             raise TrainingError(
                 f"the loss became NaN or inf at step {bad}; stopped before {when}. No weights from this point were "
-                "saved. Lower --learning_rate, check the data, or use --mixed_precision no."
+                "saved. Lower --learning_rate (also when resuming from a checkpoint: the new rate takes effect), "
+                "check the data, or use --mixed_precision no."
             )
         if not all(torch.isfinite(p).all() for p in self.unet.parameters()):
             raise TrainingError(f"non-finite weights at step {self.global_step}; stopped before {when}, nothing saved")
@@ -417,7 +460,6 @@ class Trainer:
     def _register_hooks(self) -> None:
         """Each checkpoint also holds diffusers-format `unet/` and `unet_ema/` folders (safetensors)."""
         from diffusers import UNet2DModel
-        from diffusers.training_utils import EMAModel
 
         def save_hook(models, weights, output_dir):
             if self.accelerator.is_main_process:
@@ -432,8 +474,8 @@ class Trainer:
 
         def load_hook(models, input_dir):
             if self.ema is not None:
-                loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls=UNet2DModel)
-                self.ema.load_state_dict(loaded.state_dict())
+                unet_ema, settings = ckpt.load_ema_unet(Path(input_dir) / "unet_ema")
+                self.ema.load_state_dict({**settings, "shadow_params": [p.detach() for p in unet_ema.parameters()]})
                 self.ema.to(self.accelerator.device)
             while models:
                 model = models.pop()
@@ -446,47 +488,120 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write `checkpoint-{step}` crash-safely (staging folder + manifest + rename), then prune old ones."""
         self._assert_finite("saving a checkpoint")
+        acc = self.accelerator
         staging = ckpt.staging_dir(self.checkpoint_root, self.global_step)
         try:
-            self.accelerator.save_state(str(staging))
-            self.accelerator.wait_for_everyone()
+            if acc.is_main_process:
+                ckpt.fresh_staging(self.checkpoint_root, self.global_step)
+            acc.wait_for_everyone()
+            acc.save_state(str(staging))
+            self._save_own_state(staging)
+            acc.wait_for_everyone()
             final = self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
-            if self.accelerator.is_main_process:
-                epoch = self.global_step // self.updates_per_epoch
-                final = ckpt.finalize(self.checkpoint_root, self.global_step, epoch)
+            if acc.is_main_process:
+                final = ckpt.finalize(self.checkpoint_root, self.global_step, self._epoch())
         except Exception as exc:  # disk full (OSError, SafetensorError), quota, permissions: never a checkpoint
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space; a failed staging is never left behind
             previous = ckpt.latest_valid(self.checkpoint_root)
             kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
             raise TrainingError(
-                f"could not write checkpoint {self.global_step} to {staging}: {exc} (is the disk full?); {kept}"
+                f"could not write checkpoint {self.global_step} to {staging}: {exc}{ckpt.storage_hint(exc)}; {kept}"
             ) from exc
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             ckpt.prune(self.checkpoint_root, self.cfg.checkpoints_total_limit)
             logger.info("saved checkpoint %s", final)
-        self.accelerator.wait_for_everyone()
+        self._saved_step = self.global_step
+        acc.wait_for_everyone()
         return final
+
+    def _epoch(self) -> int:
+        return self.global_step // self.updates_per_epoch
+
+    def _save_own_state(self, staging: Path) -> None:
+        """Replace accelerate's pickled RNG file by a safetensors one, and write the trainer state (step, run
+        config, timestep sampler) as JSON + safetensors: nothing of ours is ever unpickled on resume."""
+        from ddpm_hub.faults import fault_point
+
+        acc = self.accelerator
+        fault_point("checkpoint.state.saved")
+        (staging / f"random_states_{acc.process_index}.pkl").unlink(missing_ok=True)
+        ckpt.save_rng_state(staging, acc.process_index, self.global_step)
+        if acc.is_main_process:
+            state = {
+                "step": self.global_step,
+                "epoch": self._epoch(),
+                "num_processes": acc.num_processes,
+                "lr_scheduler_last_epoch": self.lr_scheduler.scheduler.last_epoch,
+                "config": self.cfg.to_dict(),
+            }
+            ckpt.write_trainer_state(staging, state, self.timestep_sampler.state_dict())
 
     def resume(self) -> None:
         """Restore optimizer, LR schedule, EMA, RNG states, step and data position from a checkpoint."""
         target = self.cfg.resume_from_checkpoint
         if target is None:
             return
-        if target == "latest":
-            info = ckpt.latest_valid(self.checkpoint_root)
+        if target in ("latest", "latest_or_new"):
+            info = ckpt.resolve_latest(self.checkpoint_root, allow_new=target == "latest_or_new")
             if info is None:
-                logger.info("no checkpoint under %s: starting from scratch", self.checkpoint_root)
+                self._start_afresh()
                 return
         else:
             try:
                 info = ckpt.verify(Path(target))
             except ckpt.CheckpointError as exc:
                 raise TrainingError(f"cannot resume: {exc}") from exc
+        state = self._check_resumable(info)
         try:
             self.accelerator.load_state(str(info.path))
         except Exception as exc:
-            raise TrainingError(f"cannot resume from {info.path}: {exc}") from exc
+            detail = " ".join(str(exc).split())
+            raise TrainingError(f"cannot resume from {info.path}: {type(exc).__name__}: {detail}") from exc
+        self._restore_own_state(info, state)
         self.global_step = info.step
         logger.info("resumed from %s at step %d", info.path, info.step)
+
+    def _start_afresh(self) -> None:
+        """No valid checkpoint (and `latest_or_new`): remove the rejected ones, which a later `latest` or pruning
+        would otherwise mistake for this run's."""
+        if self.accelerator.is_main_process:
+            for rejected in ckpt.list_checkpoints(self.checkpoint_root):
+                logger.warning("--resume_from_checkpoint latest_or_new: deleting the rejected %s", rejected)
+                ckpt.remove_checkpoint(rejected)
+        self.accelerator.wait_for_everyone()
+        logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
+
+    def _check_resumable(self, info: ckpt.CheckpointInfo) -> dict:
+        """The checkpoint's trainer state, after refusing pickled state and options that cannot change."""
+        state = ckpt.read_trainer_state(info)
+        ckpt.check_no_pickled_state(info.path)
+        ckpt.check_accelerate_files(info.path)
+        if state.get("num_processes") != self.accelerator.num_processes:
+            raise ConfigError(
+                f"{info.path} was written by {state.get('num_processes')} process(es), this run has "
+                f"{self.accelerator.num_processes}: resume with the same number of processes"
+            )
+        try:
+            check_resumed_options(state.get("config", {}), self.cfg.to_dict(), str(info.path))
+        except ResumeOptionError as exc:
+            raise ConfigError(str(exc)) from None
+        return state
+
+    def _restore_own_state(self, info: ckpt.CheckpointInfo, state: dict) -> None:
+        """RNG and timestep-sampler state from safetensors; then the current options win over restored ones."""
+        ckpt.load_rng_state(info.path, self.accelerator.process_index, info.step)
+        sampler_state = ckpt.read_timestep_sampler_state(info.path)
+        if sampler_state:
+            self.timestep_sampler.load_state_dict(sampler_state)
+        last_epoch = self.lr_scheduler.scheduler.last_epoch
+        if last_epoch != state["lr_scheduler_last_epoch"]:
+            raise ckpt.CheckpointError(
+                f"{info.path}: the LR schedule is at {last_epoch}, the trainer state says "
+                f"{state['lr_scheduler_last_epoch']}; the checkpoint's files do not belong together"
+            )
+        apply_optimizer_options(self.optimizer, self.lr_scheduler, self.cfg)
+        apply_ema_options(self.ema, self.cfg)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -541,6 +656,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
+        self.stop.install()
         self.resume()
         if acc.is_main_process and acc.log_with:
             acc.init_trackers("ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
@@ -566,11 +682,31 @@ class Trainer:
                     action()
             if "loss" in (self.history[-1] if self.history else {}):
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+            if self.stop.agreed(acc):
+                bar.close()
+                self.stop_cleanly()
         bar.close()
         self._assert_finite("saving the final pipeline")
         result = self.finish()
         acc.end_training()
+        self.stop.uninstall()
         return result
+
+    def stop_cleanly(self) -> None:
+        """After SIGTERM/SIGINT: save a checkpoint of the step just finished (unless one exists) and stop."""
+        from ddpm_hub.faults import fault_point
+
+        final = self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
+        if self._saved_step != self.global_step:
+            final = self.save_checkpoint()
+        fault_point("signal.checkpoint_saved")
+        logger.warning(
+            "stopped at step %d by a signal; checkpoint %s. Resume with the same command plus "
+            "--resume_from_checkpoint latest", self.global_step, final,
+        )
+        self.accelerator.end_training()
+        self.stop.uninstall()
+        raise StoppedBySignal(self.stop.exit_code)
 
     def _log_start(self) -> None:
         logger.info(
@@ -697,13 +833,22 @@ class Trainer:
                     num_inference_steps=cfg.sampling_steps,
                 )
                 result.update(history=self.history)
-                export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+                self._export(pipeline, description, metrics, grid, result)
             result["metrics"] = metrics
             logger.info("saved the pipeline, samples.png and README.md to %s; metrics %s", self.output_dir, metrics)
             if cfg.push_to_hub:
                 self.push()
         acc.wait_for_everyone()
         return result
+
+    def _export(self, pipeline, description: ModelDescription, metrics: dict, grid, result: dict) -> None:
+        from ddpm_hub.export import ExportError
+
+        try:
+            export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+        except ExportError as exc:
+            raise TrainingError(f"{exc}; the checkpoints are intact: rerun with --resume_from_checkpoint latest to "
+                                "export again") from None
 
     def push(self) -> None:
         from ddpm_hub.hub_push import HubError
@@ -734,7 +879,13 @@ class Trainer:
 def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None = None) -> dict[str, Any]:
     """Run one training job in this process (what `accelerate launch training/train.py` does) and return its
     result (`metrics`, `history`, `steps`, ...)."""
-    return Trainer(cfg, hub_token=hub_token, trackers=trackers).run()
+    stop = StopRequest()
+    stop.install()  # a signal during set-up stops the run after its first step
+    try:
+        return Trainer(cfg, hub_token=hub_token, trackers=trackers, stop=stop).run()
+    finally:
+        stop.uninstall()
+        release(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -748,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingError, ckpt.CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except StoppedBySignal as stop:
+        return stop.exit_code
     return 0
 
 

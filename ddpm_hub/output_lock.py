@@ -1,0 +1,92 @@
+"""One writer per output folder: an OS lock (`fcntl.flock`) on `FOLDER/.ddpm_hub.lock`, which holds the owner's PID.
+
+The kernel drops the lock when its process ends, however it ends (`kill -9` included), so a lock is never stale.
+Within one process the lock is re-entrant: the trainer holds it and its own export and push pass through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .faults import fault_point
+
+LOCK_NAME = ".ddpm_hub.lock"
+_held: dict[Path, tuple[int, int]] = {}  # folder -> (fd, depth) held by this process
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing into the folder; the message names its PID."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "another process"
+    return f"PID {text}" if text else "another process"
+
+
+def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
+    """Lock `folder` for this process, or raise OutputLockedError at once naming the holder. With `create=False`
+    (readers such as a push) a missing or read-only folder is not locked (nothing can write into it); returns
+    whether the lock is held."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _held:
+        fd, depth = _held[folder]
+        _held[folder] = (fd, depth + 1)
+        return True
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        return False
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        if create:
+            raise
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputLockedError(
+            f"{folder} is in use by {_holder(path)} (another training, export or push into the same folder): wait "
+            "for it to finish or stop it, or choose another folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} ({purpose})\n".encode())
+    _held[folder] = (fd, 1)
+    fault_point("lock.acquired")
+    return True
+
+
+def release(folder: str | Path) -> None:
+    """Undo one `acquire` of `folder` by this process; the lock is dropped with the last one."""
+    folder = Path(folder).resolve()
+    if folder not in _held:
+        return
+    fd, depth = _held.pop(folder)
+    if depth > 1:
+        _held[folder] = (fd, depth - 1)
+        return
+    os.close(fd)  # closing the descriptor releases the flock; the file stays (unlinking it would race)
+
+
+class OutputLock:
+    """`with OutputLock(folder, "push"):` holds the folder's lock for the block."""
+
+    def __init__(self, folder: str | Path, purpose: str, create: bool = True):
+        self.folder, self.purpose, self.create = folder, purpose, create
+        self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.held = acquire(self.folder, self.purpose, self.create)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            release(self.folder)
