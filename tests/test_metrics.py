@@ -246,3 +246,19 @@ def test_training_export_quality_states_space_samples_seeds_and_spread():
             assert ("CNN's 128-d" if key.startswith("digits_conv") else "MLP's 64-d") in row, row
             assert "mean over 3 seeds of 10 samples (dpm, 2 steps)" in row, row
     assert "95% t-interval of that FID over the 3 seeds" in rows["digits_mlp_fid_ci95"]
+
+
+def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
+    from conftest import FAST_ARGS, train_in_process
+
+    from ddpm_hub.digits_features import SPACES
+    from ddpm_hub.export import CARD_QUALITY_METRICS
+
+    out = tmp_path / "run"
+    result = train_in_process([*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "1", "--num_quality_samples",
+                               "8", "--num_quality_seeds", "2", "--num_inference_steps", "2"])  # fmt: skip
+    expected = {f"{s}_{m}" for s in SPACES for m in CARD_QUALITY_METRICS} | {f"{s}_fid_ci95" for s in SPACES}
+    assert expected <= set(result["metrics"])
+    card = (out / "README.md").read_text()
+    assert "FID in the shipped digits CNN's 128-d features" in card
+    assert "mean over 2 seeds of 8 samples (dpm, 2 steps)" in card
