@@ -235,9 +235,18 @@ def markdown(summary: dict[str, Any], samplers: list[str], spaces: list[str], me
 
 def write_summary(out: Path, baseline: str | None, meta: dict[str, Any]) -> dict[str, Any]:
     """Read every `recipe_*.json` in `out`, write `summary.json` and `summary.md`, print the tables."""
-    from common import machine
-
     from ddpm_hub.digits_features import SPACES
+
+    try:
+        from common import machine  # needs psutil, which a bare GPU box may lack
+    except ImportError:
+        import platform
+
+        import torch
+
+        def machine() -> dict[str, Any]:
+            gpu = {"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}
+            return {"cpu": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, **gpu}
 
     records = [json.loads(p.read_text()) for p in sorted(out.glob("recipe_*.json"))]
     if not records:
