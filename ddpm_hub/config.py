@@ -194,6 +194,10 @@ class RunConfig:
         300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
         "embedded digits, Inception with torch-fidelity otherwise); 0: none", minimum=0,
     )
+    num_quality_seeds: int = opt(
+        3, "seeds of the final sample-quality metric (num_quality_samples each; the digits get mean and 95% interval "
+        "over them)", minimum=1,
+    )
     final_bpd: str = opt("full", "held-out bits/dim at the end", choices=("full", "estimate", "none"))
     compile: bool = opt(
         False, "torch.compile the UNet (through accelerate's dynamo plugin, inductor); pays off on long runs"

@@ -56,11 +56,38 @@ METRIC_DESCRIPTIONS = {
 }
 
 
-def _metrics_table(metrics: dict[str, float]) -> str:
+# The digits sample-quality metrics of `export.sample_quality` (`{space}_{metric}`) and how they were measured.
+DIGITS_SPACES = {"digits_mlp": "the shipped digits MLP's 64-d features",
+                 "digits_conv": "the shipped digits CNN's 128-d features"}  # fmt: skip
+DIGITS_METRIC_DESCRIPTIONS = {
+    "fid": "FID in {space} (not Inception FID), samples vs held-out: {how}",
+    "fid_ci95": "half-width of the 95% t-interval of that FID over the {seeds} seeds",
+    "kid": "KID in {space}: {how}",
+    "precision": "precision in {space} (k=3 nearest-neighbour manifolds): share of samples on the held-out images' "
+    "manifold (fidelity); {how}",
+    "recall": "recall in {space}: share of held-out images on the samples' manifold (diversity); {how}",
+    "class_error": "class-frequency error in {space}: total variation between the predicted class mix of samples and "
+    "held-out images (0: the same mix); {how}",
+}
+
+
+def _describe_metric(key: str, context: dict[str, Any]) -> str:
+    """What a metrics.json key means, with the sample count, seeds and sampler of the sample-quality metrics."""
+    for space, space_text in DIGITS_SPACES.items():
+        metric = key.removeprefix(space + "_")
+        if key.startswith(space + "_") and metric in DIGITS_METRIC_DESCRIPTIONS:
+            seeds = context.get("seeds") or 1
+            how = (f"mean over {seeds} seeds of {context.get('samples')} samples" if seeds > 1
+                   else f"{context.get('samples')} samples, one seed") + f" ({context.get('sampler')})"  # fmt: skip
+            return DIGITS_METRIC_DESCRIPTIONS[metric].format(space=space_text, how=how, seeds=seeds)
+    return METRIC_DESCRIPTIONS.get(key, "")
+
+
+def _metrics_table(metrics: dict[str, float], context: dict[str, Any] | None = None) -> str:
     if not metrics:
         return "No metrics were measured for this model."
     rows = ["| metric | value | what it is |", "|---|---|---|"]
-    rows += [f"| {k} | {v:.4f} | {METRIC_DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
+    rows += [f"| {k} | {v:.4f} | {_describe_metric(k, context or {})} |" for k, v in metrics.items()]
     return "\n".join(rows)
 
 
@@ -176,7 +203,10 @@ def render_model_card(
         samples_section="![samples](samples.png)" if has_samples else "",
         usage_snippet=_usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler),
         scheduler_note=scheduler_note,
-        metrics_table=_metrics_table(metrics),
+        metrics_table=_metrics_table(metrics, {
+            "samples": hparams.get("num_quality_samples"), "seeds": hparams.get("num_quality_seeds"),
+            "sampler": f"{sampler or 'ddpm'}, {num_inference_steps} steps",
+        }),  # fmt: skip
         hyperparameter_rows=rows,
         license_text=license_text,
     )

@@ -1,4 +1,6 @@
-"""Sample-quality metrics (FID, Inception Score) through torchmetrics, with a pluggable feature extractor.
+"""Sample-quality metrics: FID, KID and Inception Score through torchmetrics with a pluggable feature extractor;
+precision/recall (Kynkaanniemi et al. 2019), class-frequency error and classifier score of feature vectors; and the
+digits report in both shipped classifier spaces (`digits_quality`, `sample_quality_report` over paired seeds).
 
 By default torchmetrics uses the standard Inception-v3 statistics (its weights come with torch-fidelity and
 must be available locally or downloadable). Tests and offline users pass their own `feature` module.

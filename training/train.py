@@ -814,7 +814,8 @@ class Trainer:
                 sampler = with_sampler(pipeline, cfg.sampler)
                 if self.data.held_out is not None and cfg.num_quality_samples:
                     metrics.update(sample_quality(sampler, self.data.held_out, cfg.num_quality_samples,
-                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4))  # fmt: skip
+                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4,
+                                                  cfg.num_quality_seeds))  # fmt: skip
                 if cfg.num_eval_images:
                     step, grid = self._last_grid or (None, None)
                     if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
