@@ -159,7 +159,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     import tempfile
 
     from ddpm_hub.checkpoints import is_checkpoint
-    from ddpm_hub.export import publish
+    from ddpm_hub.hub_push import push_pipeline_folder
 
     folder = Path(args.folder)
     if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
@@ -167,9 +167,9 @@ def cmd_push(args: argparse.Namespace) -> int:
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
             export = Path(tmp) / folder.name
             pipeline.save_pretrained(export, repo_id=args.repo_id)
-            url = publish(export, args.repo_id, private=args.private)
+            url = push_pipeline_folder(export, args.repo_id, private=args.private)
     else:
-        url = publish(folder, args.repo_id, private=args.private)
+        url = push_pipeline_folder(folder, args.repo_id, private=args.private)
     print(f"pushed {args.folder} to {url}")
     return 0
 

@@ -153,9 +153,3 @@ def export_pipeline(
     (folder / "metrics.json").write_text(json.dumps(payload, indent=1) + "\n")
     return folder
 
-
-def publish(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Push a model folder's pipeline files to the Hub (see `hub_push.push_pipeline_folder`); returns the URL."""
-    from .hub_push import push_pipeline_folder
-
-    return push_pipeline_folder(folder, repo_id, token=token, private=private)

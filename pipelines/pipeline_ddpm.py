@@ -29,7 +29,6 @@ from ddpm_hub import diffusion_math as dm
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
-StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 # What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
 # has no stock equivalent and is refused.

@@ -44,7 +44,6 @@ from ddpm_hub.export import (
     ema_weights,
     export_pipeline,
     held_out_bpd,
-    publish,
     sample_grid,
     sample_quality,
 )
@@ -706,11 +705,11 @@ class Trainer:
         return result
 
     def push(self) -> None:
-        from ddpm_hub.hub_push import HubError
+        from ddpm_hub.hub_push import HubError, push_pipeline_folder
 
         try:
-            url = publish(self.output_dir, self.cfg.hub_model_id, token=self.hub_token,
-                          private=self.cfg.hub_private_repo)  # fmt: skip
+            url = push_pipeline_folder(self.output_dir, self.cfg.hub_model_id, token=self.hub_token,
+                                       private=self.cfg.hub_private_repo)  # fmt: skip
         except HubError as exc:
             raise TrainingError(
                 f"{exc}. The trained pipeline is intact in {self.output_dir}; push it again with "
