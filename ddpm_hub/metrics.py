@@ -86,6 +86,16 @@ def digits_fid_kid(real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
     return {"digits_fid": fid, "digits_kid": kid}
 
 
+def digits_class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of uint8 `[N, 1, 8, 8]` digit images that the shipped digits classifier assigns to their
+    requested class `labels` `[N]` (class id = digit): how well a conditional model follows its labels."""
+    from .digits_features import load_digits_classifier
+
+    with torch.no_grad():
+        predicted = load_digits_classifier()(images).argmax(dim=1)
+    return float((predicted == labels.to(predicted.device)).float().mean())
+
+
 def check_inception_available() -> None:
     """Fail before any sampling when the Inception metrics cannot run (torch-fidelity missing)."""
     try:
