@@ -86,7 +86,7 @@ def test_every_cli_sampler_is_a_compatible_scheduler():
 
     assert {s.scheduler for s in SAMPLERS.values()} == set(diffusers.DDPMScheduler._compatibles)
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
-    choices = next(a.choices for a in sample._actions if a.dest == "scheduler")
+    choices = next(a.choices for a in sample._actions if a.dest == "sampler")
     assert sorted(choices) == sorted(OFFERED) and not set(choices) & set(NOT_OFFERED)
     assert all(NOT_OFFERED.values())
 
