@@ -200,7 +200,8 @@ class RunConfig:
     )
     guidance_scale: float = opt(
         3.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
-        "snippet (1: no guidance; 3 measured best on the digits, README)", minimum=0,
+        "snippet, the card's recommended scale (1: no guidance; benchmarks/bench_guidance.py measures the trade-off)",
+        minimum=0,
     )
     num_quality_samples: int = opt(
         300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
