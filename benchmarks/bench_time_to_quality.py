@@ -1,7 +1,7 @@
 """Time to quality on the embedded digits: train for a wall-clock budget, evaluate at fixed wall-clock points.
 
 Each configuration is a base recipe (`--base`: the `digits` preset, or the recipe it replaced) with one lever
-changed. Training runs in-process with the real Trainer (`train_step` + EMA, the run's own thread policy) at the
+changed. Training runs in-process with the real Trainer (`optimizer_step`, the run's own thread policy) at the
 recipe's learning rate after warm-up (its cosine decay is planned over 100,000 steps: under 0.1% of it happens in
 a 5-minute run); the clock stops during evaluations.
 At every point (`--every` seconds of training) the EMA weights are measured on the 300 held-out digits:
@@ -126,10 +126,7 @@ def run_lever(
     while trained < budget - 1e-9:
         start = time.perf_counter()
         while time.perf_counter() - start < next_point - trained:
-            trainer.train_step(next(batches), 0)
-            if trainer.ema is not None:
-                trainer.ema.step(trainer.unet.parameters())
-            trainer.global_step += 1
+            trainer.optimizer_step(batches)
         trained += time.perf_counter() - start
         row = {"lever": name, "seconds": round(trained), "steps": trainer.global_step, "num_samples": num_samples,
                "sampler_steps": sampler_steps,

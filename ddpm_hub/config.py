@@ -76,6 +76,11 @@ class DataConfig:
         None, "the held-out split for bits/dim (default: 'test', else 'validation', when the data has one)"
     )
     image_column: str = opt("image", "the column holding the images")
+    class_conditional: bool = opt(
+        False, "train a class-conditional model on the data's labels (digits' labels, an imagefolder's class "
+        "subfolders, or --class_column of a Hub dataset), with classifier-free guidance (--cond_drop_prob)"
+    )
+    class_column: str = opt("label", "the column holding the class labels (with --class_conditional)")
     cache_dir: str | None = opt(None, "where datasets caches downloads")
     resolution: int = opt(8, "images are resized (short side) and centre-cropped to this size", minimum=1)
     channels: int | None = opt(
@@ -128,6 +133,10 @@ class DiffusionConfig:
         minimum=0, exclusive=True,
     )
     timestep_sampling: str = opt("uniform", "how training timesteps are drawn", choices=("uniform", "importance"))
+    cond_drop_prob: float = opt(
+        0.1, "with --class_conditional: the probability that a training label is replaced by the null label, "
+        "which trains the unconditional model that classifier-free guidance needs (0: no guidance)", minimum=0,
+    )
 
 
 @dataclass
@@ -189,6 +198,11 @@ class RunConfig:
     num_inference_steps: int | None = opt(
         None, "sampling steps of the grids, metric and card (default: the sampler's usual count)", minimum=1,
         aliases=("ddpm_num_inference_steps",),
+    )
+    guidance_scale: float = opt(
+        3.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
+        "snippet, the card's recommended scale (1: no guidance; benchmarks/bench_guidance.py measures the trade-off)",
+        minimum=0,
     )
     num_quality_samples: int = opt(
         300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
@@ -570,6 +584,8 @@ def validate(c: TrainConfig) -> None:
     if c.resume_from_checkpoint not in (None, "latest", "latest_or_new"):
         if not Path(c.resume_from_checkpoint).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such checkpoint directory")
+    if not c.cond_drop_prob < 1.0:
+        raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {c.cond_drop_prob}")
     if c.push_to_hub and not c.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME")
 

@@ -127,6 +127,49 @@ def load_splits(data: DataConfig):
     return train, held_out
 
 
+def class_names(ds, column: str, name: str = "train") -> list[str]:
+    """The class names of a labelled split: its `ClassLabel` names, else its distinct values in sorted order
+    (a label's id is its index in this list). DataError for a missing column."""
+    import datasets
+
+    if column not in ds.column_names:
+        hint = (" (an imagefolder has a `label` column only when its images sit in one subfolder per class)"
+                if column == "label" else "")  # fmt: skip
+        raise DataError(
+            f"--class_column {column!r} not found in the {name} split{hint}; columns: {ds.column_names}"
+        )
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = {v for v in ds[column] if v is not None}
+    if not values or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in values):
+        raise DataError(f"--class_column {column!r} of the {name} split must hold integer or string class labels")
+    return [str(v) for v in sorted(values)]
+
+
+def encode_labels(ds, column: str, names: list[str], name: str = "train") -> torch.Tensor:
+    """The class ids (int64 `[N]`, indices into `names`) of a split's `column`; DataError naming the first row
+    whose label is missing or not one of `names`."""
+    import datasets
+
+    if column not in ds.column_names:
+        raise DataError(f"--class_column {column!r} not found in the {name} split; columns: {ds.column_names}")
+    is_class_label = isinstance(ds.features[column], datasets.ClassLabel)
+    index = {n: i for i, n in enumerate(names)}
+    ids = []
+    for row, value in enumerate(ds[column]):
+        if is_class_label and isinstance(value, int) and 0 <= value < len(names):
+            ids.append(value)
+        elif not is_class_label and value is not None and str(value) in index:
+            ids.append(index[str(value)])
+        else:
+            raise DataError(
+                f"{name} row {row}: class label {value!r} is not one of the {len(names)} classes {names[:20]}; "
+                "fix the label or remove the row"
+            )
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def image_channels(image: Image.Image) -> int:
     """1 for grayscale modes (L, LA, 1, I, F, I;16), 3 for colour ones: how many channels the data has."""
     return 1 if image.mode in ("L", "LA", "1", "I", "F", "I;16", "I;16B", "I;16L") else 3
@@ -201,15 +244,18 @@ def _row_name(ds_name: str, index: int, value) -> str:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and transforms images on the fly (in DataLoader workers) to uint8 `[C, R, R]` tensors.
+    """Decodes and transforms images on the fly (in DataLoader workers) to uint8 `[C, R, R]` tensors, or
+    `(image, class id)` pairs when `labels` (int64 `[len(ds)]`, by row) are given.
 
     `indices` selects the usable rows (after a validation pass that skipped bad ones); a bad image found
     while loading raises a DataError naming the row and file.
     """
 
-    def __init__(self, ds, column: str, resolution: int, channels: int, indices=None, name: str = "train"):
+    def __init__(self, ds, column: str, resolution: int, channels: int, indices=None, name: str = "train",
+                 labels: torch.Tensor | None = None):  # fmt: skip
         self.ds, self.column, self.resolution, self.channels, self.name = ds, column, resolution, channels, name
         self.indices = list(range(len(ds))) if indices is None else list(indices)
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -219,8 +265,9 @@ class ImageDataset(torch.utils.data.Dataset):
         where = _row_name(self.name, index, value)
         return torch.from_numpy(to_model_image(decode_image(value, where), self.resolution, self.channels))
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.load(self.indices[i])
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        image = self.load(self.indices[i])
+        return image if self.labels is None else (image, self.labels[self.indices[i]])
 
 
 def validate_images(
@@ -252,6 +299,13 @@ def validate_images(
     if not good:
         raise DataError(f"all {len(dataset)} images of the {dataset.name} split are unreadable: nothing to train on")
     return (torch.stack(kept) if keep else None), good, skipped
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 images `[N, C, H, W]`, class ids `[N]` or None) of a training batch: labels are an optional part."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:

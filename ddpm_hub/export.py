@@ -48,16 +48,34 @@ def grid_upscale(resolution: int) -> int:
     return max(1, 64 // resolution)
 
 
-def sample_grid(pipeline, num_images: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64):
-    """A grid (PIL) of `num_images` samples drawn with a fixed seed, so that grids of one run are comparable."""
+def sample_grid(
+    pipeline, num_images: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
+    guidance_scale: float = 1.0,
+):  # fmt: skip
+    """A grid (PIL) of `num_images` samples drawn with a fixed seed, so that grids of one run are comparable.
+    A class-conditional model gives one row per class (`ceil(num_images / classes)` images each, guided)."""
+    from .plots import image_grid
+
+    num_classes = pipeline.unet.config.get("num_class_embeds")
+    labels, cols = None, None
+    if num_classes is not None:
+        cols = max(1, -(-num_images // (num_classes - 1)))
+        labels = torch.arange(num_classes - 1).repeat_interleave(cols)
+        num_images = len(labels)
+    tiles = sample_tiles(pipeline, num_images, num_inference_steps, seed, batch_size, labels, guidance_scale)
+    return image_grid(tiles, upscale=grid_upscale(tiles[0].height), cols=cols)
+
+
+def sample_tiles(pipeline, num_images, num_inference_steps, seed=0, batch_size=64, class_labels=None,
+                 guidance_scale=1.0) -> list:  # fmt: skip
+    """`num_images` samples as PIL images (see `sampling.sample_uint8`)."""
     from PIL import Image
 
-    from .plots import image_grid
     from .sampling import sample_uint8
 
-    images = sample_uint8(pipeline, num_images, num_inference_steps, seed, batch_size).permute(0, 2, 3, 1).numpy()
-    tiles = [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]
-    return image_grid(tiles, upscale=grid_upscale(tiles[0].height))
+    images = sample_uint8(pipeline, num_images, num_inference_steps, seed, batch_size, class_labels=class_labels,
+                          guidance_scale=guidance_scale).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    return [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]
 
 
 def held_out_bpd(
@@ -67,20 +85,29 @@ def held_out_bpd(
     batch_size: int = 64,
     seed: int = 0,
     num_samples: int = 16,
+    class_labels: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Held-out bits/dim of uint8 `images` `[N, C, H, W]`: `full` (all T terms) or `estimate` (stratified, with
-    its standard error). Keys name what was measured, as they appear in metrics.json and the card."""
-    g = torch.Generator().manual_seed(seed)
-    if mode == "full":
-        out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g)
-        return {"held_out_bits_per_dim": float(out.total.mean())}
-    if mode != "estimate":
+    its standard error). Keys name what was measured, as they appear in metrics.json and the card. With
+    `class_labels` (a conditional model) the bound given the labels, and the unconditional (null-label) bound
+    under `held_out_unconditional_...` keys, both from the same noise: their gap is what the label tells the model."""
+    if mode not in ("full", "estimate"):
         raise ValueError(f"mode must be 'full' or 'estimate', got {mode!r}")
-    out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=True, num_samples=num_samples)
-    return {
-        "held_out_bits_per_dim_estimate": float(out.total.mean()),
-        "held_out_bits_per_dim_stderr": out.mean_stderr(),
-    }
+    results = _bpd(pipeline, images, mode, batch_size, seed, num_samples, class_labels, "held_out_")
+    if class_labels is not None and pipeline.config.get("cond_drop_prob") != 0:
+        results.update(_bpd(pipeline, images, mode, batch_size, seed, num_samples, None, "held_out_unconditional_"))
+    return results
+
+
+def _bpd(pipeline, images, mode, batch_size, seed, num_samples, class_labels, prefix) -> dict[str, float]:
+    g = torch.Generator().manual_seed(seed)
+    estimate = mode == "estimate"
+    out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=estimate,
+                                num_samples=num_samples, class_labels=class_labels)  # fmt: skip
+    if not estimate:
+        return {f"{prefix}bits_per_dim": float(out.total.mean())}
+    return {f"{prefix}bits_per_dim_estimate": float(out.total.mean()),
+            f"{prefix}bits_per_dim_stderr": out.mean_stderr()}  # fmt: skip
 
 
 def sample_quality(
@@ -91,22 +118,31 @@ def sample_quality(
     seed: int = 0,
     batch_size: int = 256,
     num_seeds: int = 1,
+    held_out_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> dict[str, float]:
     """Sample quality of `num_samples` samples against uint8 held-out images. 8x8 grayscale digits: in both shipped
     digits classifiers' features (`metrics.digits_quality`), the mean over seeds `seed`.. `seed + num_seeds - 1`
     and, with several seeds, FID's 95% t-interval half-width (`_fid_ci95`). Other data: Inception FID/KID at `seed`
-    when torch-fidelity is installed, else nothing (logged)."""
+    when torch-fidelity is installed, else nothing (logged). With `held_out_labels` (a conditional model) the
+    samples ask for the held-out labels in turn (the same class mix) at `guidance_scale`, and for the digits
+    `digits_class_accuracy` is the fraction that the digits classifier assigns to the requested class."""
     import logging
 
     from . import metrics
     from .sampling import sample_uint8
 
     c, h, w = held_out.shape[1:]
+    labels = None
+    if held_out_labels is not None:
+        labels = held_out_labels.repeat(-(-num_samples // len(held_out_labels)))[:num_samples]
     if (c, h, w) == (1, 8, 8):
         seeds = range(seed, seed + num_seeds)
+        digit_labels = labels is not None and getattr(pipeline, "id2label", None) == {i: str(i) for i in range(10)}
         report = metrics.sample_quality_report(pipeline, held_out, num_samples=num_samples,
                                                num_inference_steps=num_inference_steps, seeds=seeds,
-                                               batch_size=batch_size)  # fmt: skip
+                                               batch_size=batch_size, class_labels=labels,
+                                               guidance_scale=guidance_scale)  # fmt: skip
         out: dict[str, float] = {}
         for space in report["spaces"]:
             for metric in CARD_QUALITY_METRICS:
@@ -114,13 +150,16 @@ def sample_quality(
                 out[f"{space}_{metric}"] = stat["mean"]
                 if metric == "fid" and num_seeds > 1:
                     out[f"{space}_fid_ci95"] = stat["half_width"]
+        if digit_labels:
+            out["digits_class_accuracy"] = report["summary"]["digits_class_accuracy"]["mean"]
         return out
     try:
         metrics.check_inception_available()
     except RuntimeError as exc:
         logging.getLogger(__name__).warning("no sample-quality metric: %s", exc)
         return {}
-    fake = sample_uint8(pipeline, num_samples, num_inference_steps, seed, batch_size)
+    fake = sample_uint8(pipeline, num_samples, num_inference_steps, seed, batch_size, class_labels=labels,
+                        guidance_scale=guidance_scale)  # fmt: skip
     fid = metrics.frechet_inception_distance(held_out.split(256), fake.split(256))
     kid, _ = metrics.kernel_inception_distance(held_out.split(256), fake.split(256))
     return {"fid": fid, "kid": kid}
@@ -143,6 +182,8 @@ class ModelDescription:
     ema: bool | None = None
     sampler: str | None = None
     num_inference_steps: int = 1000
+    class_names: list[str] | None = None
+    guidance_scale: float = 1.0
 
 
 def export_pipeline(
@@ -222,7 +263,11 @@ def _write_pipeline(
     from .hub import render_model_card
     from .pipelines import DDPMPipeline
 
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+    labels = {}
+    if description.class_names is not None:
+        labels = {"id2label": dict(enumerate(description.class_names)),
+                  "cond_drop_prob": description.hparams.get("cond_drop_prob")}  # fmt: skip
+    DDPMPipeline(unet=unet, scheduler=scheduler, **labels).save_pretrained(staging)
     fault_point("export.staging.pipeline_saved")
     if grid is not None:
         grid.save(staging / "samples.png")
@@ -241,6 +286,8 @@ def _write_pipeline(
         ema=description.ema,
         has_samples=grid is not None,
         model_name=description.repo_id or folder.name,
+        class_names=description.class_names,
+        guidance_scale=description.guidance_scale,
     )
     card.save(staging / "README.md")
     payload = {**(result or {}), "metrics": metrics}

@@ -23,6 +23,8 @@ CARD_HPARAMS = (
     "variance_type",
     "loss_type",
     "timestep_sampling",
+    "class_conditional",
+    "cond_drop_prob",
     "train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
@@ -49,6 +51,10 @@ METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
     "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",
     "held_out_bits_per_dim_stderr": "standard error of the estimate",
+    "held_out_unconditional_bits_per_dim": "the same model's bound without the label (null label), bits/dim",
+    "held_out_unconditional_bits_per_dim_estimate": "the unconditional bound, stratified estimate",
+    "held_out_unconditional_bits_per_dim_stderr": "standard error of that estimate",
+    "digits_class_accuracy": "fraction of guided samples that the digits classifier assigns to the requested class",
     "digits_fid": "FID in the features of ddpm-hub's digits classifier (not Inception FID), samples vs held-out",
     "digits_kid": "KID in the same digits-classifier features",
     "fid": "FID (Inception-v3 features), samples vs held-out",
@@ -138,16 +144,20 @@ def render_model_card(
     model_name: str | None = None,
     learned_variance: bool | None = None,
     saved_scheduler: str = "DDPMScheduler",
+    class_names: list[str] | None = None,
+    guidance_scale: float = 1.0,
 ) -> ModelCard:
     """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
-    the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage).
-    `learned_variance` defaults to what `hparams["variance_type"]` says; `saved_scheduler` is the class the folder
-    stores."""
+    the model-index) and a body, from the `model_card.md` template, that states only what is true of this model
+    (EMA, data, classes and guidance, licenses, usage). `learned_variance` defaults to what
+    `hparams["variance_type"]` says; `saved_scheduler` is the class the folder stores; `class_names` makes it the
+    card of a class-conditional model sampled at `guidance_scale`."""
     if learned_variance is None:
         learned_variance = str(hparams.get("variance_type", "")).startswith("learned")
+    task = "unconditional-image-generation" if class_names is None else "image-generation"
     eval_results = [
         EvalResult(
-            task_type="unconditional-image-generation",
+            task_type=task,
             dataset_type=dataset_id or dataset_description,
             dataset_name=dataset_id or dataset_description,
             metric_type=name,
@@ -156,41 +166,25 @@ def render_model_card(
         for name, value in metrics.items()
     ] or None
     license_id = data_license or "other"
+    tags = ["ddpm", "diffusers", task, "ddpm-hub"] + ([] if class_names is None else ["class-conditional"])
     card_data = ModelCardData(
         license=license_id,
         license_name=None if data_license else "unknown-training-data-license",
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        tags=["ddpm", "diffusers", "unconditional-image-generation", "ddpm-hub"],
+        pipeline_tag=task,
+        tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name or repo_id or "ddpm",
         eval_results=eval_results,
     )
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
-    if ema is None:
-        weights_sentence = "Weights are stored as safetensors."
-    elif ema:
-        weights_sentence = "Weights are the exponential moving average (EMA) of the training weights, as safetensors."
+    cond_drop_prob = hparams.get("cond_drop_prob")
+    guidance = class_names is not None and cond_drop_prob != 0
+    if class_names is None:
+        usage = _usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler)
     else:
-        weights_sentence = "Weights are the training weights (no EMA), as safetensors."
-    data_part = (
-        f"The training data is licensed {data_license.upper()}" if data_license
-        else "The training data's license was not recorded by the trainer: check it before using the weights"
-    )
-    license_text = (
-        f"The code that trained this model (ddpm-hub) is licensed {CODE_LICENSE}. {data_part}; the card's "
-        f"`license` field follows the data ({license_id})."
-    )
-    scheduler_note = (
-        "Other compatible schedulers work too, e.g. "
-        "`pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)` with `num_inference_steps=50`."
-    )
-    if learned_variance:
-        scheduler_note += (
-            " The UNet also predicts the variance (learned, improved DDPM): stock diffusers' `DDPMPipeline` samples it"
-            " with its `DDPMScheduler` only (its other schedulers do not split the variance channels off the output);"
-            " `ddpm_hub.DDPMPipeline` runs every compatible scheduler on the mean channels."
-        )
+        usage = _conditional_usage(repo_id, num_inference_steps, sampler, class_names,
+                                   guidance_scale if guidance else 1.0)  # fmt: skip
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -199,17 +193,49 @@ def render_model_card(
         resolution=hparams.get("resolution"),
         channels=channels,
         num_parameters=f"{num_parameters:,}",
-        weights_sentence=weights_sentence,
-        samples_section="![samples](samples.png)" if has_samples else "",
-        usage_snippet=_usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler),
-        scheduler_note=scheduler_note,
+        ema=ema,
+        has_samples=has_samples,
+        usage_snippet=usage,
+        learned_variance=learned_variance,
         metrics_table=_metrics_table(metrics, {
             "samples": hparams.get("num_quality_samples"), "seeds": hparams.get("num_quality_seeds"),
             "sampler": f"{sampler or 'ddpm'}, {num_inference_steps} steps",
         }),  # fmt: skip
         hyperparameter_rows=rows,
-        license_text=license_text,
+        code_license=CODE_LICENSE,
+        data_license=data_license,
+        license_id=license_id,
+        class_names=class_names,
+        class_list=", ".join(f"{i}: `{n}`" for i, n in enumerate(class_names or [])),
+        guidance=guidance,
+        guidance_scale=guidance_scale,
+        cond_drop_prob=cond_drop_prob,
+        has_unconditional_bound=any("unconditional" in k for k in metrics),
     )
+
+
+def _conditional_usage(
+    repo_id: str | None, num_inference_steps: int, sampler: str | None, class_names: list[str], guidance_scale: float
+) -> str:
+    """The snippet of a class-conditional model: stock diffusers with the repo's `pipeline.py`, the measured
+    sampler, two classes by name at the recommended guidance scale."""
+    from .choices import SAMPLERS
+
+    source = repo_id or "path/to/this/folder"
+    lines = ["from diffusers import DiffusionPipeline  # ddpm_hub is not needed: the repo's pipeline.py samples it"]
+    swap = bool(sampler and sampler in SAMPLERS and sampler != "ddpm")
+    if swap:
+        lines.append(f"from diffusers import {SAMPLERS[sampler].scheduler}")
+    lines += ["", f'pipeline = DiffusionPipeline.from_pretrained("{source}", custom_pipeline="pipeline", '
+              "trust_remote_code=True)"]  # fmt: skip
+    if swap:
+        cls, config = SAMPLERS[sampler].scheduler, SAMPLERS[sampler].config
+        options = "".join(f", {k}={v!r}" for k, v in config.items())
+        lines.append(f"pipeline.scheduler = {cls}.from_config(pipeline.scheduler.config{options})")
+    names = class_names[:2]
+    lines.append(f"images = pipeline(class_labels={names!r}, guidance_scale={guidance_scale}, "
+                 f"num_inference_steps={num_inference_steps}).images  # one image per label")  # fmt: skip
+    return "\n".join(lines)
 
 
 def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | None:
@@ -235,6 +261,10 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
     unet = pipeline.unet.config
     hparams = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
     hparams["resolution"] = unet.sample_size
+    hparams["cond_drop_prob"] = pipeline.config.get("cond_drop_prob")
+    num_classes = unet.get("num_class_embeds")
+    id2label = getattr(pipeline, "id2label", None) or {}
+    class_names = None if num_classes is None else [id2label.get(i, str(i)) for i in range(num_classes - 1)]
     return render_model_card(
         hparams=hparams,
         metrics={},
@@ -247,4 +277,5 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         has_samples=False,
         learned_variance=unet.out_channels == 2 * unet.in_channels,
         saved_scheduler=type(pipeline.scheduler).__name__,
+        class_names=class_names,
     )

@@ -2,7 +2,8 @@
 
 Retries: huggingface_hub retries its pre-upload and LFS requests itself; we retry, with backoff, only the requests
 it does not (whoami, create_repo, the commit), so no request is retried by two layers.
-Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json) is uploaded,
+Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json, and a conditional
+pipeline's pipeline.py) is uploaded,
 never checkpoints, optimizer state or logs. The token comes from the argument, HF_TOKEN or the saved login;
 it is never printed, logged or written anywhere by this module, and is scrubbed from error messages.
 """
@@ -30,6 +31,7 @@ PIPELINE_PATTERNS = [
     "unet/config.json",
     "unet/*.safetensors",
     "scheduler/scheduler_config.json",
+    "pipeline.py",  # a class-conditional pipeline's code, for stock diffusers' custom_pipeline
 ]
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 

@@ -75,10 +75,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Parameter counts that tests pin (fixed-variance versions).
-PRESET_PARAMETER_COUNTS = {"cifar10": 35_746_307, "celebahq256": 113_673_219}
-
-
 def unet_config(preset: str, learned_variance: bool = False, **overrides: Any) -> dict[str, Any]:
     """The `UNet2DModel` config of a preset; `learned_variance=True` doubles `out_channels` (mean and variance)."""
     if preset not in UNET_PRESETS:

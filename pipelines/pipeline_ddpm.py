@@ -29,7 +29,18 @@ from ddpm_hub import diffusion_math as dm
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
-StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
+from .pipeline_class_conditional import (
+    LabelsInput,
+    guided_model_output,
+    label_ids,
+    prepare_class_labels,
+    register_label_config,
+)
+
+# A class-conditional pipeline folder carries pipeline_class_conditional.py under this name, for stock diffusers'
+# `custom_pipeline="pipeline", trust_remote_code=True`.
+REMOTE_PIPELINE_FILE = "pipeline.py"
+
 # What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
 # has no stock equivalent and is refused.
@@ -37,20 +48,50 @@ STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
 
 
 class DDPMPipeline(DiffusionPipeline):
-    """Unconditional image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...).
+    """Image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...),
+    unconditional or class-conditional with classifier-free guidance.
 
-    `__call__` takes diffusers' arguments; `bits_per_dim` evaluates the variational bound of uint8 images.
+    `__call__` takes diffusers' arguments (plus `class_labels`, `guidance_scale` as DiTPipeline); `bits_per_dim`
+    evaluates the variational bound of uint8 images (given their labels, for a conditional model). `id2label` maps
+    class ids to names (saved in model_index.json); `cond_drop_prob` is the label dropout the model was trained
+    with (0: it has no unconditional mode, so no guidance).
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "model_output"]
 
-    def __init__(self, unet: UNet2DModel, scheduler):
+    def __init__(
+        self, unet: UNet2DModel, scheduler, id2label: dict | None = None, cond_drop_prob: float | None = None
+    ):
         super().__init__()
         if type(scheduler) is DiffusersDDPMScheduler:
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
+        register_label_config(self, id2label, cond_drop_prob)
         self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class id -> class name of a conditional model (None when no names were saved)."""
+        names = self.config.get("id2label")
+        return None if names is None else {int(k): v for k, v in names.items()}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of class names, as DiTPipeline's `get_label_ids`."""
+        return label_ids([label] if isinstance(label, str) else label, self.id2label)
+
+    def _prepare_class_labels(
+        self, class_labels: LabelsInput, batch_size: int, guidance_scale: float
+    ) -> tuple[torch.Tensor | None, int, float]:
+        """(class ids `[B]` or None, B, guidance scale to apply): see `prepare_class_labels`."""
+        null_trained = self.config.get("cond_drop_prob") != 0
+        return prepare_class_labels(class_labels, batch_size, guidance_scale, self.unet, self.id2label, null_trained)
+
+    def _guided_model_output(
+        self, model_input: torch.Tensor, t, class_labels: torch.Tensor | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """The UNet output, guided on the mean channels when `guidance_scale != 1` (one call of batch 2B)."""
+        return guided_model_output(self.unet, model_input, t, class_labels, guidance_scale)
 
     def _model_output_for_scheduler(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
         """Learned-variance (2C) outputs go whole to a DDPM scheduler configured for a learned variance; every
@@ -85,6 +126,8 @@ class DDPMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_intermediates: bool = False,
+        class_labels: LabelsInput = None,
+        guidance_scale: float = 1.0,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Sample `batch_size` images by running the reverse chain from x_T ~ N(0, I) (Algorithm 2).
@@ -94,7 +137,9 @@ class DDPMPipeline(DiffusionPipeline):
         replaces x_t. `eta` is DDIM's (ignored by schedulers without it). `return_intermediates=True` also
         returns the lists of x_t and predicted x_0 (as `intermediates`). `output_type` is "pil", "np" (float in
         [0, 1], NHWC) or "pt" (float in [0, 1], NCHW). The deprecated `callback(i, t, dict)` and `callback_steps`
-        still work, with a warning.
+        still work, with a warning. `class_labels` (a class id or name for the whole batch, or one per image as a
+        list or tensor) and `guidance_scale` (classifier-free guidance; 1: the conditional model alone, 0: the
+        unconditional one) are for class-conditional models; without labels these sample the null label.
         """
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", 1)
@@ -104,6 +149,7 @@ class DDPMPipeline(DiffusionPipeline):
             deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead (diffusers' callback API).")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        labels, batch_size, guidance_scale = self._prepare_class_labels(class_labels, batch_size, guidance_scale)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -133,7 +179,8 @@ class DDPMPipeline(DiffusionPipeline):
         x0s: list[torch.Tensor] = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample  # 1. predict the noise eps_theta(x_t, t)
+            # 1. predict the noise eps_theta(x_t, t[, y]), guided: eps_uncond + s * (eps_cond - eps_uncond)
+            model_output = self._guided_model_output(model_input, t, labels, guidance_scale)
             model_output = self._model_output_for_scheduler(model_output, channels)
             out = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)  # 2. x_t -> x_{t-1}
             latents = out.prev_sample
@@ -170,10 +217,16 @@ class DDPMPipeline(DiffusionPipeline):
             return array
         return DiffusionPipeline.numpy_to_pil(array)
 
-    def model_fn(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The UNet as `model_fn(x_t, t) -> output` for the bound."""
+    def model_fn(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet as `model_fn(x_t, t[, y]) -> output` for the bound (a conditional model without labels: the
+        null label)."""
         device = self._execution_device
-        return self.unet(sample.to(device, self.unet.dtype), timestep.to(device)).sample
+        if class_labels is None and self.unet.config.get("num_class_embeds") is not None:
+            class_labels, _, _ = self._prepare_class_labels(None, sample.shape[0], 1.0)
+        labels = None if class_labels is None else class_labels.to(device)
+        return self.unet(sample.to(device, self.unet.dtype), timestep.to(device), class_labels=labels).sample
 
     @torch.inference_mode()
     def bits_per_dim(
@@ -183,12 +236,22 @@ class DDPMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         estimate: bool = False,
         num_samples: int = 32,
+        class_labels: LabelsInput = None,
         **kwargs: Any,
     ) -> BitsPerDim:
         """Negative variational bound of uint8 images `[N, C, H, W]` in bits/dim (full T steps, or the fast
-        estimate with `estimate=True`). Uses a DDPM scheduler built from this pipeline's scheduler config."""
+        estimate with `estimate=True`). Uses a DDPM scheduler built from this pipeline's scheduler config.
+        A class-conditional model gives the bound of x given `class_labels` (ids or names, one per image), or
+        without them its unconditional bound (the null label)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
+        if class_labels is not None:
+            if isinstance(class_labels, (int, str)) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
+                raise ValueError("bits_per_dim takes one class label per image (a list or 1-d tensor)")
+            labels, n, _ = self._prepare_class_labels(class_labels, len(images), 1.0)
+            if n != len(images):
+                raise ValueError(f"got {n} class_labels for {len(images)} images: pass one label per image")
+            kwargs["class_labels"] = labels
         scheduler = self.scheduler
         if not isinstance(scheduler, DDPMScheduler):
             scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -225,6 +288,9 @@ class DDPMPipeline(DiffusionPipeline):
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
+        if self.unet.config.get("num_class_embeds") is not None:  # stock diffusers samples it with this code
+            source = Path(__file__).with_name("pipeline_class_conditional.py")
+            (folder / REMOTE_PIPELINE_FILE).write_text(source.read_text())
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = "DDPMPipeline"
