@@ -19,7 +19,7 @@ from .faults import fault_point
 
 EXPORT_STAGING = ".pipeline.tmp"
 # What an export writes; model_index.json, which makes a folder load as a pipeline, is moved in last.
-PIPELINE_ITEMS = ("unet", "scheduler", "samples.png", "README.md", "metrics.json")
+PIPELINE_ITEMS = ("unet", "scheduler", "pipeline.py", "samples.png", "README.md", "metrics.json")
 
 
 class ExportError(OSError):

@@ -225,7 +225,7 @@ def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, 
     assert (out / "pipeline.py").read_text().startswith('"""Class labels and classifier-free guidance')
     metrics = read_metrics(out)["metrics"]
     for key in ("held_out_bits_per_dim_estimate", "held_out_unconditional_bits_per_dim_estimate",
-                "digits_fid", "digits_class_accuracy"):  # fmt: skip
+                "digits_conv_fid", "digits_mlp_fid", "digits_class_accuracy"):  # fmt: skip
         assert np.isfinite(metrics[key]), key
     grid = Image.open(out / "samples.png")  # one row per class: 10 rows of ceil(20 / 10) = 2 tiles of 64 px
     assert grid.size == (2 * 66 + 2, 10 * 66 + 2)
