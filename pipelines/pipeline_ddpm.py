@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,9 @@ StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
 # has no stock equivalent and is refused.
 STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
+# Stock diffusers' DDPMPipeline returns a PIL list for "pil", the [0, 1] NCHW tensor for "pt" and the [0, 1] NHWC
+# array for anything else, "latent" and None included (DDPM has no latent space): the same here.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", None)
 
 
 class DDPMPipeline(DiffusionPipeline):
@@ -73,6 +77,30 @@ class DDPMPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps: int,
+        output_type: str | None = "pil",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> None:
+        """ValueError naming a bad argument of `__call__`, before any work: positive integer `batch_size` and
+        `num_inference_steps`, at most the T training timesteps (a model trained on T discrete timesteps has no
+        more distinct steps; DDPM/DDIM refuse more, DPM-Solver, DEIS and UniPC crash, others repeat timesteps)."""
+        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        num_train_timesteps = self.scheduler.config.get("num_train_timesteps")
+        if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training "
+                f"timesteps: use at most {num_train_timesteps}"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {sorted(OUTPUT_TYPES, key=str)}, got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -93,7 +121,7 @@ class DDPMPipeline(DiffusionPipeline):
         `callback_on_step_end_tensor_inputs` (`latents`: the current x_t, `model_output`); a returned `latents`
         replaces x_t. `eta` is DDIM's (ignored by schedulers without it). `return_intermediates=True` also
         returns the lists of x_t and predicted x_0 (as `intermediates`). `output_type` is "pil", "np" (float in
-        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW). The deprecated `callback(i, t, dict)` and `callback_steps`
+        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW); "latent" and None give the "np" array, as in stock diffusers. The deprecated `callback(i, t, dict)` and `callback_steps`
         still work, with a warning.
         """
         callback = kwargs.pop("callback", None)
@@ -102,10 +130,7 @@ class DDPMPipeline(DiffusionPipeline):
             raise TypeError(f"DDPMPipeline.__call__ got unexpected arguments {sorted(kwargs)}")
         if callback is not None:
             deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead (diffusers' callback API).")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
+        self.check_inputs(batch_size, num_inference_steps, output_type, generator)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -166,7 +191,7 @@ class DDPMPipeline(DiffusionPipeline):
         if output_type == "pt":
             return image
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "np":
+        if output_type != "pil":  # "np", and "latent"/None as stock diffusers' DDPMPipeline treats them
             return array
         return DiffusionPipeline.numpy_to_pil(array)
 
@@ -285,12 +310,19 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError("ddpm_hub loads safetensors weights only; use_safetensors=False is not supported")
         if is_checkpoint(pretrained_model_name_or_path):
             return load_checkpoint_pipeline(cls, Path(pretrained_model_name_or_path), weights)
+        if weights != "ema":  # a pipeline folder or repo holds one set of weights: there is no choice to make
+            raise ValueError(
+                f"weights={weights!r} applies to training checkpoint-N folders only; {pretrained_model_name_or_path} "
+                "is not one: it holds a single set of weights, load it without `weights`"
+            )
         kwargs["use_safetensors"] = True
         local = Path(pretrained_model_name_or_path)
         if local.is_dir():
             diagnose_weights(local / "unet")  # a damaged file is named as damaged, before diffusers guesses
+        hub_warnings = _HubWarnings()
         try:
-            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            with hub_warnings:
+                pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except OSError as exc:
             message = str(exc)
             if "safetensors" in message.lower() or ".bin" in message:
@@ -298,11 +330,65 @@ class DDPMPipeline(DiffusionPipeline):
                     f"{pretrained_model_name_or_path}: no safetensors weights found. ddpm_hub never unpickles "
                     "weights (.bin/.ckpt); convert them to safetensors with a trusted tool first."
                 ) from exc
-            raise
+            raise _not_found(pretrained_model_name_or_path, exc) from exc
+        hub_warnings.replay()
         if type(pipeline.scheduler) is DiffusersDDPMScheduler:
             pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         pipeline.model_card_text = _read_card(pretrained_model_name_or_path, kwargs)
         return pipeline
+
+
+class _HubWarnings(logging.Filter):
+    """Holds back diffusers' multi-line "Couldn't connect to the Hub" warning while loading: a failed load is
+    reported as one line by `_not_found`; a load that succeeded from the cache replays it as one line."""
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Couldn't connect to the Hub"):
+            self.held.append(" ".join(record.getMessage().split()))
+            return False
+        return True
+
+    def __enter__(self) -> _HubWarnings:
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.logger.removeFilter(self)
+
+    def replay(self) -> None:
+        for message in self.held:
+            self.logger.warning(message)
+
+
+def _not_found(name: str | Path, exc: OSError) -> OSError:
+    """One line naming `name` for a load that failed: no such folder, no such Hub repo, or not cached offline."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, GatedRepoError) for c in causes):
+        return OSError(f"{name}: the Hub repo is gated; accept its terms on the Hub and log in (`hf auth login`)")
+    if any(isinstance(c, RepositoryNotFoundError) for c in causes):
+        return OSError(
+            f"{name}: no such local folder, and no Hub model repo {str(name)!r} (check the id; for a private repo "
+            "log in with `hf auth login` or set HF_TOKEN)"
+        )
+    if any(isinstance(c, RevisionNotFoundError) for c in causes):
+        return OSError(f"{name}: the Hub repo has no such revision (check `revision=`)")
+    if "not fully cached" in str(exc) or "outgoing traffic has been disabled" in str(exc):
+        return OSError(
+            f"{name}: no such local folder, not in the local cache, and the Hub could not be reached "
+            "(offline, or HF_HUB_OFFLINE=1): check the path, or go online once to download it"
+        )
+    return OSError(" ".join(str(exc).split()))
 
 
 def _read_card(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
