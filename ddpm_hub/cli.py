@@ -53,6 +53,70 @@ def _steps(args: argparse.Namespace) -> int:
     return args.steps if args.steps is not None else SAMPLERS[args.scheduler].steps
 
 
+# -- checks before work: each raises UserError (one line) before a model is loaded or a step is run -------------
+
+
+def check_device(device: str | None) -> None:
+    """`--device` names a device this torch build has (a CPU-only torch has no cuda)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps") from None
+    available = {
+        "cuda": lambda: torch.cuda.is_available(),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if kind.type in available and not available[kind.type]():
+        raise UserError(
+            f"--device {device}: no {kind.type} device is available to this torch ({torch.__version__}); use "
+            f"--device cpu, or install a torch build with {kind.type} support"
+        )
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} cuda device(s)")
+
+
+def check_output_dir(folder: str | Path, flag: str, given: str | Path | None = None) -> None:
+    """`folder` exists or can be created, and a file can be written in it (`given`: the path the user typed)."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        where = f"{given}: cannot write in {folder}" if given is not None else f"{folder}: cannot write there"
+        raise UserError(f"{flag} {where} ({exc.strerror or exc})") from None
+
+
+def check_output_file(path: str | Path, flag: str, image: bool = False) -> None:
+    """`path` is not a directory, has an image extension PIL can write (for pictures), and its folder is
+    writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name inside it, e.g. {path / 'out.png'}")
+    if image:
+        from PIL import Image
+
+        suffix = path.suffix.lower()
+        if Image.registered_extensions().get(suffix) not in Image.SAVE:
+            raise UserError(f"{flag} {path}: {suffix or 'no'} file extension is not an image format; use .png")
+    check_output_dir(path.parent, flag, given=path)
+
+
+def check_sampling(pipeline, args: argparse.Namespace) -> None:
+    """The step count and batch size suit the loaded model's sampler (e.g. at most its T training steps)."""
+    try:
+        pipeline.check_inputs(args.batch_size, _steps(args))
+    except ValueError as exc:
+        message = str(exc).replace("num_inference_steps", "--steps").replace("batch_size", "--batch_size")
+        raise UserError(f"{message} (sampler {args.scheduler})") from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
@@ -61,7 +125,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import sample_uint8
 
+    check_device(args.device)
+    if args.out_dir:
+        check_output_dir(args.out_dir, "--out_dir")
+    if args.out or not args.out_dir:
+        check_output_file(args.out or "grid.png", "--out", image=True)
     pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed, args.compile)
+    check_sampling(pipeline, args)
     images = sample_uint8(pipeline, args.num_images, _steps(args), args.seed, args.batch_size, progress=True)
     arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
@@ -112,7 +182,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             check_inception_available()  # before loading or sampling anything
         except RuntimeError as exc:
             raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
+    check_evaluate_args(args)
     pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed, args.compile)
+    if {"fid", "kid", "digits_fid", "inception_score"} & set(wanted):
+        check_sampling(pipeline, args)
     cfg = pipeline.unet.config
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
@@ -145,6 +218,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    """evaluate's options fit together and its outputs can be written, before the model is loaded."""
+    check_device(args.device)
+    if args.vlb_plot and not args.bpd:
+        raise UserError(
+            "--vlb_plot draws the per-step terms of the full bound: add --bpd (--bpd_estimate samples only some steps)"
+        )
+    if args.vlb_plot:
+        check_output_file(args.vlb_plot, "--vlb_plot", image=True)
+    if args.out:
+        check_output_file(args.out, "--out")
 
 
 def _bpd_results(out, mode: str) -> dict[str, float]:
@@ -180,7 +266,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ddpm_hub import plots
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out, "--out", image=args.kind != "schedules")  # matplotlib also writes .pdf/.svg
     if args.kind == "schedules":
         plots.schedules_plot(out)
     elif args.kind == "forward":
@@ -195,7 +281,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise UserError("plot reverse needs --model")
+        check_device(args.device)
         pipeline = load_pipeline(args.model, "ddpm", args.device, args.weights)
+        if args.steps:
+            try:
+                pipeline.check_inputs(1, args.steps)
+            except ValueError as exc:
+                raise UserError(str(exc).replace("num_inference_steps", "--steps")) from None
         result = pipeline(
             batch_size=1,
             generator=torch.Generator().manual_seed(args.seed),
@@ -215,6 +307,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all), got {value}")
     return value
 
 
@@ -255,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits", help="'digits', a Hub dataset id, or an image folder")
     e.add_argument("--split", default="test")
     e.add_argument("--image_column", default="image")
-    e.add_argument("--num_images", type=int, default=0, help="0: all")
+    e.add_argument("--num_images", type=_non_negative, default=0, help="held-out images to use (0: all)")
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
     e.add_argument("--digits_fid", action="store_true", help="FID/KID in the shipped digits-classifier features")

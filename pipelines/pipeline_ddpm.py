@@ -121,9 +121,8 @@ class DDPMPipeline(DiffusionPipeline):
         `callback_on_step_end_tensor_inputs` (`latents`: the current x_t, `model_output`); a returned `latents`
         replaces x_t. `eta` is DDIM's (ignored by schedulers without it). `return_intermediates=True` also
         returns the lists of x_t and predicted x_0 (as `intermediates`). `output_type` is "pil", "np" (float in
-        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW); "latent" and None give the "np" array, as in stock diffusers. The deprecated `callback(i, t, dict)` and `callback_steps`
-        still work, with a warning.
-        """
+        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW); "latent" and None give the "np" array, as in stock
+        diffusers. The deprecated `callback(i, t, dict)` and `callback_steps` still work, with a warning."""
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", 1)
         if kwargs:
@@ -312,8 +311,8 @@ class DDPMPipeline(DiffusionPipeline):
             return load_checkpoint_pipeline(cls, Path(pretrained_model_name_or_path), weights)
         if weights != "ema":  # a pipeline folder or repo holds one set of weights: there is no choice to make
             raise ValueError(
-                f"weights={weights!r} applies to training checkpoint-N folders only; {pretrained_model_name_or_path} "
-                "is not one: it holds a single set of weights, load it without `weights`"
+                f"weights={weights!r} (--weights {weights}) is for training checkpoint-N folders only; "
+                f"{pretrained_model_name_or_path} is not one: it holds one set of weights, load it without weights"
             )
         kwargs["use_safetensors"] = True
         local = Path(pretrained_model_name_or_path)
