@@ -213,7 +213,7 @@ class HubConfig:
     """Publishing the final pipeline (the token is never part of the config)."""
 
     push_to_hub: bool = opt(False, "push the final pipeline and card to --hub_model_id")
-    hub_model_id: str | None = opt(None, "ORG/NAME of the model repo")
+    hub_model_id: str | None = opt(None, "ORG/NAME of the model repo (NAME alone: in your namespace, via whoami)")
     hub_private_repo: bool = opt(False, "create the repo as private")
 
 
@@ -539,7 +539,7 @@ def validate(c: TrainConfig) -> None:
         if not Path(c.resume_from_checkpoint).is_dir():
             raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such checkpoint directory")
     if c.push_to_hub and not c.hub_model_id:
-        raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME")
+        raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME (or NAME, in your own namespace)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

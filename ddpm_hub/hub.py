@@ -6,6 +6,7 @@ here ever sees a token: cards are built from the config, which holds none.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def template_path() -> Path:
 
 
 CODE_LICENSE = "apache-2.0"
+# The model-index entry of each metric key: (metric type, human name, config: the feature space where it matters).
+# A standard error is a property of the value it belongs to (`args.standard_error`), never a metric of its own.
+METRIC_INDEX = {
+    "held_out_bits_per_dim": ("bits_per_dim", "held-out bits/dim (variational bound, all T terms)", None),
+    "held_out_bits_per_dim_estimate": ("bits_per_dim", "held-out bits/dim (variational bound, stratified estimate)",
+                                       "estimate"),
+    "digits_fid": ("fid", "FID in ddpm-hub's digits-classifier features", "ddpm-hub-digits-classifier"),
+    "digits_kid": ("kid", "KID in ddpm-hub's digits-classifier features", "ddpm-hub-digits-classifier"),
+    "fid": ("fid", "FID (Inception-v3 features)", "inception-v3"),
+    "kid": ("kid", "KID (Inception-v3 features)", "inception-v3"),
+}
+STDERR_KEYS = {"held_out_bits_per_dim_estimate": "held_out_bits_per_dim_stderr"}
+# Local data has no Hub id: its model-index `dataset.type` is an id-like token that is not a Hub id (the value
+# `--dataset_name` takes for the embedded digits, datasets' builder name for an image folder) and `datasets:` is
+# left out; Hub data gets its id in both.
+EMBEDDED_DIGITS = {"type": "digits", "name": "UCI optical digits (8x8, the copy shipped with scikit-learn)"}
 # What each metric key means, for the card's table (the model-index gets the key itself as the metric type).
 METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
@@ -56,12 +73,53 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+def _stderr_of(key: str, metrics: dict[str, float]) -> float | None:
+    value = metrics.get(STDERR_KEYS.get(key, key + "_stderr"))
+    return None if value is None else float(value)
+
+
+def _is_stderr(key: str, metrics: dict[str, float]) -> bool:
+    return any(_stderr_of(k, {key: 0.0}) is not None for k in metrics if k != key)
+
+
 def _metrics_table(metrics: dict[str, float]) -> str:
     if not metrics:
         return "No metrics were measured for this model."
     rows = ["| metric | value | what it is |", "|---|---|---|"]
-    rows += [f"| {k} | {v:.4f} | {METRIC_DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
+    for key, value in metrics.items():
+        if _is_stderr(key, metrics):
+            continue
+        stderr = _stderr_of(key, metrics)
+        shown = f"{value:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr is not None else "")
+        rows.append(f"| {key} | {shown} | {METRIC_DESCRIPTIONS.get(key, '')} |")
     return "\n".join(rows)
+
+
+def eval_results(
+    metrics: dict[str, float], dataset_type: str, dataset_name: str, dataset_split: str | None = None
+) -> list[EvalResult] | None:
+    """The model-index entries of `metrics`: one per measured value, typed (`bits_per_dim`, `fid`, ...), with its
+    standard error, if any, in the metric's `args`."""
+    results = []
+    for key, value in metrics.items():
+        if _is_stderr(key, metrics):
+            continue
+        metric_type, metric_name, metric_config = METRIC_INDEX.get(key, (key, None, None))
+        stderr = _stderr_of(key, metrics)
+        results.append(
+            EvalResult(
+                task_type="unconditional-image-generation",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_config=metric_config,
+                metric_value=round(float(value), 4),
+                metric_args={"standard_error": round(stderr, 4)} if stderr is not None else None,
+            )
+        )
+    return results or None
 
 
 def _usage(
@@ -111,23 +169,23 @@ def render_model_card(
     model_name: str | None = None,
     learned_variance: bool | None = None,
     saved_scheduler: str = "DDPMScheduler",
+    dataset_type: str | None = None,
+    dataset_name: str | None = None,
+    eval_split: str | None = None,
 ) -> ModelCard:
     """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
     the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage).
     `learned_variance` defaults to what `hparams["variance_type"]` says; `saved_scheduler` is the class the folder
-    stores."""
+    stores. The model-index names the data by `dataset_type` (an id-like token; default the Hub `dataset_id`) and
+    `dataset_name` (human; default the id or the description), and the metrics' split by `eval_split`."""
     if learned_variance is None:
         learned_variance = str(hparams.get("variance_type", "")).startswith("learned")
-    eval_results = [
-        EvalResult(
-            task_type="unconditional-image-generation",
-            dataset_type=dataset_id or dataset_description,
-            dataset_name=dataset_id or dataset_description,
-            metric_type=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in metrics.items()
-    ] or None
+    results = eval_results(
+        metrics,
+        dataset_type=dataset_type or dataset_id or "unknown",
+        dataset_name=dataset_name or dataset_id or dataset_description,
+        dataset_split=eval_split,
+    )
     license_id = data_license or "other"
     card_data = ModelCardData(
         license=license_id,
@@ -137,7 +195,7 @@ def render_model_card(
         tags=["ddpm", "diffusers", "unconditional-image-generation", "ddpm-hub"],
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name or repo_id or "ddpm",
-        eval_results=eval_results,
+        eval_results=results,
     )
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
     if ema is None:
@@ -198,6 +256,32 @@ def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | Non
     return license_id[0] if isinstance(license_id, list) and license_id else license_id or None
 
 
+SNIPPET_SOURCE = re.compile(r'(DDPMPipeline\.from_pretrained\()"([^"]*)"(\))')
+SAMPLES_LINE = "![samples](samples.png)"
+
+
+def card_for_repo(text: str, source: str, has_samples: bool) -> str:
+    """A ddpm-hub card adapted to where it is saved or pushed: the usage snippet, the title and the model-index
+    name name `source` (a repo id, or a folder for a local save), and the samples picture is shown only when
+    `samples.png` goes with it. Cards written by others are left as they are, apart from the picture."""
+    card = ModelCard(text, ignore_metadata_errors=True)
+    body = card.text
+    match = SNIPPET_SOURCE.search(body)
+    if match is not None:
+        old = match.group(2)
+        body = SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}"{source}"{m.group(3)}', body)
+        title = re.compile(r"^# .*$", re.MULTILINE)
+        first = title.search(body)
+        if first is not None and first.group(0) in (f"# {old}", f"# {Path(old).name}"):
+            body = title.sub(lambda m: f"# {source}", body, count=1)
+        if getattr(card.data, "model_name", None) in (old, Path(old).name):
+            card.data.model_name = source
+    if not has_samples:
+        body = body.replace(SAMPLES_LINE + "\n", "").replace(SAMPLES_LINE, "")
+    card.text = body
+    return str(card)
+
+
 def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
     """A card for a pipeline saved from Python (no training record): what its configs say, no metrics."""
     from .models import count_parameters
@@ -213,7 +297,10 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         channels=unet.in_channels,
         dataset_id=None,
         dataset_description="data not recorded (saved from Python)",
-        num_inference_steps=1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+        num_inference_steps=min(
+            1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+            int(pipeline.scheduler.config.get("num_train_timesteps", 1000)),
+        ),
         has_samples=False,
         learned_variance=unet.out_channels == 2 * unet.in_channels,
         saved_scheduler=type(pipeline.scheduler).__name__,

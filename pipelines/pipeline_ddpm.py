@@ -55,6 +55,7 @@ class DDPMPipeline(DiffusionPipeline):
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
         self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
+        self.model_card_samples: bytes | None = None  # and the samples.png that card shows, when there is one
 
     def _model_output_for_scheduler(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
         """Learned-variance (2C) outputs go whole to a DDPM scheduler configured for a learned variance; every
@@ -242,6 +243,12 @@ class DDPMPipeline(DiffusionPipeline):
         self._check_saveable()
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
                        if k in kwargs}  # fmt: skip
+        if push_to_hub:  # as diffusers: the repo is named after the folder unless given, in the user's namespace
+            from ddpm_hub.hub_push import resolve_repo_id
+
+            push_kwargs["repo_id"] = resolve_repo_id(
+                push_kwargs.get("repo_id") or Path(save_directory).name, push_kwargs.get("token")
+            )
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
@@ -256,9 +263,14 @@ class DDPMPipeline(DiffusionPipeline):
         if config.get("variance_type") in STOCK_VARIANCE_TYPE:
             config["variance_type"] = STOCK_VARIANCE_TYPE[config["variance_type"]]
             scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        repo_id = push_kwargs.get("repo_id") or (folder.name if push_to_hub else None)
-        if self.model_card_text is not None:  # the card this pipeline was loaded with
-            (folder / "README.md").write_text(self.model_card_text)
+        repo_id = push_kwargs.get("repo_id")
+        if self.model_card_text is not None:  # the card this pipeline was loaded with, and its picture
+            from ddpm_hub.hub import card_for_repo
+
+            if self.model_card_samples is not None:
+                (folder / "samples.png").write_bytes(self.model_card_samples)
+            card = card_for_repo(self.model_card_text, repo_id or str(folder), (folder / "samples.png").is_file())
+            (folder / "README.md").write_text(card)
         else:
             from ddpm_hub.hub import pipeline_model_card
 
@@ -284,10 +296,11 @@ class DDPMPipeline(DiffusionPipeline):
         **kwargs: Any,
     ) -> str:
         """Upload this pipeline with our model card (not diffusers' empty template); returns the commit URL."""
-        from ddpm_hub.hub_push import push_pipeline_folder
+        from ddpm_hub.hub_push import push_pipeline_folder, resolve_repo_id
 
         if create_pr:
             raise ValueError("create_pr is not supported by ddpm_hub's push; push to a branch-free repo instead")
+        repo_id = resolve_repo_id(repo_id, token)  # "name" -> "user/name", as huggingface_hub does
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]
             self.save_pretrained(folder, repo_id=repo_id)
@@ -334,6 +347,7 @@ class DDPMPipeline(DiffusionPipeline):
         if type(pipeline.scheduler) is DiffusersDDPMScheduler:
             pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         pipeline.model_card_text = _read_card(pretrained_model_name_or_path, kwargs)
+        pipeline.model_card_samples = _read_card(pretrained_model_name_or_path, kwargs, "samples.png")
         return pipeline
 
 
@@ -390,15 +404,18 @@ def _not_found(name: str | Path, exc: OSError) -> OSError:
     return OSError(" ".join(str(exc).split()))
 
 
-def _read_card(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
-    """The README.md (model card) of a local folder or of the cached Hub repo, if there is one."""
-    local = Path(name_or_path) / "README.md"
-    if local.is_file():
-        return local.read_text()
-    try:
-        from huggingface_hub import try_to_load_from_cache
+def _read_card(name_or_path: str | Path, kwargs: dict[str, Any], filename: str = "README.md") -> Any:
+    """The README.md (model card, as text) or `samples.png` (bytes) of a local folder or of the cached Hub repo,
+    if there is one."""
+    local = Path(name_or_path) / filename
+    if not local.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(str(name_or_path), "README.md", cache_dir=kwargs.get("cache_dir"))
-    except Exception:
-        return None
-    return Path(cached).read_text() if isinstance(cached, str) else None
+            cached = try_to_load_from_cache(str(name_or_path), filename, cache_dir=kwargs.get("cache_dir"))
+        except Exception:
+            return None
+        if not isinstance(cached, str):
+            return None
+        local = Path(cached)
+    return local.read_text() if filename.endswith(".md") else local.read_bytes()

@@ -122,6 +122,9 @@ class Data:
     description: str
     dataset_id: str | None
     license: str | None
+    dataset_type: str | None = None
+    dataset_name: str | None = None
+    eval_split: str | None = None
 
 
 def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
@@ -130,7 +133,25 @@ def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
         return f"images from the folder {Path(cfg.train_data_dir).name}", None
     if cfg.dataset_name in (None, "digits"):
         return "the UCI optical digits (8x8, CC BY 4.0, via scikit-learn), train split", None
+    if Path(cfg.dataset_name).exists():  # a local save_to_disk folder or data file: no Hub id
+        return f"the local dataset {Path(cfg.dataset_name).name} ({cfg.split} split)", None
     return f"{cfg.dataset_name} ({cfg.split} split)", cfg.dataset_name
+
+
+def dataset_reference(cfg: TrainConfig) -> tuple[str, str]:
+    """(type, name) of the data for the card's model-index: the Hub id for Hub data; for local data an id-like
+    token that is not a Hub id (`digits`, `imagefolder`, or the datasets builder of a local file) and a name."""
+    from ddpm_hub.hub import EMBEDDED_DIGITS
+
+    if cfg.train_data_dir:
+        return "imagefolder", f"images from the folder {Path(cfg.train_data_dir).name}"
+    if cfg.dataset_name in (None, "digits"):
+        return EMBEDDED_DIGITS["type"], EMBEDDED_DIGITS["name"]
+    local = Path(cfg.dataset_name)
+    if local.exists():
+        builder = local.suffix.lstrip(".").lower() if local.is_file() else "arrow"
+        return builder, f"the local dataset {local.name}"
+    return cfg.dataset_name, cfg.dataset_name
 
 
 def prepare_data(cfg: TrainConfig, accelerator) -> Data:
@@ -170,7 +191,10 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     description, dataset_id = describe_data(cfg)
     embedded = cfg.train_data_dir is None and cfg.dataset_name in (None, "digits")
     license_id = dataset_license(dataset_id, embedded=embedded)
-    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id)
+    dataset_type, dataset_name = dataset_reference(cfg)
+    eval_split = str(held_ds.split) if held_out is not None and getattr(held_ds, "split", None) else None
+    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id,
+                dataset_type, dataset_name, eval_split)  # fmt: skip
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -395,12 +419,14 @@ class Trainer:
             )
 
     def _check_hub(self) -> None:
-        from ddpm_hub.hub_push import HubError, check_push_access
+        from ddpm_hub.hub_push import HubError, check_push_access, resolve_repo_id
 
         try:
-            check_push_access(self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo)
+            repo_id = resolve_repo_id(self.cfg.hub_model_id, token=self.hub_token)  # NAME -> USER/NAME (whoami)
+            check_push_access(repo_id, token=self.hub_token, private=self.cfg.hub_private_repo)
         except HubError as exc:  # found before training, not after ten hours
             raise ConfigError(f"--push_to_hub: {exc}") from None
+        self.cfg = replace(self.cfg, hub=replace(self.cfg.hub, hub_model_id=repo_id))
 
     def _assert_finite(self, when: str) -> None:
         bad = int(self.first_bad_step.item())
@@ -426,6 +452,8 @@ class Trainer:
                 for model in models:
                     self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
                 self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+                record = json.dumps(self.checkpoint_record(), indent=1, default=str)
+                Path(output_dir, ckpt.RUN_RECORD).write_text(record + "\n")
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
                 weights.pop()
@@ -684,18 +712,7 @@ class Trainer:
                     if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
                         grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
                                            cfg.eval_batch_size)  # fmt: skip
-                description = ModelDescription(
-                    hparams=cfg.to_dict(),
-                    num_parameters=count_parameters(pipeline.unet),
-                    channels=self.data.channels,
-                    dataset_description=self.data.description,
-                    dataset_id=self.data.dataset_id,
-                    data_license=self.data.license,
-                    repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
-                    ema=self.ema is not None,
-                    sampler=cfg.sampler,
-                    num_inference_steps=cfg.sampling_steps,
-                )
+                description = self.model_description()
                 result.update(history=self.history)
                 export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
             result["metrics"] = metrics
@@ -704,6 +721,37 @@ class Trainer:
                 self.push()
         acc.wait_for_everyone()
         return result
+
+    def model_description(self) -> ModelDescription:
+        """What the model card says about this run's model besides its metrics."""
+        cfg = self.cfg
+        return ModelDescription(
+            hparams=cfg.to_dict(),
+            num_parameters=count_parameters(self.accelerator.unwrap_model(self.unet)),
+            channels=self.data.channels,
+            dataset_description=self.data.description,
+            dataset_id=self.data.dataset_id,
+            data_license=self.data.license,
+            repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
+            ema=self.ema is not None,
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.sampling_steps,
+            dataset_type=self.data.dataset_type,
+            dataset_name=self.data.dataset_name,
+            eval_split=self.data.eval_split,
+        )
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """`training_run.json` of a checkpoint: the model description and the latest held-out estimate so far, so
+        that a checkpoint pushed as a model gets a card with its data, license and metrics."""
+        from dataclasses import asdict
+
+        metrics: dict[str, float] = {}
+        for entry in self.history:
+            if "held_out_bpd_estimate" in entry and entry["step"] <= self.global_step:
+                metrics = {"held_out_bits_per_dim_estimate": entry["held_out_bpd_estimate"],
+                           "held_out_bits_per_dim_stderr": entry["held_out_bpd_stderr"]}  # fmt: skip
+        return {"step": self.global_step, "description": asdict(self.model_description()), "ema_metrics": metrics}
 
     def push(self) -> None:
         from ddpm_hub.hub_push import HubError
