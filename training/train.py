@@ -8,11 +8,22 @@ orchestrates: build the components, run `train_step` in a loop with periodic act
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # parse first: --help and bad arguments answer before torch and diffusers load
+    from ddpm_hub.config import ConfigError as _ConfigError
+    from ddpm_hub.config import parse_args as _parse_args
+
+    try:
+        _PARSED = _parse_args(sys.argv[1:], description=__doc__)
+    except _ConfigError as _exc:
+        print(f"error: {_exc}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -180,12 +191,18 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     if skipped:
         logger.warning("skipped %d unreadable training images (--skip_bad_images)", skipped)
     num_train = len(train_set)
-    if cfg.train_batch_size > num_train:
-        raise ConfigError(f"--train_batch_size {cfg.train_batch_size} is larger than the {num_train} training images")
+    check_batches(cfg, num_train, accelerator.num_processes)
     held_out = None
     if held_ds is not None and len(held_ds) > 0:
         held = ImageDataset(held_ds, cfg.image_column, cfg.resolution, channels, name="held-out")
-        held_out, _, _ = validate_images(held, skip_bad=True, keep=True, progress=progress)
+        held_out, _, held_skipped = validate_images(held, skip_bad=cfg.skip_bad_images, keep=True, progress=progress)
+        if held_skipped:
+            logger.warning("skipped %d unreadable held-out images (--skip_bad_images)", held_skipped)
+    elif cfg.final_bpd != "none" or cfg.num_quality_samples:
+        logger.warning(
+            "the data has no held-out split: no held-out bits/dim (--final_bpd %s) and no FID/KID at the end; give "
+            "--eval_split, --validation_data_dir or data with a test/validation split", cfg.final_bpd,
+        )
     from ddpm_hub.hub import dataset_license
 
     description, dataset_id = describe_data(cfg)
@@ -195,6 +212,18 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     eval_split = str(held_ds.split) if held_out is not None and getattr(held_ds, "split", None) else None
     return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id,
                 dataset_type, dataset_name, eval_split)  # fmt: skip
+
+
+def check_batches(cfg: TrainConfig, num_train: int, num_processes: int) -> None:
+    """Every process gets at least one full batch per epoch (the loader drops incomplete ones): ConfigError
+    before training otherwise."""
+    needed = cfg.train_batch_size * num_processes
+    if num_train < needed:
+        per = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise ConfigError(
+            f"--train_batch_size {cfg.train_batch_size}{per} needs at least {needed} training images, the data has "
+            f"{num_train}: lower --train_batch_size" + (" or use fewer processes" if num_processes > 1 else "")
+        )
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -785,10 +814,11 @@ def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None 
     return Trainer(cfg, hub_token=hub_token, trackers=trackers).run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run)."""
+def main(argv: list[str] | None = None, parsed: tuple[TrainConfig, str | None] | None = None) -> int:
+    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run). `parsed`: the
+    arguments already parsed (as the script does before importing torch)."""
     try:
-        cfg, token = parse_args(argv, description=__doc__)
+        cfg, token = parsed or parse_args(argv, description=__doc__)
         train(cfg, hub_token=token)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -800,4 +830,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(parsed=_PARSED))
