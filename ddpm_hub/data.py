@@ -48,14 +48,14 @@ def load_digits_dataset():
     is_test = np.arange(len(pixels)) % DIGITS_TEST_EVERY == 0
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
 
-    def split(mask: np.ndarray) -> datasets.Dataset:
+    def split(mask: np.ndarray, name: str) -> datasets.Dataset:
         rows = {
             "image": [Image.fromarray(p, mode="L") for p in pixels[mask]],
             "label": [int(v) for v in digits.target[mask]],
         }
-        return datasets.Dataset.from_dict(rows, features=features)
+        return datasets.Dataset.from_dict(rows, features=features, split=name)  # the split is named, as a Hub one
 
-    return datasets.DatasetDict({"train": split(~is_test), "test": split(is_test)})
+    return datasets.DatasetDict({"train": split(~is_test, "train"), "test": split(is_test, "test")})
 
 
 def _load_image_folder(root: str, argument: str, cache_dir: str | None):

@@ -73,13 +73,20 @@ METRIC_DESCRIPTIONS = {
 }
 
 
+def _stderr_key(key: str) -> str | None:
+    """The key of `key`'s standard error: `STDERR_KEYS`, else `<key>_stderr` (unless that one belongs to another)."""
+    if key in STDERR_KEYS:
+        return STDERR_KEYS[key]
+    return None if key + "_stderr" in STDERR_KEYS.values() else key + "_stderr"
+
+
 def _stderr_of(key: str, metrics: dict[str, float]) -> float | None:
-    value = metrics.get(STDERR_KEYS.get(key, key + "_stderr"))
+    value = metrics.get(_stderr_key(key) or "")
     return None if value is None else float(value)
 
 
 def _is_stderr(key: str, metrics: dict[str, float]) -> bool:
-    return any(_stderr_of(k, {key: 0.0}) is not None for k in metrics if k != key)
+    return any(_stderr_key(k) == key for k in metrics if k != key)
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:

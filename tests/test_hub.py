@@ -201,8 +201,10 @@ def test_push_retries_transient_errors_and_reports_permanent_ones(hub, trained):
     with pytest.raises(HubError, match="not authorised") as exc:
         check_push_access("org/denied", token=FAKE_TOKEN)
     assert FAKE_TOKEN not in str(exc.value)
-    with pytest.raises(HubError, match="ORG/NAME"):
-        check_push_access("no-slash", token=FAKE_TOKEN)
+    with pytest.raises(HubError, match="'no slash!' is not a valid repo id"):
+        check_push_access("no slash!", token=FAKE_TOKEN)  # found before any request
+    with pytest.raises(HubError, match="not authorised"):
+        check_push_access("no-slash", token=FAKE_TOKEN)  # a bare name asks whoami for the namespace
     assert (trained / "model_index.json").is_file()  # the local output is intact
 
 

@@ -423,12 +423,13 @@ class Trainer:
             self.ema.to(acc.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         image_every = cfg.save_images_epochs * self.updates_per_epoch if cfg.save_images_epochs else None
-        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step.
+        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step. The
+        # checkpoint comes last, so that its training_run.json holds what was measured at its step.
         self.periodic = [
             (cfg.logging_steps, self.log_metrics),
-            (cfg.checkpointing_steps, self.save_checkpoint),
             (image_every or cfg.save_images_steps, self.log_samples),
             (cfg.eval_steps, self.log_bpd_estimate),
+            (cfg.checkpointing_steps, self.save_checkpoint),
         ]
         self.global_step = 0
         self.first_bad_step = torch.tensor(-1, device=acc.device)
