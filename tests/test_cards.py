@@ -38,7 +38,7 @@ def _snippet(card: str) -> str:
     return card.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def run_snippets(snippets: dict[str, str], tmp_path) -> None:
+def run_snippets(snippets: dict[str, str], tmp_path, token: str = FAKE_TOKEN) -> None:
     """Run each card's usage snippet verbatim, against the local Hub, in a fresh process with an empty cache."""
     script = textwrap.dedent(f"""
         import json
@@ -49,7 +49,7 @@ def run_snippets(snippets: dict[str, str], tmp_path) -> None:
             assert len(images) == 16 and images[0].size == (8, 8), (repo, images)
             print("ran", repo)
     """)
-    env = subprocess_env(tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=FAKE_TOKEN, HF_HOME=str(tmp_path / "fresh_home"))
+    env = subprocess_env(tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=token, HF_HOME=str(tmp_path / "fresh_home"))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("ran ") == len(snippets), proc.stdout
