@@ -153,9 +153,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int):
     from ddpm_hub.config import DataConfig
-    from ddpm_hub.data import ImageDataset, load_splits, validate_images
+    from ddpm_hub.data import ImageDataset, is_saved_dataset, load_splits, validate_images
 
-    if args.dataset and Path(args.dataset).is_dir():
+    if args.dataset and Path(args.dataset).is_dir() and not is_saved_dataset(args.dataset):  # an image folder
         data = DataConfig(train_data_dir=args.dataset, split=args.split, image_column=args.image_column)
     else:
         data = DataConfig(dataset_name=args.dataset, split=args.split, image_column=args.image_column)

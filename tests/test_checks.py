@@ -230,7 +230,7 @@ def test_an_image_column_of_labels_is_a_one_line_error():
         load_splits(DataConfig(dataset_name="digits", image_column="label"))
 
 
-def test_saved_datasets_and_single_data_files_load_as_dataset_name(tmp_path, trained):
+def test_saved_datasets_and_single_data_files_load_as_dataset_name(tmp_path):
     dd = load_digits_dataset()
     small = type(dd)({"train": dd["train"].select(range(40)), "test": dd["test"].select(range(10))})
     small.save_to_disk(str(tmp_path / "saved_dict"))
@@ -248,8 +248,9 @@ def test_saved_datasets_and_single_data_files_load_as_dataset_name(tmp_path, tra
     with pytest.raises(DataError, match="notes.txt: a .txt file is not a data file"):
         load_splits(DataConfig(dataset_name=str(tmp_path / "notes.txt")))
     out = tmp_path / "eval.json"  # evaluate takes the saved folder as --dataset, too
-    assert cli(["evaluate", "--model", str(trained), "--dataset", str(tmp_path / "saved_dict"), "--num_images", "3",
-                "--bpd_estimate", "--out", str(out)]) == 0  # fmt: skip
+    _pipeline(T=20).save_pretrained(tmp_path / "model")
+    assert cli(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "saved_dict"),
+                "--num_images", "3", "--bpd_estimate", "--out", str(out)]) == 0  # fmt: skip
     assert json.loads(out.read_text())["num_images"] == 3
 
 
