@@ -117,3 +117,17 @@ def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
     name, again = model_index_to_eval_results(parsed.data.to_dict()["model-index"])
     assert name == "org/m" and again == parsed.data.eval_results
     assert "4.4000 ± 0.0123" in parsed.text  # the table shows the standard error with its value
+
+
+def test_the_trainer_resolves_a_bare_hub_model_id_before_training(hub):
+    from types import SimpleNamespace
+
+    from ddpm_hub.training.train import Trainer
+
+    from ddpm_hub.config import parse_args
+
+    hub.state.token = FAKE_TOKEN
+    cfg, _ = parse_args(["--push_to_hub", "--hub_model_id", "my-ddpm"])
+    run = SimpleNamespace(cfg=cfg, hub_token=FAKE_TOKEN)  # what `_check_hub` reads of the trainer
+    Trainer._check_hub(run)
+    assert run.cfg.hub_model_id == "tester/my-ddpm" and "tester/my-ddpm" in hub.state.repos
