@@ -61,7 +61,7 @@ STDERR_KEYS = {"held_out_bits_per_dim_estimate": "held_out_bits_per_dim_stderr"}
 # `--dataset_name` takes for the embedded digits, datasets' builder name for an image folder) and `datasets:` is
 # left out; Hub data gets its id in both.
 EMBEDDED_DIGITS = {"type": "digits", "name": "UCI optical digits (8x8, the copy shipped with scikit-learn)"}
-# What each metric key means, for the card's table (the model-index gets the key itself as the metric type).
+# What each metric key means, for the card's table (the model-index types them with METRIC_INDEX).
 METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
     "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",

@@ -222,6 +222,24 @@ def test_fewer_images_than_a_batch_per_process_is_an_error_before_training(tmp_p
         _prepare(args, num_processes=2)
 
 
+@pytest.mark.slow
+def test_two_processes_with_fewer_images_than_two_batches_stop_before_training(tmp_path):
+    """The real launch: each of 2 processes would get no full batch (a ZeroDivisionError in the loop before)."""
+    from conftest import run_train
+
+    data = _folder(tmp_path / "imgs", {f"{i}.png": _gray(i) for i in range(40)})
+    args = [*FAST_ARGS, "--train_data_dir", str(data), "--train_batch_size", "32", "--channels", "1",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]  # fmt: skip
+    proc = run_train(args, tmp_path, launcher=launcher, threads=1)
+    assert proc.returncode != 0 and "ZeroDivisionError" not in proc.stderr
+    assert "error: --train_batch_size 32 x 2 processes needs at least 64 training images, the data has 40" in (
+        proc.stderr
+    )
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_an_image_column_of_labels_is_a_one_line_error():
     needle = (
         r"--image_column 'label' of the train split holds ClassLabel values, not images; image columns: \['image'\]"
