@@ -74,6 +74,70 @@ def class_ids(pipeline, tokens: list[str]) -> list[int]:
     return ids
 
 
+# -- checks before work: each raises UserError (one line) before a model is loaded or a step is run -------------
+
+
+def check_device(device: str | None) -> None:
+    """`--device` names a device this torch build has (a CPU-only torch has no cuda)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps") from None
+    available = {
+        "cuda": lambda: torch.cuda.is_available(),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if kind.type in available and not available[kind.type]():
+        raise UserError(
+            f"--device {device}: no {kind.type} device is available to this torch ({torch.__version__}); use "
+            f"--device cpu, or install a torch build with {kind.type} support"
+        )
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} cuda device(s)")
+
+
+def check_output_dir(folder: str | Path, flag: str, given: str | Path | None = None) -> None:
+    """`folder` exists or can be created, and a file can be written in it (`given`: the path the user typed)."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        where = f"{given}: cannot write in {folder}" if given is not None else f"{folder}: cannot write there"
+        raise UserError(f"{flag} {where} ({exc.strerror or exc})") from None
+
+
+def check_output_file(path: str | Path, flag: str, image: bool = False) -> None:
+    """`path` is not a directory, has an image extension PIL can write (for pictures), and its folder is
+    writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name inside it, e.g. {path / 'out.png'}")
+    if image:
+        from PIL import Image
+
+        suffix = path.suffix.lower()
+        if Image.registered_extensions().get(suffix) not in Image.SAVE:
+            raise UserError(f"{flag} {path}: {suffix or 'no'} file extension is not an image format; use .png")
+    check_output_dir(path.parent, flag, given=path)
+
+
+def check_sampling(pipeline, args: argparse.Namespace) -> None:
+    """The step count and batch size suit the loaded model's sampler (e.g. at most its T training steps)."""
+    try:
+        pipeline.check_inputs(args.batch_size, _steps(args))
+    except ValueError as exc:
+        message = str(exc).replace("num_inference_steps", "--steps").replace("batch_size", "--batch_size")
+        raise UserError(f"{message} (sampler {args.sampler})") from None
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -83,14 +147,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import sample_uint8
 
+    check_device(args.device)
+    if args.out_dir:
+        check_output_dir(args.out_dir, "--out_dir")
+    if args.out or not args.out_dir:
+        check_output_file(args.out or "grid.png", "--out", image=True)
+    if args.guidance_scale != 1.0 and not args.class_labels:
+        raise UserError("--guidance_scale needs --class_labels (guidance steers towards a class)")
     pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
+    check_sampling(pipeline, args)
     labels, cols, num_images = None, None, args.num_images
     if args.class_labels:  # one grid row of --num_images per class
         ids = class_ids(pipeline, args.class_labels)
         labels, cols = torch.tensor(ids).repeat_interleave(args.num_images), args.num_images
         num_images = len(labels)
-    elif args.guidance_scale != 1.0:
-        raise UserError("--guidance_scale needs --class_labels (guidance steers towards a class)")
     images = sample_uint8(pipeline, num_images, _steps(args), args.seed, args.batch_size, progress=True,
                           class_labels=labels, guidance_scale=args.guidance_scale)  # fmt: skip
     arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
@@ -126,9 +196,17 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     """(uint8 images, class ids in the model's numbering or None): labels when `id2label` is given (a
     conditional model), matched to the model's classes by name."""
     from ddpm_hub.config import DataConfig
-    from ddpm_hub.data import DataError, ImageDataset, class_names, encode_labels, load_splits, validate_images
+    from ddpm_hub.data import (
+        DataError,
+        ImageDataset,
+        class_names,
+        encode_labels,
+        is_saved_dataset,
+        load_splits,
+        validate_images,
+    )
 
-    if args.dataset and Path(args.dataset).is_dir():
+    if args.dataset and Path(args.dataset).is_dir() and not is_saved_dataset(args.dataset):  # an image folder
         data = DataConfig(train_data_dir=args.dataset, split=args.split, image_column=args.image_column)
     else:
         data = DataConfig(dataset_name=args.dataset, split=args.split, image_column=args.image_column)
@@ -164,7 +242,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
     if args.digits_fid:  # before loading anything, as far as the arguments tell
         _check_digits_counts(args.num_images or 4, args.num_samples or args.num_images or 4)
+    check_evaluate_args(args)
     pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
+    if {"fid", "kid", "digits_fid", "inception_score"} & set(wanted):
+        check_sampling(pipeline, args)
     cfg = pipeline.unet.config
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
@@ -234,6 +315,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    """evaluate's options fit together and its outputs can be written, before the model is loaded."""
+    check_device(args.device)
+    if args.vlb_plot and not args.bpd:
+        raise UserError(
+            "--vlb_plot draws the per-step terms of the full bound: add --bpd (--bpd_estimate samples only some steps)"
+        )
+    if args.vlb_plot:
+        check_output_file(args.vlb_plot, "--vlb_plot", image=True)
+    if args.out:
+        check_output_file(args.out, "--out")
+
+
 def _check_digits_counts(num_real: int, num_samples: int) -> None:
     if min(num_real, num_samples) < 4:
         raise UserError("--digits_fid needs at least 4 samples and 4 reference images (precision/recall use each "
@@ -261,20 +355,20 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     from ddpm_hub.checkpoints import is_checkpoint
     from ddpm_hub.export import publish
-    from ddpm_hub.hub_push import check_repo_id
+    from ddpm_hub.hub_push import resolve_repo_id
     from ddpm_hub.output_lock import OutputLock
 
-    check_repo_id(args.repo_id)  # before anything is loaded or written
+    repo_id = resolve_repo_id(args.repo_id)  # NAME -> USER/NAME (whoami); checked before anything is written
     folder = Path(args.folder)
     if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
         run_folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder
         with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False):
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
             export = Path(tmp) / folder.name
-            pipeline.save_pretrained(export, repo_id=args.repo_id)
-            url = publish(export, args.repo_id, private=args.private)
+            pipeline.save_pretrained(export, repo_id=repo_id)
+            url = publish(export, repo_id, private=args.private)
     else:
-        url = publish(folder, args.repo_id, private=args.private)
+        url = publish(folder, repo_id, private=args.private)
     print(f"pushed {args.folder} to {url}")
     return 0
 
@@ -285,7 +379,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ddpm_hub import plots
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out, "--out", image=args.kind != "schedules")  # matplotlib also writes .pdf/.svg
     if args.kind == "schedules":
         plots.schedules_plot(out)
     elif args.kind == "forward":
@@ -300,7 +394,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise UserError("plot reverse needs --model")
+        check_device(args.device)
         pipeline = load_pipeline(args.model, "ddpm", args.device, args.weights)
+        if args.steps:
+            try:
+                pipeline.check_inputs(1, args.steps)
+            except ValueError as exc:
+                raise UserError(str(exc).replace("num_inference_steps", "--steps")) from None
         result = pipeline(
             batch_size=1,
             generator=torch.Generator().manual_seed(args.seed),
@@ -320,6 +420,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all), got {value}")
     return value
 
 
@@ -377,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--class_column", default="label",
                    help="the labels of a class-conditional model's data: conditional and unconditional bounds, "
                    "samples of the data's classes")  # fmt: skip
-    e.add_argument("--num_images", type=int, default=0, help="0: all")
+    e.add_argument("--num_images", type=_non_negative, default=0, help="held-out images to use (0: all)")
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
     e.add_argument("--digits_fid", action="store_true",

@@ -184,6 +184,37 @@ class ModelDescription:
     num_inference_steps: int = 1000
     class_names: list[str] | None = None
     guidance_scale: float = 1.0
+    dataset_type: str | None = None  # the model-index's id-like token for data without a Hub id
+    dataset_name: str | None = None  # the model-index's human name of the data
+    eval_split: str | None = None  # the split the metrics were measured on
+
+
+def model_card(description: ModelDescription, metrics: dict[str, float], source: str, has_samples: bool,
+               model_name: str | None = None):
+    """The ModelCard of a model described by `description` whose usage snippet loads `source` (repo id or
+    folder)."""
+    from .hub import render_model_card
+
+    return render_model_card(
+        hparams=description.hparams,
+        metrics=metrics,
+        repo_id=source,
+        num_parameters=description.num_parameters,
+        channels=description.channels,
+        dataset_id=description.dataset_id,
+        dataset_description=description.dataset_description,
+        data_license=description.data_license,
+        num_inference_steps=description.num_inference_steps,
+        sampler=description.sampler,
+        ema=description.ema,
+        has_samples=has_samples,
+        model_name=model_name,
+        dataset_type=description.dataset_type,
+        dataset_name=description.dataset_name,
+        eval_split=description.eval_split,
+        class_names=description.class_names,
+        guidance_scale=description.guidance_scale,
+    )
 
 
 def export_pipeline(
@@ -260,7 +291,6 @@ def _write_pipeline(
     grid,
     result: dict[str, Any] | None,
 ) -> None:
-    from .hub import render_model_card
     from .pipelines import DDPMPipeline
 
     labels = {}
@@ -272,23 +302,8 @@ def _write_pipeline(
     if grid is not None:
         grid.save(staging / "samples.png")
     metrics = dict(metrics or {})
-    card = render_model_card(
-        hparams=description.hparams,
-        metrics=metrics,
-        repo_id=description.repo_id or str(folder),
-        num_parameters=description.num_parameters,
-        channels=description.channels,
-        dataset_id=description.dataset_id,
-        dataset_description=description.dataset_description,
-        data_license=description.data_license,
-        num_inference_steps=description.num_inference_steps,
-        sampler=description.sampler,
-        ema=description.ema,
-        has_samples=grid is not None,
-        model_name=description.repo_id or folder.name,
-        class_names=description.class_names,
-        guidance_scale=description.guidance_scale,
-    )
+    card = model_card(description, metrics, description.repo_id or str(folder), grid is not None,
+                      model_name=description.repo_id or folder.name)  # fmt: skip
     card.save(staging / "README.md")
     payload = {**(result or {}), "metrics": metrics}
     (staging / "metrics.json").write_text(json.dumps(payload, indent=1) + "\n")

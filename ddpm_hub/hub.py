@@ -6,6 +6,7 @@ here ever sees a token: cards are built from the config, which holds none.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,35 @@ def template_path() -> Path:
 
 
 CODE_LICENSE = "apache-2.0"
-# What each metric key means, for the card's table (the model-index gets the key itself as the metric type).
+# The model-index entry of each metric key: (metric type, human name, config: the feature space where it matters).
+# A standard error is a property of the value it belongs to (`args.standard_error`), never a metric of its own.
+METRIC_INDEX = {
+    "held_out_bits_per_dim": ("bits_per_dim", "held-out bits/dim (variational bound, all T terms)", None),
+    "held_out_bits_per_dim_estimate": ("bits_per_dim", "held-out bits/dim (variational bound, stratified estimate)",
+                                       "estimate"),
+    "held_out_unconditional_bits_per_dim": ("bits_per_dim", "held-out bits/dim without the label (null class)",
+                                            "unconditional"),
+    "held_out_unconditional_bits_per_dim_estimate": ("bits_per_dim", "held-out bits/dim without the label (null "
+                                                     "class, stratified estimate)", "unconditional-estimate"),
+    "digits_class_accuracy": ("accuracy", "share of samples the digits classifier assigns to the requested class",
+                              "ddpm-hub-digits-classifier"),
+    **{f"{space}_{metric}": (metric_type, f"{label} in ddpm-hub's {network} digits-classifier features",
+                             f"ddpm-hub-{space.replace('_', '-')}")
+       for space, network in (("digits_mlp", "MLP"), ("digits_conv", "CNN"))
+       for metric, metric_type, label in (("fid", "fid", "FID"), ("kid", "kid", "KID"),
+                                          ("precision", "precision", "precision (k=3)"),
+                                          ("recall", "recall", "recall (k=3)"),
+                                          ("class_error", "class_frequency_error", "class-frequency error"))},
+    "fid": ("fid", "FID (Inception-v3 features)", "inception-v3"),
+    "kid": ("kid", "KID (Inception-v3 features)", "inception-v3"),
+}
+STDERR_KEYS = {"held_out_bits_per_dim_estimate": "held_out_bits_per_dim_stderr",
+               "held_out_unconditional_bits_per_dim_estimate": "held_out_unconditional_bits_per_dim_stderr"}
+# Local data has no Hub id: its model-index `dataset.type` is an id-like token that is not a Hub id (the value
+# `--dataset_name` takes for the embedded digits, datasets' builder name for an image folder) and `datasets:` is
+# left out; Hub data gets its id in both.
+EMBEDDED_DIGITS = {"type": "digits", "name": "UCI optical digits (8x8, the copy shipped with scikit-learn)"}
+# What each metric key means, for the card's table (the model-index types them with METRIC_INDEX).
 METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
     "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",
@@ -89,12 +118,76 @@ def _describe_metric(key: str, context: dict[str, Any]) -> str:
     return METRIC_DESCRIPTIONS.get(key, "")
 
 
+def _stderr_key(key: str) -> str | None:
+    """The key of `key`'s standard error: `STDERR_KEYS`, else `<key>_stderr` (unless that one belongs to another)."""
+    if key in STDERR_KEYS:
+        return STDERR_KEYS[key]
+    return None if key + "_stderr" in STDERR_KEYS.values() else key + "_stderr"
+
+
+def _stderr_of(key: str, metrics: dict[str, float]) -> float | None:
+    value = metrics.get(_stderr_key(key) or "")
+    return None if value is None else float(value)
+
+
+def _ci95_of(key: str, metrics: dict[str, float]) -> float | None:
+    value = metrics.get(key + "_ci95")
+    return None if value is None else float(value)
+
+
+def _is_companion(key: str, metrics: dict[str, float]) -> bool:
+    """A standard error or an interval half-width, shown with (and typed as an argument of) its metric."""
+    if key.endswith("_ci95") and key.removesuffix("_ci95") in metrics:
+        return True
+    return any(_stderr_key(k) == key for k in metrics if k != key)
+
+
 def _metrics_table(metrics: dict[str, float], context: dict[str, Any] | None = None) -> str:
     if not metrics:
         return "No metrics were measured for this model."
     rows = ["| metric | value | what it is |", "|---|---|---|"]
-    rows += [f"| {k} | {v:.4f} | {_describe_metric(k, context or {})} |" for k, v in metrics.items()]
+    for key, value in metrics.items():
+        if _is_companion(key, metrics):
+            continue
+        stderr, ci95 = _stderr_of(key, metrics), _ci95_of(key, metrics)
+        shown = f"{value:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr is not None else "")
+        shown += f" ± {ci95:.4f} (95% interval over seeds)" if ci95 is not None else ""
+        rows.append(f"| {key} | {shown} | {_describe_metric(key, context or {})} |")
     return "\n".join(rows)
+
+
+def eval_results(
+    metrics: dict[str, float],
+    dataset_type: str,
+    dataset_name: str,
+    dataset_split: str | None = None,
+    task_type: str = "unconditional-image-generation",
+) -> list[EvalResult] | None:
+    """The model-index entries of `metrics`: one per measured value, typed (`bits_per_dim`, `fid`, ...), with its
+    standard error, if any, in the metric's `args`."""
+    results = []
+    for key, value in metrics.items():
+        if _is_companion(key, metrics):
+            continue
+        metric_type, metric_name, metric_config = METRIC_INDEX.get(key, (key, None, None))
+        stderr, ci95 = _stderr_of(key, metrics), _ci95_of(key, metrics)
+        args = {"standard_error": round(stderr, 4)} if stderr is not None else {}
+        if ci95 is not None:
+            args["ci95_half_width_over_seeds"] = round(ci95, 4)
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_config=metric_config,
+                metric_value=round(float(value), 4),
+                metric_args=args or None,
+            )
+        )
+    return results or None
 
 
 def _usage(
@@ -146,25 +239,27 @@ def render_model_card(
     saved_scheduler: str = "DDPMScheduler",
     class_names: list[str] | None = None,
     guidance_scale: float = 1.0,
+    dataset_type: str | None = None,
+    dataset_name: str | None = None,
+    eval_split: str | None = None,
 ) -> ModelCard:
     """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
     the model-index) and a body, from the `model_card.md` template, that states only what is true of this model
     (EMA, data, classes and guidance, licenses, usage). `learned_variance` defaults to what
     `hparams["variance_type"]` says; `saved_scheduler` is the class the folder stores; `class_names` makes it the
-    card of a class-conditional model sampled at `guidance_scale`."""
+    card of a class-conditional model sampled at `guidance_scale`. The model-index names the data by
+    `dataset_type` (an id-like token; default the Hub `dataset_id`) and `dataset_name` (human; default the id or
+    the description), and the metrics' split by `eval_split`."""
     if learned_variance is None:
         learned_variance = str(hparams.get("variance_type", "")).startswith("learned")
     task = "unconditional-image-generation" if class_names is None else "image-generation"
-    eval_results = [
-        EvalResult(
-            task_type=task,
-            dataset_type=dataset_id or dataset_description,
-            dataset_name=dataset_id or dataset_description,
-            metric_type=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in metrics.items()
-    ] or None
+    results = eval_results(
+        metrics,
+        dataset_type=dataset_type or dataset_id or "unknown",
+        dataset_name=dataset_name or dataset_id or dataset_description,
+        dataset_split=eval_split,
+        task_type=task,
+    )
     license_id = data_license or "other"
     tags = ["ddpm", "diffusers", task, "ddpm-hub"] + ([] if class_names is None else ["class-conditional"])
     card_data = ModelCardData(
@@ -175,7 +270,7 @@ def render_model_card(
         tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name or repo_id or "ddpm",
-        eval_results=eval_results,
+        eval_results=results,
     )
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
     cond_drop_prob = hparams.get("cond_drop_prob")
@@ -254,6 +349,32 @@ def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | Non
     return license_id[0] if isinstance(license_id, list) and license_id else license_id or None
 
 
+SNIPPET_SOURCE = re.compile(r'(DDPMPipeline\.from_pretrained\()"([^"]*)"(\))')
+SAMPLES_LINE = "![samples](samples.png)"
+
+
+def card_for_repo(text: str, source: str, has_samples: bool) -> str:
+    """A ddpm-hub card adapted to where it is saved or pushed: the usage snippet, the title and the model-index
+    name name `source` (a repo id, or a folder for a local save), and the samples picture is shown only when
+    `samples.png` goes with it. Cards written by others are left as they are, apart from the picture."""
+    card = ModelCard(text, ignore_metadata_errors=True)
+    body = card.text
+    match = SNIPPET_SOURCE.search(body)
+    if match is not None:
+        old = match.group(2)
+        body = SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}"{source}"{m.group(3)}', body)
+        title = re.compile(r"^# .*$", re.MULTILINE)
+        first = title.search(body)
+        if first is not None and first.group(0) in (f"# {old}", f"# {Path(old).name}"):
+            body = title.sub(lambda m: f"# {source}", body, count=1)
+        if getattr(card.data, "model_name", None) in (old, Path(old).name):
+            card.data.model_name = source
+    if not has_samples:
+        body = body.replace(SAMPLES_LINE + "\n", "").replace(SAMPLES_LINE, "")
+    card.text = body
+    return str(card)
+
+
 def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
     """A card for a pipeline saved from Python (no training record): what its configs say, no metrics."""
     from .models import count_parameters
@@ -273,7 +394,10 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         channels=unet.in_channels,
         dataset_id=None,
         dataset_description="data not recorded (saved from Python)",
-        num_inference_steps=1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+        num_inference_steps=min(
+            1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+            int(pipeline.scheduler.config.get("num_train_timesteps", 1000)),
+        ),
         has_samples=False,
         learned_variance=unet.out_channels == 2 * unet.in_channels,
         saved_scheduler=type(pipeline.scheduler).__name__,

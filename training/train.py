@@ -8,6 +8,18 @@ orchestrates: build the components, run `train_step` in a loop with periodic act
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # parse first: --help and bad arguments answer before torch and diffusers load
+    from ddpm_hub.config import ConfigError as _ConfigError
+    from ddpm_hub.config import parse_args as _parse_args
+
+    try:
+        _PARSED = _parse_args(sys.argv[1:], description=__doc__)
+    except _ConfigError as _exc:
+        print(f"error: {_exc}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import logging
 import math
@@ -141,6 +153,9 @@ class Data:
     license: str | None
     class_names: list[str] | None = None
     held_out_labels: torch.Tensor | None = None
+    dataset_type: str | None = None
+    dataset_name: str | None = None
+    eval_split: str | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -153,7 +168,25 @@ def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
         return f"images from the folder {Path(cfg.train_data_dir).name}", None
     if cfg.dataset_name in (None, "digits"):
         return "the UCI optical digits (8x8, CC BY 4.0, via scikit-learn), train split", None
+    if Path(cfg.dataset_name).exists():  # a local save_to_disk folder or data file: no Hub id
+        return f"the local dataset {Path(cfg.dataset_name).name} ({cfg.split} split)", None
     return f"{cfg.dataset_name} ({cfg.split} split)", cfg.dataset_name
+
+
+def dataset_reference(cfg: TrainConfig) -> tuple[str, str]:
+    """(type, name) of the data for the card's model-index: the Hub id for Hub data; for local data an id-like
+    token that is not a Hub id (`digits`, `imagefolder`, or the datasets builder of a local file) and a name."""
+    from ddpm_hub.hub import EMBEDDED_DIGITS
+
+    if cfg.train_data_dir:
+        return "imagefolder", f"images from the folder {Path(cfg.train_data_dir).name}"
+    if cfg.dataset_name in (None, "digits"):
+        return EMBEDDED_DIGITS["type"], EMBEDDED_DIGITS["name"]
+    local = Path(cfg.dataset_name)
+    if local.exists():
+        builder = local.suffix.lstrip(".").lower() if local.is_file() else "arrow"
+        return builder, f"the local dataset {local.name}"
+    return cfg.dataset_name, cfg.dataset_name
 
 
 def prepare_data(cfg: TrainConfig, accelerator) -> Data:
@@ -189,21 +222,42 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     if skipped:
         logger.warning("skipped %d unreadable training images (--skip_bad_images)", skipped)
     num_train = len(train_set)
-    if cfg.train_batch_size > num_train:
-        raise ConfigError(f"--train_batch_size {cfg.train_batch_size} is larger than the {num_train} training images")
+    check_batches(cfg, num_train, accelerator.num_processes)
     held_out, held_labels = None, None
     if held_ds is not None and len(held_ds) > 0:
         all_held = encode_labels(held_ds, cfg.class_column, names, "held-out") if names is not None else None
         held = ImageDataset(held_ds, cfg.image_column, cfg.resolution, channels, name="held-out")
-        held_out, good, _ = validate_images(held, skip_bad=True, keep=True, progress=progress)
+        held_out, good, held_skipped = validate_images(held, skip_bad=cfg.skip_bad_images, keep=True,
+                                                       progress=progress)  # fmt: skip
         held_labels = all_held[good] if all_held is not None else None
+        if held_skipped:
+            logger.warning("skipped %d unreadable held-out images (--skip_bad_images)", held_skipped)
+    elif cfg.final_bpd != "none" or cfg.num_quality_samples:
+        logger.warning(
+            "the data has no held-out split: no held-out bits/dim (--final_bpd %s) and no FID/KID at the end; give "
+            "--eval_split, --validation_data_dir or data with a test/validation split", cfg.final_bpd,
+        )
     from ddpm_hub.hub import dataset_license
 
     description, dataset_id = describe_data(cfg)
     embedded = cfg.train_data_dir is None and cfg.dataset_name in (None, "digits")
     license_id = dataset_license(dataset_id, embedded=embedded)
+    dataset_type, dataset_name = dataset_reference(cfg)
+    eval_split = str(held_ds.split) if held_out is not None and getattr(held_ds, "split", None) else None
     return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id, names,
-                held_labels)  # fmt: skip
+                held_labels, dataset_type, dataset_name, eval_split)  # fmt: skip
+
+
+def check_batches(cfg: TrainConfig, num_train: int, num_processes: int) -> None:
+    """Every process gets at least one full batch per epoch (the loader drops incomplete ones): ConfigError
+    before training otherwise."""
+    needed = cfg.train_batch_size * num_processes
+    if num_train < needed:
+        per = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise ConfigError(
+            f"--train_batch_size {cfg.train_batch_size}{per} needs at least {needed} training images, the data has "
+            f"{num_train}: lower --train_batch_size" + (" or use fewer processes" if num_processes > 1 else "")
+        )
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
@@ -428,12 +482,13 @@ class Trainer:
             self.ema.to(acc.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         image_every = cfg.save_images_epochs * self.updates_per_epoch if cfg.save_images_epochs else None
-        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step.
+        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step. The
+        # checkpoint comes last, so that its training_run.json holds what was measured at its step.
         self.periodic = [
             (cfg.logging_steps, self.log_metrics),
-            (cfg.checkpointing_steps, self.save_checkpoint),
             (image_every or cfg.save_images_steps, self.log_samples),
             (cfg.eval_steps, self.log_bpd_estimate),
+            (cfg.checkpointing_steps, self.save_checkpoint),
         ]
         self.global_step = 0
         self._saved_step = -1
@@ -477,12 +532,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _check_hub(self) -> None:
-        from ddpm_hub.hub_push import HubError, check_push_access
+        from ddpm_hub.hub_push import HubError, check_push_access, resolve_repo_id
 
         try:
-            check_push_access(self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo)
+            repo_id = resolve_repo_id(self.cfg.hub_model_id, token=self.hub_token)  # NAME -> USER/NAME (whoami)
+            check_push_access(repo_id, token=self.hub_token, private=self.cfg.hub_private_repo)
         except HubError as exc:  # found before training, not after ten hours
             raise ConfigError(f"--push_to_hub: {exc}") from None
+        self.cfg = replace(self.cfg, hub=replace(self.cfg.hub, hub_model_id=repo_id))
 
     def _assert_finite(self, when: str) -> None:
         bad = int(self.first_bad_step.item())
@@ -508,6 +565,8 @@ class Trainer:
                 for model in models:
                     self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
                 self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+                record = json.dumps(self.checkpoint_record(), indent=1, default=str)
+                Path(output_dir, ckpt.RUN_RECORD).write_text(record + "\n")
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
                 weights.pop()
@@ -888,20 +947,7 @@ class Trainer:
                     if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
                         grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
                                            cfg.eval_batch_size, self.guidance_scale)  # fmt: skip
-                description = ModelDescription(
-                    hparams=cfg.to_dict(),
-                    num_parameters=count_parameters(pipeline.unet),
-                    channels=self.data.channels,
-                    dataset_description=self.data.description,
-                    dataset_id=self.data.dataset_id,
-                    data_license=self.data.license,
-                    repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
-                    ema=self.ema is not None,
-                    sampler=cfg.sampler,
-                    num_inference_steps=cfg.sampling_steps,
-                    class_names=self.data.class_names,
-                    guidance_scale=self.guidance_scale,
-                )
+                description = self.model_description()
                 result.update(history=self.history)
                 self._export(pipeline, description, metrics, grid, result)
             result["metrics"] = metrics
@@ -919,6 +965,39 @@ class Trainer:
         except ExportError as exc:
             raise TrainingError(f"{exc}; the checkpoints are intact: rerun with --resume_from_checkpoint latest to "
                                 "export again") from None
+
+    def model_description(self) -> ModelDescription:
+        """What the model card says about this run's model besides its metrics."""
+        cfg = self.cfg
+        return ModelDescription(
+            hparams=cfg.to_dict(),
+            num_parameters=count_parameters(self.accelerator.unwrap_model(self.unet)),
+            channels=self.data.channels,
+            dataset_description=self.data.description,
+            dataset_id=self.data.dataset_id,
+            data_license=self.data.license,
+            repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
+            ema=self.ema is not None,
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.sampling_steps,
+            class_names=self.data.class_names,
+            guidance_scale=self.guidance_scale,
+            dataset_type=self.data.dataset_type,
+            dataset_name=self.data.dataset_name,
+            eval_split=self.data.eval_split,
+        )
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """`training_run.json` of a checkpoint: the model description and the latest held-out estimate so far, so
+        that a checkpoint pushed as a model gets a card with its data, license and metrics."""
+        from dataclasses import asdict
+
+        metrics: dict[str, float] = {}
+        for entry in self.history:
+            if "held_out_bpd_estimate" in entry and entry["step"] <= self.global_step:
+                metrics = {"held_out_bits_per_dim_estimate": entry["held_out_bpd_estimate"],
+                           "held_out_bits_per_dim_stderr": entry["held_out_bpd_stderr"]}  # fmt: skip
+        return {"step": self.global_step, "description": asdict(self.model_description()), "ema_metrics": metrics}
 
     def push(self) -> None:
         from ddpm_hub.hub_push import HubError
@@ -958,10 +1037,11 @@ def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None 
         release(cfg.output_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run)."""
+def main(argv: list[str] | None = None, parsed: tuple[TrainConfig, str | None] | None = None) -> int:
+    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run). `parsed`: the
+    arguments already parsed (as the script does before importing torch)."""
     try:
-        cfg, token = parse_args(argv, description=__doc__)
+        cfg, token = parsed or parse_args(argv, description=__doc__)
         train(cfg, hub_token=token)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -975,4 +1055,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(parsed=_PARSED))
