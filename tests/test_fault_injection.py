@@ -132,7 +132,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, refe
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_and_a_second_signal_later_exits_at_once(tmp_path, reference):
+def test_sigint_saves_a_checkpoint_exits_130_and_resumes_exactly(tmp_path, reference):
     out = tmp_path / "run"
     args = [*ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
     child = _start(args, tmp_path)
@@ -141,21 +141,6 @@ def test_sigint_stops_cleanly_and_a_second_signal_later_exits_at_once(tmp_path, 
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_weights(reference, out)
-    # a second signal, after the launcher-forwarding window, exits at once without a checkpoint
-    slow = tmp_path / "slow"
-    child = _start([*ARGS, "--output_dir", str(slow), "--max_train_steps", "100000", "--checkpointing_steps", "4"],
-                   tmp_path)  # fmt: skip
-    while not ckpt.list_checkpoints(slow / "checkpoints"):
-        assert child.poll() is None, child.stderr.read()[-3000:]
-        time.sleep(0.01)
-    child.send_signal(signal.SIGTERM)
-    from ddpm_hub.stopping import REPEAT_WINDOW_S
-
-    time.sleep(REPEAT_WINDOW_S + 0.5)
-    if child.poll() is None:  # not yet stopped by the first one
-        child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 143, err[-3000:]
 
 
 @pytest.mark.slow

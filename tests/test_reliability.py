@@ -506,3 +506,24 @@ def test_every_test_the_readme_fault_table_names_exists():
     sources = [path.read_text() for path in (REPO / "tests").glob("test_*.py")]
     defined = {name for text in sources for name in re.findall(r"def (test_\w+)", text)}
     assert len(named) >= 20 and named <= defined, named - defined
+
+
+def test_stop_request_ignores_the_launchers_forwarded_repeat_and_exits_at_a_real_second_signal(monkeypatch):
+    from ddpm_hub import stopping
+
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
+    stop = stopping.StopRequest()
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C: no KeyboardInterrupt, a request
+        assert stop.signum == signal.SIGINT and stop.exit_code == 130
+        os.kill(os.getpid(), signal.SIGTERM)  # accelerate launch forwarding it at once: the same request
+        assert exits == [] and stop.exit_code == 130
+        monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second request: exit at once, without a checkpoint
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        stop.uninstall()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
