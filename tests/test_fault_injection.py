@@ -99,10 +99,12 @@ def test_kill_while_writing_the_manifest_and_while_pruning_then_resume_gives_ide
     _assert_same_weights(reference, tmp_path / "run")
 
 
-def _start(args: list[str], tmp_path: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+def _start(args: list[str], tmp_path: Path, launcher: list[str] | None = None, threads: int = 2) -> subprocess.Popen:
+    """The trainer as a child process (through `accelerate launch` when `launcher` is given); the thread count
+    must equal the reference run's, or the weights differ in the last bits."""
     prefix = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or [])] if launcher is not None else [
         sys.executable]
-    return subprocess.Popen([*prefix, str(TRAIN), *args], cwd=tmp_path, env=subprocess_env(tmp_path),
+    return subprocess.Popen([*prefix, str(TRAIN), *args], cwd=tmp_path, env=subprocess_env(tmp_path, threads),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
@@ -153,7 +155,7 @@ def test_sigterm_to_accelerate_launch_stops_all_ranks_at_one_step_and_resumes_ex
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
     args = [*ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
-    launched = _start(args, tmp_path, launcher=launcher)
+    launched = _start(args, tmp_path, launcher=launcher, threads=1)
     err = _signal_after_first_checkpoint(launched, out, signal.SIGTERM)
     assert launched.returncode == 143, err[-3000:]
     info = ckpt.latest_valid(out / "checkpoints")  # every rank wrote its state into the same step's checkpoint
