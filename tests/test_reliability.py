@@ -231,6 +231,7 @@ def test_checkpoint_ema_weights_load_without_the_unexpected_config_warning(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), ema.shadow_params, strict=True))
     # the oracle: diffusers' own loader reads the same weights (and warns about those settings)
     reference = EMAModel.from_pretrained(tmp_path / "unet_ema", model_cls=UNet2DModel)
+    assert "not expected" in capfd.readouterr().err  # the capture sees diffusers' warning where it is printed
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.shadow_params, strict=True))
     assert reference.decay == settings["decay"]
 
@@ -527,3 +528,14 @@ def test_stop_request_ignores_the_launchers_forwarded_repeat_and_exits_at_a_real
     finally:
         stop.uninstall()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+
+
+def test_a_checkpoints_ema_weights_load_silently_as_a_pipeline(short_run, capfd):
+    from ddpm_hub import DDPMPipeline
+
+    capfd.readouterr()
+    pipeline = DDPMPipeline.from_pretrained(short_run / "checkpoints" / "checkpoint-8")
+    out = capfd.readouterr()
+    assert "not expected" not in out.err + out.out, out.err
+    raw = DDPMPipeline.from_pretrained(short_run / "checkpoints" / "checkpoint-8", weights="raw")
+    assert any(not torch.equal(a, b) for a, b in zip(pipeline.unet.parameters(), raw.unet.parameters(), strict=True))
