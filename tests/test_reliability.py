@@ -173,7 +173,11 @@ def test_rng_state_round_trips_through_safetensors_and_damage_is_an_error(tmp_pa
         (OSError(errno.EIO, "Input/output error"), ""),
         (PermissionError(errno.EACCES, "Permission denied"), ""),
         (ValueError("bad"), ""),
-        (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), " (is the disk full?)"),
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+         " (is the disk full?)"),
+        (RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+         " (a file size limit was reached)"),
+        (RuntimeError("Error while serializing: I/O error: Input/output error (os error 5)"), ""),
     ],
 )
 def test_disk_full_suffix_only_where_true(exc, hint):
