@@ -543,3 +543,22 @@ def test_a_checkpoints_ema_weights_load_silently_as_a_pipeline(short_run, capfd)
     assert "not expected" not in out.err + out.out, out.err
     raw = DDPMPipeline.from_pretrained(short_run / "checkpoints" / "checkpoint-8", weights="raw")
     assert any(not torch.equal(a, b) for a, b in zip(pipeline.unet.parameters(), raw.unet.parameters(), strict=True))
+
+
+def test_a_full_disk_during_the_final_export_is_one_line_and_a_resume_exports_again(tmp_path, monkeypatch):
+    from ddpm_hub.training.train import TrainingError
+
+    from ddpm_hub import DDPMPipeline
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setenv(faults.ENV, "export.staging.card_saved:enospc")
+    with pytest.raises(TrainingError) as exc:
+        _train(out, "--max_train_steps", "4")
+    message = str(exc.value)
+    assert "\n" not in message and f"could not write the pipeline to {out}" in message
+    assert "(is the disk full?)" in message and "--resume_from_checkpoint latest" in message
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no half folder
+    monkeypatch.delenv(faults.ENV)
+    _train(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    DDPMPipeline.from_pretrained(out)
