@@ -379,11 +379,15 @@ def storage_hint(exc: BaseException) -> str:
     """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
     else '': the suffix is only added where it is true."""
     import errno
+    import re
 
     seen: BaseException | None = exc
     while seen is not None:
         code = getattr(seen, "errno", None)
         text = str(seen)
+        if code is None:  # safetensors' Rust errors carry the OS error in their text: "... (os error 28)"
+            found = re.search(r"\(os error (\d+)\)", text)
+            code = int(found.group(1)) if found else None
         if code in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text or "QuotaExceeded" in text:
             return " (is the disk full?)"
         if code == errno.EFBIG or "FileTooLarge" in text:

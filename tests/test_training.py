@@ -163,7 +163,7 @@ def test_two_rank_cpu_data_parallel_run(tmp_path):
     metrics = read_metrics(out)
     assert metrics["num_processes"] == 2
     assert metrics["ranks_identical"] is True
-    assert (out / "checkpoints" / "checkpoint-6" / "random_states_1.pkl").is_file()  # both ranks' RNG saved
+    assert (out / "checkpoints" / "checkpoint-6" / "rng_state_1.safetensors").is_file()  # both ranks' RNG saved
 
 
 def test_digits_run_learns(tmp_path):
