@@ -14,7 +14,7 @@ recipe the mean and 95% t-interval over seeds, and per seed the difference from 
 t-interval.
 
     python benchmarks/bench_recipes.py --out outputs/recipes --jobs 6                 # default recipes, train + score
-    python benchmarks/bench_recipes.py --recipes previous current eps_fixed_b64 --out outputs/recipes
+    python benchmarks/bench_recipes.py --recipes digits digits_fast eps_fixed_b64_1600 --out outputs/recipes
     python benchmarks/bench_recipes.py --models outputs/ddpm-digits outputs/old --out outputs/eval   # no training
     python benchmarks/bench_recipes.py --summarize outputs/recipes                   # tables from finished JSONs
     python benchmarks/bench_recipes.py --quick --out /tmp/recipes                     # CPU smoke test: seconds
@@ -36,30 +36,29 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "training"))
 
-# The recipe before the v-prediction preset (git: ddpm_hub/config.py before ab358ce): epsilon, fixed variance, L_simple,
-# 3,000 steps of batch 128 at lr 1e-3 (cosine decay over the 3,000 steps), otherwise the preset's values.
-PREVIOUS = {"prediction_type": "epsilon", "variance_type": "fixed_small", "loss_type": "simple",
-            "train_batch_size": 128, "learning_rate": 1e-3, "max_train_steps": 3000}  # fmt: skip
+# Recipes are the `digits` preset (epsilon-prediction, fixed variance, L_simple, 3,000 steps of batch 128 at lr 2e-3,
+# cosine decay: 384,000 images) plus overrides; `digits_fast` is that preset (v-prediction, learned-range variance
+# with the hybrid loss, 1,600 steps of batch 64 at lr 2e-3: 102,400 images). The `_1600`/`_800` candidates cost
+# about as much as `digits_fast`.
 EPS_FIXED = {"prediction_type": "epsilon", "variance_type": "fixed_small", "loss_type": "simple"}
 EPS_HYBRID = {"prediction_type": "epsilon", "variance_type": "learned_range", "loss_type": "hybrid"}
 V_FIXED = {"prediction_type": "v_prediction", "variance_type": "fixed_small", "loss_type": "simple"}
-# Overrides of the `digits` preset (today: v-prediction, learned-range variance with the hybrid loss, 1,600 steps of
-# batch 64 at lr 2e-3: 102,400 images). The candidates cost about as much as `current` unless named otherwise.
+B64 = {"train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600}
 RECIPES: dict[str, dict[str, Any]] = {
-    "previous": PREVIOUS,  # 384,000 images
-    "current": {},
-    "eps_fixed_b64": {**EPS_FIXED, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
-    "eps_fixed_b128": {**EPS_FIXED, "train_batch_size": 128, "learning_rate": 2e-3, "max_train_steps": 800},
-    "previous_800": {**PREVIOUS, "max_train_steps": 800},  # the previous recipe cut to the same cost
-    "eps_fixed_b64_lr1e-3": {**EPS_FIXED, "train_batch_size": 64, "learning_rate": 1e-3, "max_train_steps": 1600},
-    "eps_hybrid_b64": {**EPS_HYBRID, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
-    "v_fixed_b64": {**V_FIXED, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 1600},
-    # longer runs (2x and 4x `current`), for when the same cost is not enough
-    "eps_fixed_b64_3200": {**EPS_FIXED, "train_batch_size": 64, "learning_rate": 2e-3, "max_train_steps": 3200},
-    "current_3200": {"max_train_steps": 3200},
-    "previous_lr2e-3": {**PREVIOUS, "learning_rate": 2e-3},
+    "digits": {},
+    "eps_fixed_b128_3000_lr1e-3": {"learning_rate": 1e-3},  # the baseline of the study
+    "digits_fast": {"preset": "digits_fast"},
+    "digits_fast_3200": {"preset": "digits_fast", "max_train_steps": 3200},
+    "eps_fixed_b64_1600": {**EPS_FIXED, **B64},
+    "eps_fixed_b64_1600_lr1e-3": {**EPS_FIXED, **B64, "learning_rate": 1e-3},
+    "eps_fixed_b64_3200": {**EPS_FIXED, **B64, "max_train_steps": 3200},
+    "eps_fixed_b128_800": {"max_train_steps": 800},
+    "eps_fixed_b128_800_lr1e-3": {"max_train_steps": 800, "learning_rate": 1e-3},
+    "eps_hybrid_b64_1600": {**EPS_HYBRID, **B64},
+    "v_fixed_b64_1600": {**V_FIXED, **B64},
 }
-DEFAULT_RECIPES = ["previous", "current", "eps_fixed_b64", "eps_fixed_b128", "eps_hybrid_b64", "v_fixed_b64"]
+BASELINE = "eps_fixed_b128_3000_lr1e-3"
+DEFAULT_RECIPES = list(RECIPES)
 # What every run leaves out: periodic grids, estimates and checkpoints (they cost time and change nothing trained).
 QUIET = {"logger": "none", "num_eval_images": 0, "num_quality_samples": 0, "save_images_steps": 10**9,
          "eval_steps": 10**9, "checkpointing_steps": 10**9, "overwrite_output_dir": True}  # fmt: skip
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None, help="score these trained pipeline folders instead "
                         "(named by folder name; no training)")  # fmt: skip
     parser.add_argument("--summarize", default=None, metavar="DIR", help="only re-write the summary of DIR")
-    parser.add_argument("--baseline", default="previous", help="the recipe the differences are taken from")
+    parser.add_argument("--baseline", default=BASELINE, help="the recipe the differences are taken from")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--num_samples", type=int, default=1000, help="samples per seed, drawn in one batch")
     parser.add_argument("--samplers", type=parse_sampler, nargs="+", default=None,
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.recipes or DEFAULT_RECIPES
     models: dict[str, str] = {}
     if args.quick:
-        names = args.recipes or ["previous", "current"]
+        names = args.recipes or [BASELINE, "digits_fast"]
         args.seeds, args.num_samples, args.final_bpd = args.seeds[:2], 50, "none"
         samplers = args.samplers or [("dpm", 10), ("dpm", 20), ("ddpm", 20)]
     if args.models:

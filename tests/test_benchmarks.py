@@ -49,31 +49,32 @@ def test_bench_recipes_quick_trains_scores_pairs_and_rescores(tmp_path):
     proc = subprocess.run([sys.executable, script, "--quick", "--out", str(out), "--threads", "1"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| previous |" in proc.stdout and "minus `previous`" in proc.stdout
-    records = {name: json.loads((out / f"recipe_{name}.json").read_text()) for name in ("previous", "current")}
-    assert records["previous"]["config"]["prediction_type"] == "epsilon"
-    assert records["current"]["config"]["prediction_type"] == "v_prediction"
+    base, fast = "eps_fixed_b128_3000_lr1e-3", "digits_fast"
+    assert f"| {base} |" in proc.stdout and f"minus `{base}`" in proc.stdout
+    records = {name: json.loads((out / f"recipe_{name}.json").read_text()) for name in (base, fast)}
+    assert records[base]["config"]["prediction_type"] == "epsilon"
+    assert records[fast]["config"]["prediction_type"] == "v_prediction"
     for record in records.values():
         assert set(record["scores"]) == {"dpm-10", "dpm-20", "ddpm-20"}
         assert all([row["seed"] for row in rows] == [0, 1] for rows in record["scores"].values())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["baseline"] == "previous" and summary["machine"]["cores"] >= 1
-    prev, cur = (records[n]["scores"]["dpm-10"] for n in ("previous", "current"))
-    diff = summary["recipes"]["current"]["dpm-10"]["minus_baseline"]["digits_conv_fid"]
+    assert summary["baseline"] == base and summary["machine"]["cores"] >= 1
+    prev, cur = (records[n]["scores"]["dpm-10"] for n in (base, fast))
+    diff = summary["recipes"][fast]["dpm-10"]["minus_baseline"]["digits_conv_fid"]
     expected = sum(c["digits_conv_fid"] - p["digits_conv_fid"] for c, p in zip(cur, prev, strict=True)) / 2
     assert diff["mean"] == pytest.approx(expected) and diff["n"] == 2
     assert (out / "summary.md").read_text().count("## ") == 3
 
     again = tmp_path / "again"
-    proc = subprocess.run([sys.executable, script, "--quick", "--models", str(out / "models" / "current"), "--out",
+    proc = subprocess.run([sys.executable, script, "--quick", "--models", str(out / "models" / "digits_fast"), "--out",
                            str(again), "--threads", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rescored = json.loads((again / "recipe_current.json").read_text())
+    rescored = json.loads((again / "recipe_digits_fast.json").read_text())
     assert not rescored["trained_here"]
 
     def without_timing(scores):
         return {k: [{m: v for m, v in r.items() if m != "sample_seconds"} for r in rows] for k, rows in scores.items()}
 
     # the same model, seeds and samplers give the same scores
-    assert without_timing(rescored["scores"]) == without_timing(records["current"]["scores"])
+    assert without_timing(rescored["scores"]) == without_timing(records[fast]["scores"])
