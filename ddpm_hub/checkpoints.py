@@ -230,13 +230,14 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def prune(root: Path, total_limit: int | None, keep: Path | None = None) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `total_limit` remain besides `keep` (the best checkpoint, never
-    deleted here); leftover staging folders go too."""
+    """Delete the oldest checkpoints so that the `total_limit` newest remain, and `keep` (the best checkpoint) if it
+    is older; leftover staging folders go too."""
     removed = recover(root)
     if total_limit is None:
         return removed
-    checkpoints = [p for p in list_checkpoints(root) if keep is None or p.name != Path(keep).name]
-    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+    checkpoints = list_checkpoints(root)
+    old = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in [p for p in old if keep is None or p.name != Path(keep).name]:
         remove_checkpoint(path)
         removed.append(path)
     return removed

@@ -172,7 +172,9 @@ class RunConfig:
     logging_dir: str = opt("logs", "tracker folder, relative to --output_dir")
     logging_steps: int = opt(10, "log loss, lr and throughput every N steps", minimum=1)
     checkpointing_steps: int = opt(500, "write a resumable checkpoint every N steps", minimum=1)
-    checkpoints_total_limit: int | None = opt(3, "keep at most this many checkpoints", minimum=1)
+    checkpoints_total_limit: int | None = opt(
+        3, "keep the newest N checkpoints (and the best one too with --keep_best_checkpoint)", minimum=1
+    )
     resume_from_checkpoint: str | None = opt(
         None, "'latest' (an error if checkpoints exist but none is valid), 'latest_or_new' (start afresh then), or "
         "a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data position)"
@@ -205,7 +207,7 @@ class RunConfig:
     eval_fid_samples: int = opt(300, "samples per --eval_fid_steps evaluation", minimum=2)
     keep_best_checkpoint: bool = opt(
         False, "with --eval_fid_steps: also keep the checkpoint with the lowest selection metric (written at the "
-        "evaluation step; named in checkpoints/best.json; never pruned while it is the best, kept in addition to the "
+        "evaluation step; named in checkpoints/best.json; never pruned while it is the best, kept besides the "
         "--checkpoints_total_limit newest)"
     )
     final_weights: str = opt(

@@ -219,8 +219,12 @@ def adopt_pretrained_scheduler(cfg: TrainConfig) -> TrainConfig:
 
 
 def make_scheduler(cfg: TrainConfig) -> DDPMScheduler:
-    """The training/sampling scheduler of the run (its config is the saved scheduler_config.json)."""
-    return DDPMScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_OPTIONS})
+    """The training/sampling scheduler of the run (its config is the saved scheduler_config.json), built as the
+    exported pipeline's is loaded: a fresh config marks the values left at their defaults (`_use_default_values`),
+    and a sampler made from it would take its own defaults for those (DPM-Solver's `linspace` timestep spacing
+    instead of our `leading`): the grids and metrics of a run then differ from those of its exported pipeline."""
+    fresh = DDPMScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_OPTIONS})
+    return DDPMScheduler.from_config(json.loads(fresh.to_json_string()))
 
 
 def _load_unet_config(source: str) -> dict[str, Any]:
