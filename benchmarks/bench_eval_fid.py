@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median_time, print_table, write_json  # noqa: E402
+from common import machine, matmul_gflops, median_time, print_table, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,8 @@ def main() -> None:
 
     timing = median_time(evaluate, repeats=repeats, warmup=1)
     row = {"preset": "digits", "sampler": cfg.sampler, "steps": cfg.sampling_steps, "samples": samples,
-           "num_real": len(held_out), "torch_threads": torch.get_num_threads(), **timing}  # fmt: skip
+           "num_real": len(held_out), "torch_threads": torch.get_num_threads(),
+           "matmul_gflops": round(matmul_gflops(), 1), **timing}  # fmt: skip
     print_table(f"One --eval_fid_steps evaluation (median of {repeats})", [row], list(row))
     write_json(args.out, {"machine": machine(), "rows": [row]})
 
