@@ -229,8 +229,13 @@ def test_help_states_the_measured_cost(capsys):
 
 @pytest.mark.slow
 def test_two_processes_agree_on_the_best_without_deadlock(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a free port: not the default 29500 that another launch may hold
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     launcher = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--multi_gpu"]  # fmt: skip
+                "--multi_gpu", "--main_process_port", str(port)]  # fmt: skip
     out = tmp_path / "run"
     args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "100", *EVAL,
             "--keep_best_checkpoint", "--final_weights", "best"]  # fmt: skip
