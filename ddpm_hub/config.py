@@ -202,7 +202,7 @@ class RunConfig:
         "with the run's sampler and a fixed seed (the same initial noise each time), logged to every tracker: "
         "digits_conv_fid (the selection metric) and digits_mlp_fid etc. for the embedded digits, Inception fid/kid "
         "(torch-fidelity) otherwise. One evaluation of the digits UNet, 300 samples, DPM-Solver++ 10 steps, "
-        "takes about 3.6 s on 1 CPU thread (benchmarks/bench_eval_fid.py)", minimum=1,
+        "takes about 2 s on one CPU thread (benchmarks/bench_eval_fid.py)", minimum=1,
     )
     eval_fid_samples: int = opt(300, "samples per --eval_fid_steps evaluation", minimum=2)
     keep_best_checkpoint: bool = opt(
