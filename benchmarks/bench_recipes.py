@@ -96,6 +96,8 @@ def train_recipe(name: str, plan: dict[str, Any]) -> dict[str, Any]:
               "final_bpd": plan["final_bpd"], "num_cpu_threads": plan["threads"]}  # fmt: skip
     if plan["quick"]:
         values.update(QUICK)
+    if plan.get("max_train_steps"):
+        values["max_train_steps"] = plan["max_train_steps"]
     cfg = build_config(values)
     start = time.perf_counter()
     result = Trainer(cfg).run()
@@ -174,6 +176,7 @@ def summarize(records: list[dict[str, Any]], baseline: str | None) -> dict[str, 
     for record in records:
         entry: dict[str, Any] = {k: record.get(k) for k in ("train_seconds", "steps", "images_seen", "device",
                                                             "model", "overrides")}  # fmt: skip
+        entry["held_out_bpd"] = (record.get("train_metrics") or {}).get("held_out_bits_per_dim_estimate")
         for sampler, rows in record["scores"].items():
             metrics = [k for k in rows[0] if k not in ("seed", "sample_seconds")]
             stats = {m: mean_interval([row[m] for row in rows]) for m in metrics}
@@ -210,14 +213,16 @@ def markdown(summary: dict[str, Any], samplers: list[str], spaces: list[str], me
     columns = [(s, m) for m in SUMMARY_METRICS for s in spaces]
     header = " | ".join(f"{names[m]} {s.removeprefix('digits_')}" for s, m in columns)
     for sampler in samplers:
-        lines += [f"## {sampler}", "", f"| recipe | train s | images | {header} |",
-                  "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
+        lines += [f"## {sampler}", "", f"| recipe | train s | images | bits/dim | {header} |",
+                  "|---|---|---|---|" + "---|" * len(columns)]  # fmt: skip
         for recipe, entry in summary["recipes"].items():
             if sampler not in entry:
                 continue
             cells = [_cell(entry[sampler]["stats"].get(f"{s}_{m}")) for s, m in columns]
             train_s = f"{entry['train_seconds']:.0f}" if entry.get("train_seconds") else ""
-            lines.append(f"| {recipe} | {train_s} | {entry.get('images_seen') or ''} | " + " | ".join(cells) + " |")
+            bpd = f"{entry['held_out_bpd']:.3f}" if entry.get("held_out_bpd") else ""
+            lines.append(f"| {recipe} | {train_s} | {entry.get('images_seen') or ''} | {bpd} | " + " | ".join(cells)
+                         + " |")  # fmt: skip
         if summary["baseline"]:
             lines += ["", f"{sampler}, minus `{summary['baseline']}` at the same seed (bold: the interval excludes 0)",
                       "", f"| recipe | {header} |", "|---|" + "---|" * len(columns)]  # fmt: skip
@@ -232,9 +237,18 @@ def markdown(summary: dict[str, Any], samplers: list[str], spaces: list[str], me
 
 def write_summary(out: Path, baseline: str | None, meta: dict[str, Any]) -> dict[str, Any]:
     """Read every `recipe_*.json` in `out`, write `summary.json` and `summary.md`, print the tables."""
-    from common import machine
-
     from ddpm_hub.digits_features import SPACES
+
+    try:
+        from common import machine  # needs psutil, which a bare GPU box may lack
+    except ImportError:
+        import platform
+
+        import torch
+
+        def machine() -> dict[str, Any]:
+            gpu = {"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}
+            return {"cpu": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, **gpu}
 
     records = [json.loads(p.read_text()) for p in sorted(out.glob("recipe_*.json"))]
     if not records:
@@ -301,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="SAMPLER:STEPS (default: dpm:10 dpm:20 ddpm:1000)")  # fmt: skip
     parser.add_argument("--final_bpd", default="estimate", choices=("estimate", "full", "none"),
                         help="held-out bits/dim of each trained model (written to its recipe JSON)")  # fmt: skip
+    parser.add_argument("--max_train_steps", type=int, default=None, help="override every recipe's steps (smoke runs)")
     parser.add_argument("--jobs", type=int, default=None, help="recipes at once (default: all, at most 8)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per recipe process")
     parser.add_argument("--device", default=None, help="sampling device (default: cuda when available)")
@@ -338,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()  # a summary must not mix runs
     plan = {"out": str(out), "quick": args.quick, "seeds": args.seeds, "num_samples": args.num_samples,
             "samplers": samplers, "final_bpd": args.final_bpd, "threads": args.threads, "device": args.device,
-            "models": models, "recipes": names,
+            "models": models, "recipes": names, "max_train_steps": args.max_train_steps,
             "models_dir": str(Path(args.models_dir).resolve() if args.models_dir else out / "models")}  # fmt: skip
     plan_path = out / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1) + "\n")

@@ -1,12 +1,13 @@
 """Time to quality on the embedded digits: train for a wall-clock budget, evaluate at fixed wall-clock points.
 
 Each configuration is a base recipe (`--base`: the `digits` preset, or the recipe it replaced) with one lever
-changed. Training runs in-process with the real Trainer (`train_step` + EMA, the run's own thread policy) at the
+changed. Training runs in-process with the real Trainer (`optimizer_step`, the run's own thread policy) at the
 recipe's learning rate after warm-up (its cosine decay is planned over 100,000 steps: under 0.1% of it happens in
 a 5-minute run); the clock stops during evaluations.
 At every point (`--every` seconds of training) the EMA weights are measured on the 300 held-out digits:
 - held-out bits/dim, the stratified estimate (L_0..L_10 exact + 16 strata; the same draws at every point),
-- digits-classifier FID/KID (`ddpm_hub.digits_features`, not Inception FID) of `--num_samples` (1000) samples
+- digits-classifier FID/KID (`ddpm_hub.digits_features`, not Inception FID; `digits_fid` is the MLP's space, plus
+  the CNN's FID and class-frequency error) of `--num_samples` (1000) samples
   drawn with the package's default sampler (DPM-Solver++ 2M, 10 steps: about 5 s per 1000 on this CPU), against
   the held-out digits.
 Prints a table, writes JSON and a PNG of the curves.
@@ -98,15 +99,17 @@ def make_trainer(lever: dict, out_dir: str, max_steps: int):
 def evaluate(trainer, num_samples: int, sampler_steps: int) -> dict[str, float]:
     """Held-out bits/dim estimate and digits FID/KID of the EMA weights (default sampler, `sampler_steps`)."""
     from ddpm_hub.export import ema_weights, held_out_bpd
-    from ddpm_hub.metrics import digits_fid_kid
+    from ddpm_hub.metrics import digits_fid_kid, digits_quality
     from ddpm_hub.sampling import sample_uint8, with_sampler
 
     pipeline = trainer.ema_pipeline()
     with ema_weights(pipeline.unet, trainer.ema):
         bpd = held_out_bpd(pipeline, trainer.data.held_out, "estimate", 300, seed=0, num_samples=16)
         fake = sample_uint8(with_sampler(pipeline, "dpm"), num_samples, sampler_steps, seed=0, batch_size=1000)
-    quality = digits_fid_kid(trainer.data.held_out, fake)
-    return {"bpd": bpd["held_out_bits_per_dim_estimate"], **quality}
+    quality = digits_fid_kid(trainer.data.held_out, fake)  # digits_mlp, under the keys of the earlier rounds
+    conv = digits_quality(trainer.data.held_out, fake, ("digits_conv",))
+    return {"bpd": bpd["held_out_bits_per_dim_estimate"], **quality, "digits_conv_fid": conv["digits_conv_fid"],
+            "digits_conv_class_error": conv["digits_conv_class_error"]}
 
 
 def run_lever(
@@ -123,10 +126,7 @@ def run_lever(
     while trained < budget - 1e-9:
         start = time.perf_counter()
         while time.perf_counter() - start < next_point - trained:
-            trainer.train_step(next(batches), 0)
-            if trainer.ema is not None:
-                trainer.ema.step(trainer.unet.parameters())
-            trainer.global_step += 1
+            trainer.optimizer_step(batches)
         trained += time.perf_counter() - start
         row = {"lever": name, "seconds": round(trained), "steps": trainer.global_step, "num_samples": num_samples,
                "sampler_steps": sampler_steps,
@@ -193,7 +193,8 @@ def main() -> None:
             lever = {**BASES[args.base], **LEVERS[name]}
             rows += run_lever(name, lever, budget, args.every, args.num_samples, steps, tmp)
     print_table(f"Time to quality (budget {args.budget:.0f} s, eval every {args.every:.0f} s)", rows,
-                ["lever", "seconds", "steps", "bpd", "digits_fid", "digits_kid"])  # fmt: skip
+                ["lever", "seconds", "steps", "bpd", "digits_fid", "digits_kid", "digits_conv_fid",
+                 "digits_conv_class_error"])  # fmt: skip
     plot(rows, Path(args.figure), f"Time to quality on the embedded digits (base: {args.base}), one lever at a time")
     write_json(args.out, {"machine": machine(), "threads": torch.get_num_threads(), "budget": args.budget,
                           "baseline_budget": args.baseline_budget, "base": {args.base: BASES[args.base]},

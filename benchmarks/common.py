@@ -138,9 +138,10 @@ def benchmark_trainer(
     unet_preset: str, resolution: int, batch: int, out_dir: str, random_data: bool = False, **options: Any
 ) -> tuple[Callable[[], None], Any]:
     """Our real Trainer on a UNet preset with the stock example's objective, and a function doing one update
-    (`train_step` + EMA). Data: the embedded digits converted to the model's shape, or (`random_data`) random uint8
-    images, which need no datasets install (a step's cost does not depend on the pixels). `options`: more
-    training options (mixed precision, channels_last, compile, ...)."""
+    (`Trainer.optimizer_step`, what the training loop runs: micro-batches, EMA, step count). Data: the embedded
+    digits converted to the model's shape, or (`random_data`) random uint8 images, which need no datasets install
+    (a step's cost does not depend on the pixels). `options`: more training options (mixed precision,
+    channels_last, compile, ...)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -164,8 +165,6 @@ def benchmark_trainer(
     batches = trainer.batches()
 
     def step() -> None:
-        trainer.train_step(next(batches), 0)
-        trainer.ema.step(trainer.unet.parameters())
-        trainer.global_step += 1
+        trainer.optimizer_step(batches)
 
     return step, trainer

@@ -23,6 +23,7 @@ from .faults import fault_point
 logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
+RUN_RECORD = "training_run.json"  # what the model card of a checkpoint says (data, license, metrics so far)
 PREFIX = "checkpoint-"
 
 
@@ -419,11 +420,15 @@ def storage_hint(exc: BaseException) -> str:
     """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
     else '': the suffix is only added where it is true."""
     import errno
+    import re
 
     seen: BaseException | None = exc
     while seen is not None:
         code = getattr(seen, "errno", None)
         text = str(seen)
+        if code is None:  # safetensors' Rust errors carry the OS error in their text: "... (os error 28)"
+            found = re.search(r"\(os error (\d+)\)", text)
+            code = int(found.group(1)) if found else None
         if code in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text or "QuotaExceeded" in text:
             return " (is the disk full?)"
         if code == errno.EFBIG or "FileTooLarge" in text:
@@ -477,7 +482,30 @@ def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
     else:
         unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
-    return pipeline_cls(unet=unet, scheduler=scheduler)
+    pipeline = pipeline_cls(unet=unet, scheduler=scheduler)
+    pipeline.model_card_text = checkpoint_model_card(folder, weights)
+    return pipeline
+
+
+def checkpoint_model_card(folder: Path, weights: str = "ema") -> str | None:
+    """The card of a checkpoint from its `training_run.json` (data, license, EMA metrics so far), or None for a
+    checkpoint written without one (the pipeline's generic card is used then)."""
+    from dataclasses import fields
+
+    from .export import ModelDescription, model_card
+
+    try:
+        record = json.loads((Path(folder) / RUN_RECORD).read_text())
+        known = {f.name for f in fields(ModelDescription)}
+        description = ModelDescription(**{k: v for k, v in record["description"].items() if k in known})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    description.ema = weights == "ema"
+    description.repo_id = None
+    metrics = record.get("ema_metrics", {}) if weights == "ema" else {}  # measured with the EMA weights
+    name = f"{Path(folder).name} ({'EMA' if weights == 'ema' else 'raw'} weights)"
+    return str(model_card(description, metrics, str(folder), has_samples=False, model_name=name))
+
 
 
 def load_ema_unet(folder: Path):

@@ -51,54 +51,181 @@ def load_pipeline(
 
 
 def _steps(args: argparse.Namespace) -> int:
-    return args.steps if args.steps is not None else SAMPLERS[args.scheduler].steps
+    return args.steps if args.steps is not None else SAMPLERS[args.sampler].steps
+
+
+def class_ids(pipeline, tokens: list[str]) -> list[int]:
+    """Class ids of command-line labels: a class name of the model, else a class id (UserError naming both)."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
+
+    num_classes = num_classes_of(pipeline.unet)
+    if num_classes is None:
+        raise UserError("--class_labels: this model is unconditional (no class embedding); drop --class_labels")
+    names = {v: k for k, v in (pipeline.id2label or {}).items()}
+    ids = []
+    for token in tokens:
+        if token in names:
+            ids.append(names[token])
+        elif token.isdigit() and int(token) < num_classes:
+            ids.append(int(token))
+        else:
+            allowed = list(names) if names else f"ids 0..{num_classes - 1}"
+            raise UserError(f"--class_labels {token!r} is not a class of this model; choose from {allowed}")
+    return ids
+
+
+# -- checks before work: each raises UserError (one line) before a model is loaded or a step is run -------------
+
+
+def check_device(device: str | None) -> None:
+    """`--device` names a device this torch build has (a CPU-only torch has no cuda)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps") from None
+    available = {
+        "cuda": lambda: torch.cuda.is_available(),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if kind.type in available and not available[kind.type]():
+        raise UserError(
+            f"--device {device}: no {kind.type} device is available to this torch ({torch.__version__}); use "
+            f"--device cpu, or install a torch build with {kind.type} support"
+        )
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} cuda device(s)")
+
+
+def check_output_dir(folder: str | Path, flag: str, given: str | Path | None = None) -> None:
+    """`folder` exists or can be created, and a file can be written in it (`given`: the path the user typed)."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        where = f"{given}: cannot write in {folder}" if given is not None else f"{folder}: cannot write there"
+        raise UserError(f"{flag} {where} ({exc.strerror or exc})") from None
+
+
+def check_output_file(path: str | Path, flag: str, image: bool = False) -> None:
+    """`path` is not a directory, has an image extension PIL can write (for pictures), and its folder is
+    writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory: give a file name inside it, e.g. {path / 'out.png'}")
+    if image:
+        from PIL import Image
+
+        suffix = path.suffix.lower()
+        if Image.registered_extensions().get(suffix) not in Image.SAVE:
+            raise UserError(f"{flag} {path}: {suffix or 'no'} file extension is not an image format; use .png")
+    check_output_dir(path.parent, flag, given=path)
+
+
+def check_sampling(pipeline, args: argparse.Namespace) -> None:
+    """The step count and batch size suit the loaded model's sampler (e.g. at most its T training steps)."""
+    try:
+        pipeline.check_inputs(args.batch_size, _steps(args))
+    except ValueError as exc:
+        message = str(exc).replace("num_inference_steps", "--steps").replace("batch_size", "--batch_size")
+        raise UserError(f"{message} (sampler {args.sampler})") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
     from PIL import Image
 
     from ddpm_hub.export import grid_upscale
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import sample_uint8
 
-    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed, args.compile)
-    images = sample_uint8(pipeline, args.num_images, _steps(args), args.seed, args.batch_size, progress=True)
+    check_device(args.device)
+    if args.out_dir:
+        check_output_dir(args.out_dir, "--out_dir")
+    if args.out or not args.out_dir:
+        check_output_file(args.out or "grid.png", "--out", image=True)
+    if args.guidance_scale != 1.0 and not args.class_labels:
+        raise UserError("--guidance_scale needs --class_labels (guidance steers towards a class)")
+    pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
+    check_sampling(pipeline, args)
+    labels, cols, num_images = None, None, args.num_images
+    if args.class_labels:  # one grid row of --num_images per class
+        ids = class_ids(pipeline, args.class_labels)
+        labels, cols = torch.tensor(ids).repeat_interleave(args.num_images), args.num_images
+        num_images = len(labels)
+    images = sample_uint8(pipeline, num_images, _steps(args), args.seed, args.batch_size, progress=True,
+                          class_labels=labels, guidance_scale=args.guidance_scale)  # fmt: skip
     arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(pils):
-            image.save(out_dir / f"{i:06d}.png")
-        np.savez_compressed(out_dir / "samples.npz", arr_0=arrays)  # the layout clean-fid / the openai suite read
+            image.save(out_dir / _file_name(pipeline, i, labels, args.num_images))
+        extra = {} if labels is None else {"labels": labels.numpy()}
+        np.savez_compressed(out_dir / "samples.npz", arr_0=arrays, **extra)  # clean-fid's / openai's layout
         print(f"wrote {len(pils)} PNGs and samples.npz (uint8 NHWC) to {out_dir}")
     if args.out or not args.out_dir:
         path = Path(args.out or "grid.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         upscale = args.upscale if args.upscale is not None else grid_upscale(pils[0].height)
-        image_grid(pils, upscale=upscale).save(path)
+        image_grid(pils, upscale=upscale, cols=cols).save(path)
         print(f"wrote {path}")
     return 0
 
 
-def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int):
-    from ddpm_hub.config import DataConfig
-    from ddpm_hub.data import ImageDataset, load_splits, validate_images
+def _file_name(pipeline, index: int, labels, per_class: int) -> str:
+    """`000003.png`, or `<class name>_0003.png` for a class-conditional sample (names made file-safe)."""
+    if labels is None:
+        return f"{index:06d}.png"
+    label = int(labels[index])
+    name = (pipeline.id2label or {}).get(label, str(label))
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or str(label)
+    return f"{safe}_{index % per_class:04d}.png"
 
-    if args.dataset and Path(args.dataset).is_dir():
+
+def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, id2label=None):
+    """(uint8 images, class ids in the model's numbering or None): labels when `id2label` is given (a
+    conditional model), matched to the model's classes by name."""
+    from ddpm_hub.config import DataConfig
+    from ddpm_hub.data import (
+        DataError,
+        ImageDataset,
+        class_names,
+        encode_labels,
+        is_saved_dataset,
+        load_splits,
+        validate_images,
+    )
+
+    if args.dataset and Path(args.dataset).is_dir() and not is_saved_dataset(args.dataset):  # an image folder
         data = DataConfig(train_data_dir=args.dataset, split=args.split, image_column=args.image_column)
     else:
         data = DataConfig(dataset_name=args.dataset, split=args.split, image_column=args.image_column)
     ds, _ = load_splits(data)
     if args.num_images:
         ds = ds.select(range(min(args.num_images, len(ds))))
-    images, _, _ = validate_images(ImageDataset(ds, args.image_column, resolution, channels, name=args.split))
-    return images
+    images, good, _ = validate_images(ImageDataset(ds, args.image_column, resolution, channels, name=args.split))
+    if id2label is None:
+        return images, None
+    names = class_names(ds, args.class_column, args.split)
+    unknown = sorted(set(names) - set(id2label.values()))
+    if unknown:
+        raise DataError(f"--dataset classes {unknown[:10]} are not classes of this model ({list(id2label.values())})")
+    to_model = {i: next(k for k, v in id2label.items() if v == n) for i, n in enumerate(names)}
+    labels = encode_labels(ds, args.class_column, names, args.split)[good]
+    return images, labels.apply_(to_model.get)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
 
     wanted = [name for name in ("bpd", "bpd_estimate", "fid", "kid", "digits_fid", "inception_score")
               if getattr(args, name)]  # fmt: skip
@@ -115,20 +242,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise UserError(f"--{next(n for n in wanted if n in ('fid', 'kid', 'inception_score'))}: {exc}") from None
     if args.digits_fid:  # before loading anything, as far as the arguments tell
         _check_digits_counts(args.num_images or 4, args.num_samples or args.num_images or 4)
-    pipeline = load_pipeline(args.model, args.scheduler, args.device, args.weights, args.seed, args.compile)
+    check_evaluate_args(args)
+    pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
+    if {"fid", "kid", "digits_fid", "inception_score"} & set(wanted):
+        check_sampling(pipeline, args)
     cfg = pipeline.unet.config
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
-    images = _load_eval_images(args, cfg.in_channels, cfg.sample_size)
+    conditional = cfg.get("num_class_embeds") is not None
+    if args.guidance_scale != 1.0 and not conditional:
+        raise UserError("--guidance_scale is for class-conditional models; this one is unconditional")
+    id2label = (pipeline.id2label or {i: str(i) for i in range(cfg.num_class_embeds - 1)}) if conditional else None
+    images, labels = _load_eval_images(args, cfg.in_channels, cfg.sample_size, id2label)
     if args.digits_fid:
         _check_digits_counts(len(images), args.num_samples or len(images))
     results: dict[str, Any] = {"num_images": len(images)}
     report = None
     if args.bpd or args.bpd_estimate:
         mode = "estimate" if args.bpd_estimate else "full"
-        g = torch.Generator().manual_seed(args.seed)
-        out = pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate")
+        out = _bits_per_dim(pipeline, images, labels, args, mode)
         results.update(_bpd_results(out, mode))
+        if labels is not None and pipeline.config.get("cond_drop_prob") != 0:  # also the null-label bound
+            unconditional = _bits_per_dim(pipeline, images, None, args, mode)
+            results.update(_bpd_results(unconditional, mode, "unconditional_"))
         if out.terms is not None and args.vlb_plot:
             from ddpm_hub.plots import vlb_terms_plot
 
@@ -139,32 +275,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         num_samples = args.num_samples or len(images)
         seeds = list(range(args.seed, args.seed + args.num_seeds))
-        results.update(sampler=args.scheduler, steps=_steps(args), num_samples=num_samples)
+        sample_labels = None  # a conditional model asks for the held-out labels in turn (the same class mix)
+        if labels is not None:
+            sample_labels = labels.repeat(-(-num_samples // len(labels)))[:num_samples]
+            results["guidance_scale"] = args.guidance_scale
+        results.update(sampler=args.sampler, steps=_steps(args), num_samples=num_samples)
         if args.digits_fid:
             report = metrics.sample_quality_report(pipeline, images, num_samples=num_samples,
                                                    num_inference_steps=_steps(args), seeds=seeds,
-                                                   batch_size=args.batch_size, progress=True)  # fmt: skip
+                                                   batch_size=args.batch_size, progress=True,
+                                                   class_labels=sample_labels,
+                                                   guidance_scale=args.guidance_scale)  # fmt: skip
             results["seeds"] = seeds
-            results.update({name: stat["mean"] for name, stat in report["summary"].items()})
+            summary = dict(report["summary"])
+            accuracy = summary.pop("digits_class_accuracy", None)
+            if accuracy is not None and pipeline.id2label in (None, {i: str(i) for i in range(10)}):
+                results["digits_class_accuracy"] = accuracy["mean"]
+            results.update({name: stat["mean"] for name, stat in summary.items()})
             if len(seeds) > 1:
-                results.update({f"{name}_ci95": stat["half_width"] for name, stat in report["summary"].items()})
+                results.update({f"{name}_ci95": stat["half_width"] for name, stat in summary.items()})
             results["digits_per_seed"] = report["per_seed"]
         if {"fid", "kid", "inception_score"} & set(wanted):
-            fake = sample_uint8(pipeline, num_samples, _steps(args), args.seed, args.batch_size, progress=True)
+            fake = sample_uint8(pipeline, num_samples, _steps(args), args.seed, args.batch_size, progress=True,
+                                class_labels=sample_labels, guidance_scale=args.guidance_scale)  # fmt: skip
             if args.fid:
                 results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
             if args.kid:
                 results["kid"], results["kid_std"] = metrics.kernel_inception_distance([images], [fake])
             if args.inception_score:
                 results["inception_score"], results["inception_score_std"] = metrics.inception_score(fake.split(256))
-    shown = {k: v for k, v in results.items() if k == "seeds" or not k.startswith(("digits_", "seeds"))}
+    shown = {k: v for k, v in results.items()
+             if k in ("seeds", "digits_class_accuracy") or not k.startswith(("digits_", "seeds"))}  # fmt: skip
     print(json.dumps(shown, indent=1))
     if report is not None:
-        print(f"\ndigits sample quality ({args.scheduler}, {_steps(args)} steps), in the shipped classifiers' features "
+        print(f"\ndigits sample quality ({args.sampler}, {_steps(args)} steps), in the shipped classifiers' features "
               "(not Inception):\n" + metrics.quality_table(report))  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
+
+
+def check_evaluate_args(args: argparse.Namespace) -> None:
+    """evaluate's options fit together and its outputs can be written, before the model is loaded."""
+    check_device(args.device)
+    if args.vlb_plot and not args.bpd:
+        raise UserError(
+            "--vlb_plot draws the per-step terms of the full bound: add --bpd (--bpd_estimate samples only some steps)"
+        )
+    if args.vlb_plot:
+        check_output_file(args.vlb_plot, "--vlb_plot", image=True)
+    if args.out:
+        check_output_file(args.out, "--out")
 
 
 def _check_digits_counts(num_real: int, num_samples: int) -> None:
@@ -173,8 +334,16 @@ def _check_digits_counts(num_real: int, num_samples: int) -> None:
                         "point's 3rd nearest neighbour): raise --num_images / --num_samples")  # fmt: skip
 
 
-def _bpd_results(out, mode: str) -> dict[str, float]:
-    key = "bits_per_dim_estimate" if mode == "estimate" else "bits_per_dim"
+def _bits_per_dim(pipeline, images, labels, args: argparse.Namespace, mode: str):
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)  # the same noise for the conditional and unconditional bounds
+    return pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate",
+                                 class_labels=labels)  # fmt: skip
+
+
+def _bpd_results(out, mode: str, prefix: str = "") -> dict[str, float]:
+    key = prefix + ("bits_per_dim_estimate" if mode == "estimate" else "bits_per_dim")
     results = {key: float(out.total.mean())}
     if out.stderr is not None:
         results[key + "_stderr"] = out.mean_stderr()
@@ -186,20 +355,20 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     from ddpm_hub.checkpoints import is_checkpoint
     from ddpm_hub.export import publish
-    from ddpm_hub.hub_push import check_repo_id
+    from ddpm_hub.hub_push import resolve_repo_id
     from ddpm_hub.output_lock import OutputLock
 
-    check_repo_id(args.repo_id)  # before anything is loaded or written
+    repo_id = resolve_repo_id(args.repo_id)  # NAME -> USER/NAME (whoami); checked before anything is written
     folder = Path(args.folder)
     if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
         run_folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder
         with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False):
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
             export = Path(tmp) / folder.name
-            pipeline.save_pretrained(export, repo_id=args.repo_id)
-            url = publish(export, args.repo_id, private=args.private)
+            pipeline.save_pretrained(export, repo_id=repo_id)
+            url = publish(export, repo_id, private=args.private)
     else:
-        url = publish(folder, args.repo_id, private=args.private)
+        url = publish(folder, repo_id, private=args.private)
     print(f"pushed {args.folder} to {url}")
     return 0
 
@@ -210,7 +379,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from ddpm_hub import plots
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(out, "--out", image=args.kind != "schedules")  # matplotlib also writes .pdf/.svg
     if args.kind == "schedules":
         plots.schedules_plot(out)
     elif args.kind == "forward":
@@ -225,7 +394,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise UserError("plot reverse needs --model")
+        check_device(args.device)
         pipeline = load_pipeline(args.model, "ddpm", args.device, args.weights)
+        if args.steps:
+            try:
+                pipeline.check_inputs(1, args.steps)
+            except ValueError as exc:
+                raise UserError(str(exc).replace("num_inference_steps", "--steps")) from None
         result = pipeline(
             batch_size=1,
             generator=torch.Generator().manual_seed(args.seed),
@@ -248,6 +423,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: all), got {value}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="a pipeline folder, a checkpoint-N folder, or a Hub id")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="a checkpoint's EMA or raw weights")
@@ -255,10 +437,22 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+class _DeprecatedAlias(argparse.Action):
+    """`--scheduler`: the old name of `--sampler`, hidden from --help; still works, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is deprecated; use --sampler", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(f"{k} ({SAMPLERS[k].steps})" for k in OFFERED)
-    p.add_argument("--scheduler", choices=sorted(OFFERED), default=DEFAULT_SAMPLER,
+    p.add_argument("--sampler", choices=sorted(OFFERED), default=DEFAULT_SAMPLER,
                    help=f"sampler (its usual step count): {names}")  # fmt: skip
+    p.add_argument("--scheduler", dest="sampler", choices=sorted(OFFERED), action=_DeprecatedAlias,
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance of a class-conditional model (1: none; the card recommends one)")
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the sampler's)")
     p.add_argument("--batch_size", type=_positive, default=256)
     p.add_argument("--compile", action="store_true",
@@ -273,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images: a grid, and/or every image as PNG plus one .npz")
     _model_args(s)
     _sampler_args(s)
-    s.add_argument("--num_images", type=_positive, default=16)
+    s.add_argument("--num_images", type=_positive, default=16, help="images (per class with --class_labels)")
+    s.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                   help="class names or ids of a class-conditional model: one grid row per class")  # fmt: skip
     s.add_argument("--upscale", type=_positive, default=None, help="enlarge each grid tile (default: to ~64 px)")
     s.add_argument("--out", default=None, help="grid PNG (default grid.png when --out_dir is not given)")
     s.add_argument("--out_dir", default=None, help="write every image as PNG and all as samples.npz (uint8 NHWC)")
@@ -285,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits", help="'digits', a Hub dataset id, or an image folder")
     e.add_argument("--split", default="test")
     e.add_argument("--image_column", default="image")
-    e.add_argument("--num_images", type=int, default=0, help="0: all")
+    e.add_argument("--class_column", default="label",
+                   help="the labels of a class-conditional model's data: conditional and unconditional bounds, "
+                   "samples of the data's classes")  # fmt: skip
+    e.add_argument("--num_images", type=_non_negative, default=0, help="held-out images to use (0: all)")
     e.add_argument("--bpd", action="store_true", help="the full bound over all T steps")
     e.add_argument("--bpd_estimate", action="store_true", help="the fast unbiased estimate")
     e.add_argument("--digits_fid", action="store_true",

@@ -76,6 +76,11 @@ class DataConfig:
         None, "the held-out split for bits/dim (default: 'test', else 'validation', when the data has one)"
     )
     image_column: str = opt("image", "the column holding the images")
+    class_conditional: bool = opt(
+        False, "train a class-conditional model on the data's labels (digits' labels, an imagefolder's class "
+        "subfolders, or --class_column of a Hub dataset), with classifier-free guidance (--cond_drop_prob)"
+    )
+    class_column: str = opt("label", "the column holding the class labels (with --class_conditional)")
     cache_dir: str | None = opt(None, "where datasets caches downloads")
     resolution: int = opt(8, "images are resized (short side) and centre-cropped to this size", minimum=1)
     channels: int | None = opt(
@@ -128,6 +133,10 @@ class DiffusionConfig:
         minimum=0, exclusive=True,
     )
     timestep_sampling: str = opt("uniform", "how training timesteps are drawn", choices=("uniform", "importance"))
+    cond_drop_prob: float = opt(
+        0.1, "with --class_conditional: the probability that a training label is replaced by the null label, "
+        "which trains the unconditional model that classifier-free guidance needs (0: no guidance)", minimum=0,
+    )
 
 
 @dataclass
@@ -136,8 +145,14 @@ class OptimConfig:
 
     train_batch_size: int = opt(128, "images per device per micro-batch", minimum=1)
     eval_batch_size: int = opt(64, "images per batch when sampling and evaluating", minimum=1)
-    num_epochs: int | None = opt(None, "train for this many epochs (when --max_train_steps is not set)", minimum=1)
-    max_train_steps: int | None = opt(1000, "optimizer steps in all (overrides --num_epochs)", minimum=1)
+    num_epochs: int | None = opt(
+        None, "train for this many epochs; replaces a step count set at a lower level (default, preset, file)",
+        minimum=1,
+    )
+    max_train_steps: int | None = opt(
+        1000, "optimizer steps in all; wins over --num_epochs given at the same level; none: train by epochs",
+        minimum=1,
+    )
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", minimum=1)
     learning_rate: float = opt(2e-4, "peak learning rate", minimum=0, exclusive=True)
     lr_scheduler: str = opt("constant_with_warmup", "diffusers.optimization schedule", choices=LR_SCHEDULERS)
@@ -192,9 +207,18 @@ class RunConfig:
         None, "sampling steps of the grids, metric and card (default: the sampler's usual count)", minimum=1,
         aliases=("ddpm_num_inference_steps",),
     )
+    guidance_scale: float = opt(
+        3.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
+        "snippet, the card's recommended scale (1: no guidance; benchmarks/bench_guidance.py measures the trade-off)",
+        minimum=0,
+    )
     num_quality_samples: int = opt(
         300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
         "embedded digits, Inception with torch-fidelity otherwise); 0: none", minimum=0,
+    )
+    num_quality_seeds: int = opt(
+        3, "seeds of the final sample-quality metric (num_quality_samples each; the digits get mean and 95% interval "
+        "over them)", minimum=1,
     )
     final_bpd: str = opt("full", "held-out bits/dim at the end", choices=("full", "estimate", "none"))
     eval_fid_steps: int | None = opt(
@@ -233,7 +257,7 @@ class HubConfig:
     """Publishing the final pipeline (the token is never part of the config)."""
 
     push_to_hub: bool = opt(False, "push the final pipeline and card to --hub_model_id")
-    hub_model_id: str | None = opt(None, "ORG/NAME of the model repo")
+    hub_model_id: str | None = opt(None, "ORG/NAME of the model repo (NAME alone: in your namespace, via whoami)")
     hub_private_repo: bool = opt(False, "create the repo as private")
 
 
@@ -462,11 +486,23 @@ def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = Non
     values.update(file_values)
     values.update(cli)
     values["preset"] = preset
+    _epochs_or_steps(values, cli, file_values, TRAINING_PRESETS.get(preset, {}))
     chosen_model = {"model_config_name_or_path", "pretrained_model_name_or_path"} & merged_keys
     if chosen_model and "unet_preset" not in merged_keys:
         values["unet_preset"] = None  # a model the user named replaces the preset's UNet
     _pair_variance_and_loss(values, merged_keys)
     return values
+
+
+def _epochs_or_steps(values: dict[str, Any], cli: dict, file_values: dict, preset: dict) -> None:
+    """`--num_epochs` given at a higher level (CLI > config file > preset) than the step count clears it, so it
+    takes effect; at the same level `--max_train_steps` wins."""
+
+    def level(name: str) -> int:
+        return 3 if name in cli else 2 if name in file_values else 1 if name in preset else 0
+
+    if values.get("num_epochs") is not None and level("num_epochs") > level("max_train_steps"):
+        values["max_train_steps"] = None
 
 
 def _pair_variance_and_loss(values: dict[str, Any], given: set[str]) -> None:
@@ -589,8 +625,10 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--keep_best_checkpoint needs --eval_fid_steps N (the evaluation that picks the best)")
     if c.final_weights == "best" and not c.keep_best_checkpoint:
         raise ConfigError("--final_weights best needs --keep_best_checkpoint (and --eval_fid_steps N)")
+    if not c.cond_drop_prob < 1.0:
+        raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {c.cond_drop_prob}")
     if c.push_to_hub and not c.hub_model_id:
-        raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME")
+        raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME (or NAME, in your own namespace)")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -606,6 +644,16 @@ def parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind: type):
+    """An argparse type for an option that may be unset: `none` (or `null`) gives None."""
+
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its error messages
+    return convert
 
 
 def build_parser(shown: dict[str, Any] | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -625,7 +673,7 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
-            kind, _ = _base_type(FIELD_TYPES[f.name])
+            kind, optional = _base_type(FIELD_TYPES[f.name])
             meta = f.metadata
             flags = [f"--{f.name}", *(f"--{a}" for a in meta["aliases"])]
             help_text = f"{meta['help']} (default: {shown.get(f.name)})"
@@ -633,7 +681,8 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
                 group.add_argument(*flags, dest=f.name, type=parse_bool, nargs="?", const=True, metavar="BOOL",
                                    help=help_text)  # fmt: skip
             else:
-                group.add_argument(*flags, dest=f.name, type=kind, choices=meta["choices"], help=help_text)
+                group.add_argument(*flags, dest=f.name, type=_optional(kind) if optional else kind,
+                                   choices=meta["choices"], help=help_text)  # fmt: skip
     return parser
 
 

@@ -28,6 +28,9 @@ DIGITS_NAME = "digits"
 DIGITS_TEST_EVERY = 6
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
 class DataError(ValueError):
     """A data set or image that cannot be used for training, with the item named."""
 
@@ -45,14 +48,14 @@ def load_digits_dataset():
     is_test = np.arange(len(pixels)) % DIGITS_TEST_EVERY == 0
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
 
-    def split(mask: np.ndarray) -> datasets.Dataset:
+    def split(mask: np.ndarray, name: str) -> datasets.Dataset:
         rows = {
             "image": [Image.fromarray(p, mode="L") for p in pixels[mask]],
             "label": [int(v) for v in digits.target[mask]],
         }
-        return datasets.Dataset.from_dict(rows, features=features)
+        return datasets.Dataset.from_dict(rows, features=features, split=name)  # the split is named, as a Hub one
 
-    return datasets.DatasetDict({"train": split(~is_test), "test": split(is_test)})
+    return datasets.DatasetDict({"train": split(~is_test, "train"), "test": split(is_test, "test")})
 
 
 def _load_image_folder(root: str, argument: str, cache_dir: str | None):
@@ -75,6 +78,44 @@ def _load_image_folder(root: str, argument: str, cache_dir: str | None):
             "note that a metadata.jsonl must list every image of its folder") from exc
 
 
+# Single data files that datasets' packaged builders read (the file's extension names the builder).
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    """True for a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    path = Path(path)
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_dict.json", "state.json"))
+
+
+def _load_local_dataset(path: Path, data: DataConfig):
+    """A local `--dataset_name`: a `save_to_disk` folder (datasets.load_from_disk), a single data file (its
+    packaged builder) or a folder of data files (datasets.load_dataset); a lone Dataset becomes split `train`."""
+    import datasets
+
+    try:
+        if is_saved_dataset(path):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_file():
+            builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(
+                    f"--dataset_name {path}: a {path.suffix or 'suffix-less'} file is not a data file datasets reads; "
+                    f"give a {', '.join(DATA_FILE_BUILDERS)} file, a save_to_disk folder, or --train_data_dir"
+                )
+            loaded = datasets.load_dataset(builder, data_files=str(path), cache_dir=data.cache_dir)
+        else:
+            loaded = datasets.load_dataset(str(path), data.dataset_config_name, cache_dir=data.cache_dir)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(
+            f"--dataset_name {path}: datasets could not load this local path ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); for a folder of images use --train_data_dir"
+        ) from exc
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
 def load_dataset_dict(data: DataConfig):
     """The `datasets.DatasetDict` that `data` names: an image folder, the embedded digits, or a Hub dataset."""
     import datasets
@@ -83,6 +124,8 @@ def load_dataset_dict(data: DataConfig):
         return _load_image_folder(data.train_data_dir, "train_data_dir", data.cache_dir)
     if data.dataset_name in (None, DIGITS_NAME):
         return load_digits_dataset()
+    if Path(data.dataset_name).exists():
+        return _load_local_dataset(Path(data.dataset_name), data)
     try:
         return datasets.load_dataset(data.dataset_name, data.dataset_config_name, cache_dir=data.cache_dir)
     except Exception as exc:  # datasets raises many types; name the input and what to do
@@ -108,6 +151,23 @@ def _held_out_split(dd, data: DataConfig):
     return None
 
 
+def _check_image_column(ds, column: str, name: str) -> None:
+    """The column holds images (or image paths/bytes), not labels or numbers: DataError naming the image columns."""
+    import datasets
+
+    feature = ds.features[column]
+    if isinstance(feature, datasets.Image):
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
+        return  # paths or encoded bytes, cast to datasets.Image below
+    images = [k for k, v in ds.features.items() if isinstance(v, datasets.Image)]
+    kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    raise DataError(
+        f"--image_column {column!r} of the {name} split holds {kind} values, not images; "
+        + (f"image columns: {images}" if images else f"columns: {ds.column_names}")
+    )
+
+
 def load_splits(data: DataConfig):
     """(train, held-out or None) `datasets.Dataset`s for the data options; images left undecoded for validation."""
     import datasets
@@ -121,10 +181,55 @@ def load_splits(data: DataConfig):
             raise DataError(
                 f"--image_column {data.image_column!r} not found in the {name} split; columns: {ds.column_names}"
             )
+        if ds is not None:
+            _check_image_column(ds, data.image_column, name)
     train = train.cast_column(data.image_column, datasets.Image(decode=False))
     if held_out is not None:
         held_out = held_out.cast_column(data.image_column, datasets.Image(decode=False))
     return train, held_out
+
+
+def class_names(ds, column: str, name: str = "train") -> list[str]:
+    """The class names of a labelled split: its `ClassLabel` names, else its distinct values in sorted order
+    (a label's id is its index in this list). DataError for a missing column."""
+    import datasets
+
+    if column not in ds.column_names:
+        hint = (" (an imagefolder has a `label` column only when its images sit in one subfolder per class)"
+                if column == "label" else "")  # fmt: skip
+        raise DataError(
+            f"--class_column {column!r} not found in the {name} split{hint}; columns: {ds.column_names}"
+        )
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = {v for v in ds[column] if v is not None}
+    if not values or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in values):
+        raise DataError(f"--class_column {column!r} of the {name} split must hold integer or string class labels")
+    return [str(v) for v in sorted(values)]
+
+
+def encode_labels(ds, column: str, names: list[str], name: str = "train") -> torch.Tensor:
+    """The class ids (int64 `[N]`, indices into `names`) of a split's `column`; DataError naming the first row
+    whose label is missing or not one of `names`."""
+    import datasets
+
+    if column not in ds.column_names:
+        raise DataError(f"--class_column {column!r} not found in the {name} split; columns: {ds.column_names}")
+    is_class_label = isinstance(ds.features[column], datasets.ClassLabel)
+    index = {n: i for i, n in enumerate(names)}
+    ids = []
+    for row, value in enumerate(ds[column]):
+        if is_class_label and isinstance(value, int) and 0 <= value < len(names):
+            ids.append(value)
+        elif not is_class_label and value is not None and str(value) in index:
+            ids.append(index[str(value)])
+        else:
+            raise DataError(
+                f"{name} row {row}: class label {value!r} is not one of the {len(names)} classes {names[:20]}; "
+                "fix the label or remove the row"
+            )
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def image_channels(image: Image.Image) -> int:
@@ -132,15 +237,39 @@ def image_channels(image: Image.Image) -> int:
     return 1 if image.mode in ("L", "LA", "1", "I", "F", "I;16", "I;16B", "I;16L") else 3
 
 
+def _header_channels(value) -> int | None:
+    """The channel count from an image's header only (no pixel decoding), None when it cannot be read."""
+    try:
+        if isinstance(value, Image.Image):
+            return image_channels(value)
+        if isinstance(value, dict) and value.get("bytes"):
+            with Image.open(io.BytesIO(value["bytes"])) as image:
+                return image_channels(image)
+        path = value.get("path") if isinstance(value, dict) else value
+        with Image.open(path) as image:
+            return image_channels(image)
+    except Exception:  # unreadable items are reported (or skipped) by the validation pass
+        return None
+
+
 def detect_channels(ds, column: str, name: str = "train") -> int:
-    """The channel count of a split, from its first readable image (datasets stores no channel count)."""
-    for index in range(min(len(ds), 16)):
-        value = ds[index][column]
-        try:
-            return image_channels(decode_image(value, _row_name(name, index, value)))
-        except DataError:
-            continue
-    raise DataError(f"none of the first images of the {name} split could be read to find the number of channels")
+    """The channel count of a split from all its images' headers (datasets stores no channel count): the
+    majority's, colour on a tie; a mixed split is logged, and every image is converted to that count."""
+    counts = {1: 0, 3: 0}
+    for batch in ds.select_columns([column]).iter(batch_size=256):
+        for value in batch[column]:
+            channels = _header_channels(value)
+            if channels is not None:
+                counts[channels] += 1
+    if not counts[1] and not counts[3]:
+        raise DataError(f"no image of the {name} split could be read to find the number of channels")
+    channels = 1 if counts[1] > counts[3] else 3
+    if counts[1] and counts[3]:
+        logger.warning(
+            "the %s split mixes %d grayscale and %d colour images: converting all to %s (the majority); pass "
+            "--channels to choose", name, counts[1], counts[3], "grayscale" if channels == 1 else "RGB",
+        )
+    return channels
 
 
 def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
@@ -172,10 +301,15 @@ def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
 def to_model_image(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
     """PIL image -> uint8 `[C, resolution, resolution]`: mode conversion, resize (short side), centre crop.
 
-    Modes are converted explicitly: RGBA/LA are composited on black, P/CMYK/I;16/I/F are converted to RGB or L
-    (16-bit and float images are rescaled to 0..255 first).
+    Modes are converted explicitly: RGBA/LA are composited on black, P/CMYK/I;16/I/F are converted to RGB or L.
+    16-bit images (I;16, and 16-bit PNGs that older Pillow opens as I) are scaled by their bit depth (x * 255 /
+    65535), so every image of a data set keeps its brightness; other 32-bit int and float images, which have no
+    stated range, are stretched to 0..255 per image.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        arr = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) * (255.0 / 65535.0)
+        image = Image.fromarray(np.round(arr).astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
         arr = np.asarray(image, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         arr = np.zeros_like(arr) if hi == lo else (arr - lo) / (hi - lo) * 255.0
@@ -201,15 +335,18 @@ def _row_name(ds_name: str, index: int, value) -> str:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and transforms images on the fly (in DataLoader workers) to uint8 `[C, R, R]` tensors.
+    """Decodes and transforms images on the fly (in DataLoader workers) to uint8 `[C, R, R]` tensors, or
+    `(image, class id)` pairs when `labels` (int64 `[len(ds)]`, by row) are given.
 
     `indices` selects the usable rows (after a validation pass that skipped bad ones); a bad image found
     while loading raises a DataError naming the row and file.
     """
 
-    def __init__(self, ds, column: str, resolution: int, channels: int, indices=None, name: str = "train"):
+    def __init__(self, ds, column: str, resolution: int, channels: int, indices=None, name: str = "train",
+                 labels: torch.Tensor | None = None):  # fmt: skip
         self.ds, self.column, self.resolution, self.channels, self.name = ds, column, resolution, channels, name
         self.indices = list(range(len(ds))) if indices is None else list(indices)
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -219,8 +356,9 @@ class ImageDataset(torch.utils.data.Dataset):
         where = _row_name(self.name, index, value)
         return torch.from_numpy(to_model_image(decode_image(value, where), self.resolution, self.channels))
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.load(self.indices[i])
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        image = self.load(self.indices[i])
+        return image if self.labels is None else (image, self.labels[self.indices[i]])
 
 
 def validate_images(
@@ -233,7 +371,7 @@ def validate_images(
     from tqdm.auto import tqdm
 
     if len(dataset) == 0:
-        raise DataError(f"the {dataset.name} split is empty: there is nothing to train on")
+        raise DataError(f"the {dataset.name} split is empty: there are no images to use")
     kept: list[torch.Tensor] = []
     good: list[int] = []
     skipped = 0
@@ -250,8 +388,15 @@ def validate_images(
         if keep:
             kept.append(image)
     if not good:
-        raise DataError(f"all {len(dataset)} images of the {dataset.name} split are unreadable: nothing to train on")
+        raise DataError(f"all {len(dataset)} images of the {dataset.name} split are unreadable: none left to use")
     return (torch.stack(kept) if keep else None), good, skipped
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 images `[N, C, H, W]`, class ids `[N]` or None) of a training batch: labels are an optional part."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
 
 
 def normalize_uint8(images: torch.Tensor) -> torch.Tensor:

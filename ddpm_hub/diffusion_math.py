@@ -82,13 +82,6 @@ def predict_original_sample(
     )
 
 
-def predict_noise_from_original(
-    sample: torch.Tensor, pred_original_sample: torch.Tensor, alpha_prod_t: torch.Tensor, beta_prod_t: torch.Tensor
-) -> torch.Tensor:
-    """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t): eq. (4) solved for the noise."""
-    return (sample - alpha_prod_t**0.5 * pred_original_sample) / beta_prod_t**0.5
-
-
 def posterior_mean(
     pred_original_sample: torch.Tensor,
     sample: torch.Tensor,

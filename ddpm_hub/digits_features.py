@@ -115,7 +115,13 @@ def cached_digits_classifier(space: str) -> nn.Module:
 
 
 def digits_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images `[N, 1, 8, 8]`, labels `[N]`) of the embedded digits' `train` or `test` split."""
+    """(uint8 images `[N, 1, 8, 8]`, labels `[N]`) of the embedded digits' `train` or `test` split (fresh copies)."""
+    images, labels = _digits_arrays(split)
+    return images.clone(), labels.clone()
+
+
+@cache
+def _digits_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
 
     from .data import load_digits_dataset

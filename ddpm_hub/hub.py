@@ -6,6 +6,7 @@ here ever sees a token: cards are built from the config, which holds none.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ CARD_HPARAMS = (
     "variance_type",
     "loss_type",
     "timestep_sampling",
+    "class_conditional",
+    "cond_drop_prob",
     "train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
@@ -44,11 +47,43 @@ def template_path() -> Path:
 
 
 CODE_LICENSE = "apache-2.0"
-# What each metric key means, for the card's table (the model-index gets the key itself as the metric type).
+# The model-index entry of each metric key: (metric type, human name, config: the feature space where it matters).
+# A standard error is a property of the value it belongs to (`args.standard_error`), never a metric of its own.
+METRIC_INDEX = {
+    "held_out_bits_per_dim": ("bits_per_dim", "held-out bits/dim (variational bound, all T terms)", None),
+    "held_out_bits_per_dim_estimate": ("bits_per_dim", "held-out bits/dim (variational bound, stratified estimate)",
+                                       "estimate"),
+    "held_out_unconditional_bits_per_dim": ("bits_per_dim", "held-out bits/dim without the label (null class)",
+                                            "unconditional"),
+    "held_out_unconditional_bits_per_dim_estimate": ("bits_per_dim", "held-out bits/dim without the label (null "
+                                                     "class, stratified estimate)", "unconditional-estimate"),
+    "digits_class_accuracy": ("accuracy", "share of samples the digits classifier assigns to the requested class",
+                              "ddpm-hub-digits-classifier"),
+    **{f"{space}_{metric}": (metric_type, f"{label} in ddpm-hub's {network} digits-classifier features",
+                             f"ddpm-hub-{space.replace('_', '-')}")
+       for space, network in (("digits_mlp", "MLP"), ("digits_conv", "CNN"))
+       for metric, metric_type, label in (("fid", "fid", "FID"), ("kid", "kid", "KID"),
+                                          ("precision", "precision", "precision (k=3)"),
+                                          ("recall", "recall", "recall (k=3)"),
+                                          ("class_error", "class_frequency_error", "class-frequency error"))},
+    "fid": ("fid", "FID (Inception-v3 features)", "inception-v3"),
+    "kid": ("kid", "KID (Inception-v3 features)", "inception-v3"),
+}
+STDERR_KEYS = {"held_out_bits_per_dim_estimate": "held_out_bits_per_dim_stderr",
+               "held_out_unconditional_bits_per_dim_estimate": "held_out_unconditional_bits_per_dim_stderr"}
+# Local data has no Hub id: its model-index `dataset.type` is an id-like token that is not a Hub id (the value
+# `--dataset_name` takes for the embedded digits, datasets' builder name for an image folder) and `datasets:` is
+# left out; Hub data gets its id in both.
+EMBEDDED_DIGITS = {"type": "digits", "name": "UCI optical digits (8x8, the copy shipped with scikit-learn)"}
+# What each metric key means, for the card's table (the model-index types them with METRIC_INDEX).
 METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
     "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",
     "held_out_bits_per_dim_stderr": "standard error of the estimate",
+    "held_out_unconditional_bits_per_dim": "the same model's bound without the label (null label), bits/dim",
+    "held_out_unconditional_bits_per_dim_estimate": "the unconditional bound, stratified estimate",
+    "held_out_unconditional_bits_per_dim_stderr": "standard error of that estimate",
+    "digits_class_accuracy": "fraction of guided samples that the digits classifier assigns to the requested class",
     "digits_fid": "FID in the features of ddpm-hub's digits classifier (not Inception FID), samples vs held-out",
     "digits_kid": "KID in the same digits-classifier features",
     "fid": "FID (Inception-v3 features), samples vs held-out",
@@ -56,12 +91,103 @@ METRIC_DESCRIPTIONS = {
 }
 
 
-def _metrics_table(metrics: dict[str, float]) -> str:
+# The digits sample-quality metrics of `export.sample_quality` (`{space}_{metric}`) and how they were measured.
+DIGITS_SPACES = {"digits_mlp": "the shipped digits MLP's 64-d features",
+                 "digits_conv": "the shipped digits CNN's 128-d features"}  # fmt: skip
+DIGITS_METRIC_DESCRIPTIONS = {
+    "fid": "FID in {space} (not Inception FID), samples vs held-out: {how}",
+    "fid_ci95": "half-width of the 95% t-interval of that FID over the {seeds} seeds",
+    "kid": "KID in {space}: {how}",
+    "precision": "precision in {space} (k=3 nearest-neighbour manifolds): share of samples on the held-out images' "
+    "manifold (fidelity); {how}",
+    "recall": "recall in {space}: share of held-out images on the samples' manifold (diversity); {how}",
+    "class_error": "class-frequency error in {space}: total variation between the predicted class mix of samples and "
+    "held-out images (0: the same mix); {how}",
+}
+
+
+def _describe_metric(key: str, context: dict[str, Any]) -> str:
+    """What a metrics.json key means, with the sample count, seeds and sampler of the sample-quality metrics."""
+    for space, space_text in DIGITS_SPACES.items():
+        metric = key.removeprefix(space + "_")
+        if key.startswith(space + "_") and metric in DIGITS_METRIC_DESCRIPTIONS:
+            seeds = context.get("seeds") or 1
+            how = (f"mean over {seeds} seeds of {context.get('samples')} samples" if seeds > 1
+                   else f"{context.get('samples')} samples, one seed") + f" ({context.get('sampler')})"  # fmt: skip
+            return DIGITS_METRIC_DESCRIPTIONS[metric].format(space=space_text, how=how, seeds=seeds)
+    return METRIC_DESCRIPTIONS.get(key, "")
+
+
+def _stderr_key(key: str) -> str | None:
+    """The key of `key`'s standard error: `STDERR_KEYS`, else `<key>_stderr` (unless that one belongs to another)."""
+    if key in STDERR_KEYS:
+        return STDERR_KEYS[key]
+    return None if key + "_stderr" in STDERR_KEYS.values() else key + "_stderr"
+
+
+def _stderr_of(key: str, metrics: dict[str, float]) -> float | None:
+    value = metrics.get(_stderr_key(key) or "")
+    return None if value is None else float(value)
+
+
+def _ci95_of(key: str, metrics: dict[str, float]) -> float | None:
+    value = metrics.get(key + "_ci95")
+    return None if value is None else float(value)
+
+
+def _is_companion(key: str, metrics: dict[str, float]) -> bool:
+    """A standard error or an interval half-width, shown with (and typed as an argument of) its metric."""
+    if key.endswith("_ci95") and key.removesuffix("_ci95") in metrics:
+        return True
+    return any(_stderr_key(k) == key for k in metrics if k != key)
+
+
+def _metrics_table(metrics: dict[str, float], context: dict[str, Any] | None = None) -> str:
     if not metrics:
         return "No metrics were measured for this model."
     rows = ["| metric | value | what it is |", "|---|---|---|"]
-    rows += [f"| {k} | {v:.4f} | {METRIC_DESCRIPTIONS.get(k, '')} |" for k, v in metrics.items()]
+    for key, value in metrics.items():
+        if _is_companion(key, metrics):
+            continue
+        stderr, ci95 = _stderr_of(key, metrics), _ci95_of(key, metrics)
+        shown = f"{value:.4f}" + (f" ± {stderr:.4f} (standard error)" if stderr is not None else "")
+        shown += f" ± {ci95:.4f} (95% interval over seeds)" if ci95 is not None else ""
+        rows.append(f"| {key} | {shown} | {_describe_metric(key, context or {})} |")
     return "\n".join(rows)
+
+
+def eval_results(
+    metrics: dict[str, float],
+    dataset_type: str,
+    dataset_name: str,
+    dataset_split: str | None = None,
+    task_type: str = "unconditional-image-generation",
+) -> list[EvalResult] | None:
+    """The model-index entries of `metrics`: one per measured value, typed (`bits_per_dim`, `fid`, ...), with its
+    standard error, if any, in the metric's `args`."""
+    results = []
+    for key, value in metrics.items():
+        if _is_companion(key, metrics):
+            continue
+        metric_type, metric_name, metric_config = METRIC_INDEX.get(key, (key, None, None))
+        stderr, ci95 = _stderr_of(key, metrics), _ci95_of(key, metrics)
+        args = {"standard_error": round(stderr, 4)} if stderr is not None else {}
+        if ci95 is not None:
+            args["ci95_half_width_over_seeds"] = round(ci95, 4)
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_split=dataset_split,
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_config=metric_config,
+                metric_value=round(float(value), 4),
+                metric_args=args or None,
+            )
+        )
+    return results or None
 
 
 def _usage(
@@ -111,59 +237,49 @@ def render_model_card(
     model_name: str | None = None,
     learned_variance: bool | None = None,
     saved_scheduler: str = "DDPMScheduler",
+    class_names: list[str] | None = None,
+    guidance_scale: float = 1.0,
+    dataset_type: str | None = None,
+    dataset_name: str | None = None,
+    eval_split: str | None = None,
 ) -> ModelCard:
     """A ModelCard with YAML metadata (license, library, pipeline tag, tags, datasets, every measured metric in
-    the model-index) and a body that states only what is true of this model (EMA, data, licenses, usage).
-    `learned_variance` defaults to what `hparams["variance_type"]` says; `saved_scheduler` is the class the folder
-    stores."""
+    the model-index) and a body, from the `model_card.md` template, that states only what is true of this model
+    (EMA, data, classes and guidance, licenses, usage). `learned_variance` defaults to what
+    `hparams["variance_type"]` says; `saved_scheduler` is the class the folder stores; `class_names` makes it the
+    card of a class-conditional model sampled at `guidance_scale`. The model-index names the data by
+    `dataset_type` (an id-like token; default the Hub `dataset_id`) and `dataset_name` (human; default the id or
+    the description), and the metrics' split by `eval_split`."""
     if learned_variance is None:
         learned_variance = str(hparams.get("variance_type", "")).startswith("learned")
-    eval_results = [
-        EvalResult(
-            task_type="unconditional-image-generation",
-            dataset_type=dataset_id or dataset_description,
-            dataset_name=dataset_id or dataset_description,
-            metric_type=name,
-            metric_value=round(float(value), 4),
-        )
-        for name, value in metrics.items()
-    ] or None
+    task = "unconditional-image-generation" if class_names is None else "image-generation"
+    results = eval_results(
+        metrics,
+        dataset_type=dataset_type or dataset_id or "unknown",
+        dataset_name=dataset_name or dataset_id or dataset_description,
+        dataset_split=eval_split,
+        task_type=task,
+    )
     license_id = data_license or "other"
+    tags = ["ddpm", "diffusers", task, "ddpm-hub"] + ([] if class_names is None else ["class-conditional"])
     card_data = ModelCardData(
         license=license_id,
         license_name=None if data_license else "unknown-training-data-license",
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        tags=["ddpm", "diffusers", "unconditional-image-generation", "ddpm-hub"],
+        pipeline_tag=task,
+        tags=tags,
         datasets=[dataset_id] if dataset_id else None,
         model_name=model_name or repo_id or "ddpm",
-        eval_results=eval_results,
+        eval_results=results,
     )
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
-    if ema is None:
-        weights_sentence = "Weights are stored as safetensors."
-    elif ema:
-        weights_sentence = "Weights are the exponential moving average (EMA) of the training weights, as safetensors."
+    cond_drop_prob = hparams.get("cond_drop_prob")
+    guidance = class_names is not None and cond_drop_prob != 0
+    if class_names is None:
+        usage = _usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler)
     else:
-        weights_sentence = "Weights are the training weights (no EMA), as safetensors."
-    data_part = (
-        f"The training data is licensed {data_license.upper()}" if data_license
-        else "The training data's license was not recorded by the trainer: check it before using the weights"
-    )
-    license_text = (
-        f"The code that trained this model (ddpm-hub) is licensed {CODE_LICENSE}. {data_part}; the card's "
-        f"`license` field follows the data ({license_id})."
-    )
-    scheduler_note = (
-        "Other compatible schedulers work too, e.g. "
-        "`pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)` with `num_inference_steps=50`."
-    )
-    if learned_variance:
-        scheduler_note += (
-            " The UNet also predicts the variance (learned, improved DDPM): stock diffusers' `DDPMPipeline` samples it"
-            " with its `DDPMScheduler` only (its other schedulers do not split the variance channels off the output);"
-            " `ddpm_hub.DDPMPipeline` runs every compatible scheduler on the mean channels."
-        )
+        usage = _conditional_usage(repo_id, num_inference_steps, sampler, class_names,
+                                   guidance_scale if guidance else 1.0)  # fmt: skip
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -172,14 +288,49 @@ def render_model_card(
         resolution=hparams.get("resolution"),
         channels=channels,
         num_parameters=f"{num_parameters:,}",
-        weights_sentence=weights_sentence,
-        samples_section="![samples](samples.png)" if has_samples else "",
-        usage_snippet=_usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler),
-        scheduler_note=scheduler_note,
-        metrics_table=_metrics_table(metrics),
+        ema=ema,
+        has_samples=has_samples,
+        usage_snippet=usage,
+        learned_variance=learned_variance,
+        metrics_table=_metrics_table(metrics, {
+            "samples": hparams.get("num_quality_samples"), "seeds": hparams.get("num_quality_seeds"),
+            "sampler": f"{sampler or 'ddpm'}, {num_inference_steps} steps",
+        }),  # fmt: skip
         hyperparameter_rows=rows,
-        license_text=license_text,
+        code_license=CODE_LICENSE,
+        data_license=data_license,
+        license_id=license_id,
+        class_names=class_names,
+        class_list=", ".join(f"{i}: `{n}`" for i, n in enumerate(class_names or [])),
+        guidance=guidance,
+        guidance_scale=guidance_scale,
+        cond_drop_prob=cond_drop_prob,
+        has_unconditional_bound=any("unconditional" in k for k in metrics),
     )
+
+
+def _conditional_usage(
+    repo_id: str | None, num_inference_steps: int, sampler: str | None, class_names: list[str], guidance_scale: float
+) -> str:
+    """The snippet of a class-conditional model: stock diffusers with the repo's `pipeline.py`, the measured
+    sampler, two classes by name at the recommended guidance scale."""
+    from .choices import SAMPLERS
+
+    source = repo_id or "path/to/this/folder"
+    lines = ["from diffusers import DiffusionPipeline  # ddpm_hub is not needed: the repo's pipeline.py samples it"]
+    swap = bool(sampler and sampler in SAMPLERS and sampler != "ddpm")
+    if swap:
+        lines.append(f"from diffusers import {SAMPLERS[sampler].scheduler}")
+    lines += ["", f'pipeline = DiffusionPipeline.from_pretrained("{source}", custom_pipeline="pipeline", '
+              "trust_remote_code=True)"]  # fmt: skip
+    if swap:
+        cls, config = SAMPLERS[sampler].scheduler, SAMPLERS[sampler].config
+        options = "".join(f", {k}={v!r}" for k, v in config.items())
+        lines.append(f"pipeline.scheduler = {cls}.from_config(pipeline.scheduler.config{options})")
+    names = class_names[:2]
+    lines.append(f"images = pipeline(class_labels={names!r}, guidance_scale={guidance_scale}, "
+                 f"num_inference_steps={num_inference_steps}).images  # one image per label")  # fmt: skip
+    return "\n".join(lines)
 
 
 def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | None:
@@ -198,6 +349,32 @@ def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | Non
     return license_id[0] if isinstance(license_id, list) and license_id else license_id or None
 
 
+SNIPPET_SOURCE = re.compile(r'(DDPMPipeline\.from_pretrained\()"([^"]*)"(\))')
+SAMPLES_LINE = "![samples](samples.png)"
+
+
+def card_for_repo(text: str, source: str, has_samples: bool) -> str:
+    """A ddpm-hub card adapted to where it is saved or pushed: the usage snippet, the title and the model-index
+    name name `source` (a repo id, or a folder for a local save), and the samples picture is shown only when
+    `samples.png` goes with it. Cards written by others are left as they are, apart from the picture."""
+    card = ModelCard(text, ignore_metadata_errors=True)
+    body = card.text
+    match = SNIPPET_SOURCE.search(body)
+    if match is not None:
+        old = match.group(2)
+        body = SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}"{source}"{m.group(3)}', body)
+        title = re.compile(r"^# .*$", re.MULTILINE)
+        first = title.search(body)
+        if first is not None and first.group(0) in (f"# {old}", f"# {Path(old).name}"):
+            body = title.sub(lambda m: f"# {source}", body, count=1)
+        if getattr(card.data, "model_name", None) in (old, Path(old).name):
+            card.data.model_name = source
+    if not has_samples:
+        body = body.replace(SAMPLES_LINE + "\n", "").replace(SAMPLES_LINE, "")
+    card.text = body
+    return str(card)
+
+
 def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
     """A card for a pipeline saved from Python (no training record): what its configs say, no metrics."""
     from .models import count_parameters
@@ -205,6 +382,10 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
     unet = pipeline.unet.config
     hparams = {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}
     hparams["resolution"] = unet.sample_size
+    hparams["cond_drop_prob"] = pipeline.config.get("cond_drop_prob")
+    num_classes = unet.get("num_class_embeds")
+    id2label = getattr(pipeline, "id2label", None) or {}
+    class_names = None if num_classes is None else [id2label.get(i, str(i)) for i in range(num_classes - 1)]
     return render_model_card(
         hparams=hparams,
         metrics={},
@@ -213,8 +394,12 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         channels=unet.in_channels,
         dataset_id=None,
         dataset_description="data not recorded (saved from Python)",
-        num_inference_steps=1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+        num_inference_steps=min(
+            1000 if type(pipeline.scheduler).__name__ == "DDPMScheduler" else 50,
+            int(pipeline.scheduler.config.get("num_train_timesteps", 1000)),
+        ),
         has_samples=False,
         learned_variance=unet.out_channels == 2 * unet.in_channels,
         saved_scheduler=type(pipeline.scheduler).__name__,
+        class_names=class_names,
     )

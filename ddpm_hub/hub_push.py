@@ -2,7 +2,8 @@
 
 Retries: huggingface_hub retries its pre-upload and LFS requests itself; we retry, with backoff, only the requests
 it does not (whoami, create_repo, the commit), so no request is retried by two layers.
-Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json) is uploaded,
+Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json, and a conditional
+pipeline's pipeline.py) is uploaded,
 never checkpoints, optimizer state or logs. The token comes from the argument, HF_TOKEN or the saved login;
 it is never printed, logged or written anywhere by this module, and is scrubbed from error messages.
 """
@@ -30,6 +31,7 @@ PIPELINE_PATTERNS = [
     "unet/config.json",
     "unet/*.safetensors",
     "scheduler/scheduler_config.json",
+    "pipeline.py",  # a class-conditional pipeline's code, for stock diffusers' custom_pipeline
 ]
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -45,12 +47,26 @@ def _scrub(text: str, token: str | None) -> str:
 def check_repo_id(repo_id: str | None) -> str:
     """A valid `org/name` repo id, or HubError naming it."""
     if not repo_id or "/" not in repo_id:
-        raise HubError(f"--hub_model_id {repo_id!r} must look like ORG/NAME (e.g. my-org/ddpm-cifar10)")
+        raise HubError(f"repo id {repo_id!r} must look like ORG/NAME or NAME (e.g. my-org/ddpm-cifar10)")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
-        raise HubError(f"--hub_model_id {repo_id!r} is not a valid repo id: {exc}") from exc
+        raise HubError(f"repo id {repo_id!r} is not a valid repo id: {exc}") from exc
     return repo_id
+
+
+def resolve_repo_id(repo_id: str | None, token: str | None = None, attempts: int = 5) -> str:
+    """`NAME` -> `USER/NAME` in the namespace of the token's user (whoami), as huggingface_hub's `create_repo`
+    does; a valid `ORG/NAME` comes back unchanged. HubError naming a bad id or missing credentials."""
+    if repo_id and "/" not in repo_id:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            raise HubError(f"repo id {repo_id!r} is not a valid repo id: {exc}") from exc
+        info = with_retries(lambda: HfApi(token=token).whoami(), f"finding your namespace for {repo_id!r} (whoami)",
+                            token, attempts)  # fmt: skip
+        repo_id = f"{info['name']}/{repo_id}"
+    return check_repo_id(repo_id)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -116,8 +132,8 @@ def with_retries(
 
 def check_push_access(repo_id: str, token: str | None = None, private: bool = False, attempts: int = 5) -> str:
     """Before training: validate the id, check the credentials (whoami) and create the repo if needed."""
-    check_repo_id(repo_id)
     api = HfApi(token=token)
+    repo_id = resolve_repo_id(repo_id, token, attempts)
     with_retries(lambda: api.whoami(), "checking Hub credentials", token, attempts)
     url = with_retries(
         lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
@@ -137,13 +153,14 @@ def push_pipeline_folder(
     attempts: int = 5,
     base_delay: float = 1.0,
 ) -> str:
-    """Upload the final pipeline files of `folder` (never checkpoints or logs); unchanged files are skipped."""
+    """Upload the final pipeline files of `folder` (never checkpoints or logs); unchanged files are skipped. The
+    uploaded card names `repo_id` in its usage snippet (the folder's own README.md is left as it is)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise HubError(f"{folder} is not a pipeline folder (no model_index.json): train first, then push")
     if not any((folder / "unet").glob("*.safetensors")):
         raise HubError(f"{folder}/unet has no safetensors weights: only safetensors are pushed")
-    check_repo_id(repo_id)
+    repo_id = resolve_repo_id(repo_id, token, attempts)
     api = HfApi(token=token)
     with_retries(
         lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
@@ -152,11 +169,11 @@ def push_pipeline_folder(
         attempts,
         base_delay,
     )
+    operations = pipeline_operations(folder, repo_id)
     info = with_retries(
-        lambda: api.upload_folder(
+        lambda: api.create_commit(
             repo_id=repo_id,
-            folder_path=str(folder),
-            allow_patterns=PIPELINE_PATTERNS,
+            operations=operations,
             commit_message=commit_message,
             repo_type="model",
         ),
@@ -166,3 +183,21 @@ def push_pipeline_folder(
         base_delay,
     )
     return str(getattr(info, "commit_url", info))
+
+
+def pipeline_operations(folder: Path, repo_id: str) -> list:
+    """The commit of a pipeline folder: the files of PIPELINE_PATTERNS, with README.md adapted to `repo_id`
+    (`hub.card_for_repo`: the usage snippet loads the repo; no picture without samples.png)."""
+    from huggingface_hub import CommitOperationAdd
+
+    from .hub import card_for_repo
+
+    paths = sorted({p for pattern in PIPELINE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    operations = []
+    for path in paths:
+        name = path.relative_to(folder).as_posix()
+        content: str | bytes = str(path)
+        if name == "README.md":
+            content = card_for_repo(path.read_text(), repo_id, (folder / "samples.png").is_file()).encode()
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    return operations

@@ -18,7 +18,21 @@ from . import diffusion_math as dm
 from .diffusion_math import mean_flat
 from .scheduling_ddpm import DDPMScheduler
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# model_fn(x_t, t) -> output, or model_fn(x_t, t, class_labels) when the bound is given labels.
+ModelFn = Callable[..., torch.Tensor]
+
+
+def _labelled(model_fn: ModelFn, class_labels: torch.Tensor | None, start: int, stop: int) -> ModelFn:
+    """`model_fn` for images [start, stop): with their class labels as third argument when there are labels."""
+    if class_labels is None:
+        return model_fn
+    labels = class_labels[start:stop]
+    return lambda x_t, t: model_fn(x_t, t, labels)
+
+
+def _check_labels(class_labels: torch.Tensor | None, n: int) -> None:
+    if class_labels is not None and tuple(class_labels.shape) != (n,):
+        raise ValueError(f"class_labels must be one id per image, shape ({n},), got {tuple(class_labels.shape)}")
 
 
 def default_clip_denoised(scheduler: DDPMScheduler) -> bool:
@@ -123,15 +137,18 @@ def bits_per_dim(
     cdf: str = "exact",
     device: torch.device | str | None = None,
     progress: bool = True,
+    class_labels: torch.Tensor | None = None,
 ) -> BitsPerDim:
     """The full variational bound (Ho et al. eq. 5) of uint8 `images` `[N, C, H, W]`, per image, in bits/dim.
 
     Runs `model_fn(x_t, t) -> model_output` at all T timesteps. `noise[t]` (`[T, N, C, H, W]`, optional) is the
     eps drawn for 0-based timestep t; otherwise it is drawn from `generator`. `clip_denoised` defaults to the
     scheduler's `clip_sample or thresholding` (the bound of the sampler you run). Returns `BitsPerDim` with
-    `terms` `[N, T]`.
+    `terms` `[N, T]`. With `class_labels` (int64 `[N]`) the model is called as `model_fn(x_t, t, labels)`: the
+    bound of x given its label.
     """
     _check_images(images, batch_size)
+    _check_labels(class_labels, images.shape[0])
     num_timesteps = len(scheduler)
     n = images.shape[0]
     if noise is not None and tuple(noise.shape) != (num_timesteps, *images.shape):
@@ -146,6 +163,7 @@ def bits_per_dim(
     bar = tqdm(total=n * num_timesteps, desc="bits/dim", unit="step", disable=not progress)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
+        batch_fn = _labelled(model_fn, class_labels, start, stop)
         x_start = uint8_to_model_range(images[start:stop]).to(device)
         x_start_model = x_start.float()
         for t in range(num_timesteps - 1, -1, -1):
@@ -155,7 +173,7 @@ def bits_per_dim(
             else:
                 eps = torch.randn(x_start_model.shape, generator=generator, dtype=torch.float32).to(device)
             x_t = scheduler.add_noise(x_start_model, eps, timesteps)
-            model_output = model_fn(x_t, timesteps)
+            model_output = batch_fn(x_t, timesteps)
             out = vlb_terms_bpd(scheduler, model_output, x_start, x_t, timesteps, clip_denoised, cdf)
             terms[start:stop, t] = out["output"].cpu()
             bar.update(stop - start)
@@ -179,6 +197,7 @@ def bits_per_dim_estimate(
     cdf: str = "exact",
     device: torch.device | str | None = None,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
 ) -> BitsPerDim:
     """A fast unbiased estimate of `bits_per_dim` for evaluation during training.
 
@@ -190,8 +209,10 @@ def bits_per_dim_estimate(
     more often than not), so use it aggregated, as `sqrt(sum(stderr**2)) / N` for the mean over N images (what
     the trainer and the CLI report). Aggregated it is conservative: it ignores the gain of stratification, and
     in the test against the spread of 40 repeated estimates it was about 2x the actual standard deviation.
+    `class_labels` (int64 `[N]`): the bound given the labels, as in `bits_per_dim`.
     """
     _check_images(images, batch_size)
+    _check_labels(class_labels, images.shape[0])
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
     num_timesteps = len(scheduler)
@@ -211,10 +232,11 @@ def bits_per_dim_estimate(
     def term(x_start: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = torch.randn(x_start.shape, generator=generator, dtype=torch.float32).to(device)
         x_t = scheduler.add_noise(x_start.float(), eps, t)
-        return vlb_terms_bpd(scheduler, model_fn(x_t, t), x_start, x_t, t, clip_denoised, cdf)["output"].cpu()
+        return vlb_terms_bpd(scheduler, batch_fn(x_t, t), x_start, x_t, t, clip_denoised, cdf)["output"].cpu()
 
     for start in tqdm(range(0, n, batch_size), desc="bits/dim (estimate)", disable=not progress):
         stop = min(start + batch_size, n)
+        batch_fn = _labelled(model_fn, class_labels, start, stop)
         x_start = uint8_to_model_range(images[start:stop]).to(device)
         m = stop - start
         decoder[start:stop] = term(x_start, torch.zeros(m, dtype=torch.long, device=device))

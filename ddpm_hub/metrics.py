@@ -1,4 +1,6 @@
-"""Sample-quality metrics (FID, Inception Score) through torchmetrics, with a pluggable feature extractor.
+"""Sample-quality metrics: FID, KID and Inception Score through torchmetrics with a pluggable feature extractor;
+precision/recall (Kynkaanniemi et al. 2019), class-frequency error and classifier score of feature vectors; and the
+digits report in both shipped classifier spaces (`digits_quality`, `sample_quality_report` over paired seeds).
 
 By default torchmetrics uses the standard Inception-v3 statistics (its weights come with torch-fidelity and
 must be available locally or downloadable). Tests and offline users pass their own `feature` module.
@@ -239,10 +241,14 @@ def sample_quality_report(
     batch_size: int = 1000,
     k: int = 3,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> dict[str, Any]:
     """`digits_quality` of a pipeline's samples at each seed (`num_samples` per seed, `num_inference_steps` of its
     scheduler; each seed gives the same initial noise to every model: paired), or of given uint8 images (`source`
-    a tensor: one set). Returns `per_seed` (list of metric dicts), `summary` (metric -> `mean_interval`), `spaces`,
+    a tensor: one set). A conditional pipeline samples class `class_labels[i]` (int64 `[num_samples]`) at
+    `guidance_scale`, and `digits_class_accuracy` (the share the digits classifier assigns to the requested class)
+    joins the metrics. Returns `per_seed` (list of metric dicts), `summary` (metric -> `mean_interval`), `spaces`,
     `num_samples`, `num_real`, `seeds`, `k`."""
     if isinstance(source, torch.Tensor):
         sets, seeds = [source], []
@@ -251,8 +257,14 @@ def sample_quality_report(
 
         if not num_samples or not num_inference_steps:
             raise ValueError("sampling a pipeline needs num_samples and num_inference_steps")
-        sets = (sample_uint8(source, num_samples, num_inference_steps, s, batch_size, progress) for s in seeds)
-    per_seed = [digits_quality(real, fake, spaces, k) for fake in sets]
+        sets = (sample_uint8(source, num_samples, num_inference_steps, s, batch_size, progress, class_labels,
+                             guidance_scale) for s in seeds)  # fmt: skip
+    per_seed = []
+    for fake in sets:
+        row = digits_quality(real, fake, spaces, k)
+        if class_labels is not None:
+            row["digits_class_accuracy"] = digits_class_accuracy(fake, class_labels)
+        per_seed.append(row)
     summary = {name: mean_interval([row[name] for row in per_seed]) for name in per_seed[0]}
     return {"spaces": list(spaces), "num_samples": num_samples if seeds else len(source), "num_real": len(real),
             "seeds": list(seeds), "k": k, "per_seed": per_seed, "summary": summary}  # fmt: skip
@@ -276,6 +288,16 @@ def quality_table(report: dict[str, Any]) -> str:
             cells.append(f"{stat['mean']:.4g}" + (f" +- {stat['half_width']:.2g}" if seeds > 1 else ""))
         lines.append(f"| {label.format(k=report['k'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def digits_class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of uint8 `[N, 1, 8, 8]` digit images that the shipped digits classifier assigns to their
+    requested class `labels` `[N]` (class id = digit): how well a conditional model follows its labels."""
+    from .digits_features import load_digits_classifier
+
+    with torch.no_grad():
+        predicted = load_digits_classifier()(images).argmax(dim=1)
+    return float((predicted == labels.to(predicted.device)).float().mean())
 
 
 def check_inception_available() -> None:

@@ -7,9 +7,10 @@ at 16x16 only, two residual blocks per resolution.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffusers import UNet2DModel
+if TYPE_CHECKING:  # diffusers is imported when a UNet is built: the presets alone (the trainer's --help) need none
+    from diffusers import UNet2DModel
 
 _PAPER_COMMON: dict[str, Any] = {
     "layers_per_block": 2,
@@ -75,10 +76,6 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Parameter counts that tests pin (fixed-variance versions).
-PRESET_PARAMETER_COUNTS = {"cifar10": 35_746_307, "celebahq256": 113_673_219}
-
-
 def unet_config(preset: str, learned_variance: bool = False, **overrides: Any) -> dict[str, Any]:
     """The `UNet2DModel` config of a preset; `learned_variance=True` doubles `out_channels` (mean and variance)."""
     if preset not in UNET_PRESETS:
@@ -94,6 +91,8 @@ def unet_config(preset: str, learned_variance: bool = False, **overrides: Any) -
 
 def create_unet(preset: str, learned_variance: bool = False, **overrides: Any) -> UNet2DModel:
     """A freshly initialised `UNet2DModel` for a preset (see `unet_config`)."""
+    from diffusers import UNet2DModel
+
     return UNet2DModel(**unet_config(preset, learned_variance=learned_variance, **overrides))
 
 

@@ -38,11 +38,13 @@ def _strip(rows: Sequence[Sequence[torch.Tensor]], labels: Sequence[str], scale:
     return canvas
 
 
-def image_grid(images: Sequence[Image.Image], upscale: int = 1, pad: int | None = None) -> Image.Image:
-    """A near-square grid of PIL images, each enlarged `upscale` times (nearest), `pad` grey pixels between
-    (default: 2 when enlarged, so that small tiles stay apart; 0 otherwise)."""
+def image_grid(
+    images: Sequence[Image.Image], upscale: int = 1, pad: int | None = None, cols: int | None = None
+) -> Image.Image:
+    """A grid of PIL images (near-square, or `cols` per row), each enlarged `upscale` times (nearest), `pad` grey
+    pixels between (default: 2 when enlarged, so that small tiles stay apart; 0 otherwise)."""
     pad = (2 if upscale > 1 else 0) if pad is None else pad
-    cols = max(1, int(np.ceil(np.sqrt(len(images)))))
+    cols = cols or max(1, int(np.ceil(np.sqrt(len(images)))))
     rows = int(np.ceil(len(images) / cols))
     w, h = images[0].width * upscale, images[0].height * upscale
     grey = 96 if images[0].mode in ("L", "1", "P") else (96,) * len(images[0].getbands())

@@ -25,8 +25,10 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
 
 
 def with_sampler(pipeline, name: str):
-    """A pipeline sharing `pipeline`'s UNet whose scheduler is sampler `name` (the original is left as it was)."""
-    return type(pipeline)(unet=pipeline.unet, scheduler=build_scheduler(name, pipeline.scheduler.config))
+    """A pipeline sharing `pipeline`'s UNet (and class names) whose scheduler is sampler `name` (the original is
+    left as it was)."""
+    labels = {k: pipeline.config[k] for k in ("id2label", "cond_drop_prob") if k in pipeline.config}
+    return type(pipeline)(unet=pipeline.unet, scheduler=build_scheduler(name, pipeline.scheduler.config), **labels)
 
 
 def sample_uint8(
@@ -36,15 +38,20 @@ def sample_uint8(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = False,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """`num_images` samples as uint8 `[N, C, H, W]` (the rounding of the PIL output), drawn batch by batch from
-    one seeded generator."""
+    one seeded generator; of class `class_labels[i]` (int64 `[N]`) with `guidance_scale` for a conditional model."""
     pipeline.set_progress_bar_config(disable=not progress)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    conditional = {}
     out = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
+        if class_labels is not None:
+            conditional = {"class_labels": class_labels[start:start + n], "guidance_scale": guidance_scale}
         images = pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
-                          output_type="pt").images  # fmt: skip
+                          output_type="pt", **conditional).images  # fmt: skip
         out.append((images * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)

@@ -13,7 +13,6 @@ Deliberate deviations from diffusers 0.42 (where diffusers is wrong), documented
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -439,7 +438,3 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             "log_variance": log_variance,
             "pred_original_sample": x0,
         }
-
-    def prior_log_variance(self) -> float:
-        """log(1 - abar_T): the log-variance of q(x_T | x_0)."""
-        return math.log1p(-float(self.tables().alphas_cumprod[-1]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,28 +30,73 @@ from ddpm_hub import diffusion_math as dm
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
-StepCallback = Callable[[int, int, dict[str, torch.Tensor]], None]
+from .pipeline_class_conditional import (
+    LabelsInput,
+    guided_model_output,
+    label_ids,
+    prepare_class_labels,
+    register_label_config,
+)
+
+# A class-conditional pipeline folder carries pipeline_class_conditional.py under this name, for stock diffusers'
+# `custom_pipeline="pipeline", trust_remote_code=True`.
+REMOTE_PIPELINE_FILE = "pipeline.py"
+
 # What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
 # has no stock equivalent and is refused.
 STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
+# Stock diffusers' DDPMPipeline returns a PIL list for "pil", the [0, 1] NCHW tensor for "pt" and the [0, 1] NHWC
+# array for anything else, "latent" and None included (DDPM has no latent space): the same here.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", None)
 
 
 class DDPMPipeline(DiffusionPipeline):
-    """Unconditional image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...).
+    """Image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...),
+    unconditional or class-conditional with classifier-free guidance.
 
-    `__call__` takes diffusers' arguments; `bits_per_dim` evaluates the variational bound of uint8 images.
+    `__call__` takes diffusers' arguments (plus `class_labels`, `guidance_scale` as DiTPipeline); `bits_per_dim`
+    evaluates the variational bound of uint8 images (given their labels, for a conditional model). `id2label` maps
+    class ids to names (saved in model_index.json); `cond_drop_prob` is the label dropout the model was trained
+    with (0: it has no unconditional mode, so no guidance).
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "model_output"]
 
-    def __init__(self, unet: UNet2DModel, scheduler):
+    def __init__(
+        self, unet: UNet2DModel, scheduler, id2label: dict | None = None, cond_drop_prob: float | None = None
+    ):
         super().__init__()
         if type(scheduler) is DiffusersDDPMScheduler:
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
+        register_label_config(self, id2label, cond_drop_prob)
         self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
+        self.model_card_samples: bytes | None = None  # and the samples.png that card shows, when there is one
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class id -> class name of a conditional model (None when no names were saved)."""
+        names = self.config.get("id2label")
+        return None if names is None else {int(k): v for k, v in names.items()}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of class names, as DiTPipeline's `get_label_ids`."""
+        return label_ids([label] if isinstance(label, str) else label, self.id2label)
+
+    def _prepare_class_labels(
+        self, class_labels: LabelsInput, batch_size: int, guidance_scale: float
+    ) -> tuple[torch.Tensor | None, int, float]:
+        """(class ids `[B]` or None, B, guidance scale to apply): see `prepare_class_labels`."""
+        null_trained = self.config.get("cond_drop_prob") != 0
+        return prepare_class_labels(class_labels, batch_size, guidance_scale, self.unet, self.id2label, null_trained)
+
+    def _guided_model_output(
+        self, model_input: torch.Tensor, t, class_labels: torch.Tensor | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """The UNet output, guided on the mean channels when `guidance_scale != 1` (one call of batch 2B)."""
+        return guided_model_output(self.unet, model_input, t, class_labels, guidance_scale)
 
     def _model_output_for_scheduler(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
         """Learned-variance (2C) outputs go whole to a DDPM scheduler configured for a learned variance; every
@@ -73,6 +119,30 @@ class DDPMPipeline(DiffusionPipeline):
             extra["generator"] = generator
         return extra
 
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps: int,
+        output_type: str | None = "pil",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> None:
+        """ValueError naming a bad argument of `__call__`, before any work: positive integer `batch_size` and
+        `num_inference_steps`, at most the T training timesteps (a model trained on T discrete timesteps has no
+        more distinct steps; DDPM/DDIM refuse more, DPM-Solver, DEIS and UniPC crash, others repeat timesteps)."""
+        for name, value in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        num_train_timesteps = self.scheduler.config.get("num_train_timesteps")
+        if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps {num_inference_steps} exceeds the model's {num_train_timesteps} training "
+                f"timesteps: use at most {num_train_timesteps}"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {sorted(OUTPUT_TYPES, key=str)}, got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -85,6 +155,8 @@ class DDPMPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         return_intermediates: bool = False,
+        class_labels: LabelsInput = None,
+        guidance_scale: float = 1.0,
         **kwargs: Any,
     ) -> ImagePipelineOutput | tuple:
         """Sample `batch_size` images by running the reverse chain from x_T ~ N(0, I) (Algorithm 2).
@@ -93,8 +165,11 @@ class DDPMPipeline(DiffusionPipeline):
         `callback_on_step_end_tensor_inputs` (`latents`: the current x_t, `model_output`); a returned `latents`
         replaces x_t. `eta` is DDIM's (ignored by schedulers without it). `return_intermediates=True` also
         returns the lists of x_t and predicted x_0 (as `intermediates`). `output_type` is "pil", "np" (float in
-        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW). The deprecated `callback(i, t, dict)` and `callback_steps`
-        still work, with a warning.
+        [0, 1], NHWC) or "pt" (float in [0, 1], NCHW); "latent" and None give the "np" array, as in stock
+        diffusers. The deprecated `callback(i, t, dict)` and `callback_steps` still work, with a warning.
+        `class_labels` (a class id or name for the whole batch, or one per image as a list or tensor) and
+        `guidance_scale` (classifier-free guidance; 1: the conditional model alone, 0: the unconditional one) are for
+        class-conditional models; without labels these sample the null label.
         """
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", 1)
@@ -102,8 +177,8 @@ class DDPMPipeline(DiffusionPipeline):
             raise TypeError(f"DDPMPipeline.__call__ got unexpected arguments {sorted(kwargs)}")
         if callback is not None:
             deprecate("callback", "1.0.0", "Use `callback_on_step_end` instead (diffusers' callback API).")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        self.check_inputs(batch_size, num_inference_steps, output_type)
+        labels, batch_size, guidance_scale = self._prepare_class_labels(class_labels, batch_size, guidance_scale)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -133,7 +208,8 @@ class DDPMPipeline(DiffusionPipeline):
         x0s: list[torch.Tensor] = []
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = self.unet(model_input, t).sample  # 1. predict the noise eps_theta(x_t, t)
+            # 1. predict the noise eps_theta(x_t, t[, y]), guided: eps_uncond + s * (eps_cond - eps_uncond)
+            model_output = self._guided_model_output(model_input, t, labels, guidance_scale)
             model_output = self._model_output_for_scheduler(model_output, channels)
             out = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)  # 2. x_t -> x_{t-1}
             latents = out.prev_sample
@@ -166,14 +242,20 @@ class DDPMPipeline(DiffusionPipeline):
         if output_type == "pt":
             return image
         array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "np":
+        if output_type != "pil":  # "np", and "latent"/None as stock diffusers' DDPMPipeline treats them
             return array
         return DiffusionPipeline.numpy_to_pil(array)
 
-    def model_fn(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The UNet as `model_fn(x_t, t) -> output` for the bound."""
+    def model_fn(
+        self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet as `model_fn(x_t, t[, y]) -> output` for the bound (a conditional model without labels: the
+        null label)."""
         device = self._execution_device
-        return self.unet(sample.to(device, self.unet.dtype), timestep.to(device)).sample
+        if class_labels is None and self.unet.config.get("num_class_embeds") is not None:
+            class_labels, _, _ = self._prepare_class_labels(None, sample.shape[0], 1.0)
+        labels = None if class_labels is None else class_labels.to(device)
+        return self.unet(sample.to(device, self.unet.dtype), timestep.to(device), class_labels=labels).sample
 
     @torch.inference_mode()
     def bits_per_dim(
@@ -183,12 +265,22 @@ class DDPMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         estimate: bool = False,
         num_samples: int = 32,
+        class_labels: LabelsInput = None,
         **kwargs: Any,
     ) -> BitsPerDim:
         """Negative variational bound of uint8 images `[N, C, H, W]` in bits/dim (full T steps, or the fast
-        estimate with `estimate=True`). Uses a DDPM scheduler built from this pipeline's scheduler config."""
+        estimate with `estimate=True`). Uses a DDPM scheduler built from this pipeline's scheduler config.
+        A class-conditional model gives the bound of x given `class_labels` (ids or names, one per image), or
+        without them its unconditional bound (the null label)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
+        if class_labels is not None:
+            if isinstance(class_labels, (int, str)) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
+                raise ValueError("bits_per_dim takes one class label per image (a list or 1-d tensor)")
+            labels, n, _ = self._prepare_class_labels(class_labels, len(images), 1.0)
+            if n != len(images):
+                raise ValueError(f"got {n} class_labels for {len(images)} images: pass one label per image")
+            kwargs["class_labels"] = labels
         scheduler = self.scheduler
         if not isinstance(scheduler, DDPMScheduler):
             scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -218,13 +310,18 @@ class DDPMPipeline(DiffusionPipeline):
         self._check_saveable()
         push_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr")
                        if k in kwargs}  # fmt: skip
-        if push_to_hub:  # a bad repo id is reported before anything is written
-            from ddpm_hub.hub_push import check_repo_id
+        if push_to_hub:  # as diffusers: the repo is named after the folder unless given, in the user's namespace
+            from ddpm_hub.hub_push import resolve_repo_id
 
-            check_repo_id(push_kwargs.get("repo_id") or Path(save_directory).name)
+            push_kwargs["repo_id"] = resolve_repo_id(
+                push_kwargs.get("repo_id") or Path(save_directory).name, push_kwargs.get("token")
+            )
         kwargs["safe_serialization"] = True
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
+        if self.unet.config.get("num_class_embeds") is not None:  # stock diffusers samples it with this code
+            source = Path(__file__).with_name("pipeline_class_conditional.py")
+            (folder / REMOTE_PIPELINE_FILE).write_text(source.read_text())
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = "DDPMPipeline"
@@ -236,9 +333,14 @@ class DDPMPipeline(DiffusionPipeline):
         if config.get("variance_type") in STOCK_VARIANCE_TYPE:
             config["variance_type"] = STOCK_VARIANCE_TYPE[config["variance_type"]]
             scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        repo_id = push_kwargs.get("repo_id") or (folder.name if push_to_hub else None)
-        if self.model_card_text is not None:  # the card this pipeline was loaded with
-            (folder / "README.md").write_text(self.model_card_text)
+        repo_id = push_kwargs.get("repo_id")
+        if self.model_card_text is not None:  # the card this pipeline was loaded with, and its picture
+            from ddpm_hub.hub import card_for_repo
+
+            if self.model_card_samples is not None:
+                (folder / "samples.png").write_bytes(self.model_card_samples)
+            card = card_for_repo(self.model_card_text, repo_id or str(folder), (folder / "samples.png").is_file())
+            (folder / "README.md").write_text(card)
         else:
             from ddpm_hub.hub import pipeline_model_card
 
@@ -264,11 +366,11 @@ class DDPMPipeline(DiffusionPipeline):
         **kwargs: Any,
     ) -> str:
         """Upload this pipeline with our model card (not diffusers' empty template); returns the commit URL."""
-        from ddpm_hub.hub_push import check_repo_id, push_pipeline_folder
+        from ddpm_hub.hub_push import push_pipeline_folder, resolve_repo_id
 
         if create_pr:
             raise ValueError("create_pr is not supported by ddpm_hub's push; push to a branch-free repo instead")
-        check_repo_id(repo_id)  # before anything is written
+        repo_id = resolve_repo_id(repo_id, token)  # "name" -> "user/name", as huggingface_hub does
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]
             self.save_pretrained(folder, repo_id=repo_id)
@@ -290,12 +392,19 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError("ddpm_hub loads safetensors weights only; use_safetensors=False is not supported")
         if is_checkpoint(pretrained_model_name_or_path):
             return load_checkpoint_pipeline(cls, Path(pretrained_model_name_or_path), weights)
+        if weights != "ema":  # a pipeline folder or repo holds one set of weights: there is no choice to make
+            raise ValueError(
+                f"weights={weights!r} (--weights {weights}) is for training checkpoint-N folders only; "
+                f"{pretrained_model_name_or_path} is not one: it holds one set of weights, load it without weights"
+            )
         kwargs["use_safetensors"] = True
         local = Path(pretrained_model_name_or_path)
         if local.is_dir():
             diagnose_weights(local / "unet")  # a damaged file is named as damaged, before diffusers guesses
+        hub_warnings = _HubWarnings()
         try:
-            pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            with hub_warnings:
+                pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except OSError as exc:
             message = str(exc)
             if "safetensors" in message.lower() or ".bin" in message:
@@ -303,22 +412,80 @@ class DDPMPipeline(DiffusionPipeline):
                     f"{pretrained_model_name_or_path}: no safetensors weights found. ddpm_hub never unpickles "
                     "weights (.bin/.ckpt); convert them to safetensors with a trusted tool first."
                 ) from exc
-            raise
+            raise _not_found(pretrained_model_name_or_path, exc) from exc
+        hub_warnings.replay()
         if type(pipeline.scheduler) is DiffusersDDPMScheduler:
             pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         pipeline.model_card_text = _read_card(pretrained_model_name_or_path, kwargs)
+        pipeline.model_card_samples = _read_card(pretrained_model_name_or_path, kwargs, "samples.png")
         return pipeline
 
 
-def _read_card(name_or_path: str | Path, kwargs: dict[str, Any]) -> str | None:
-    """The README.md (model card) of a local folder or of the cached Hub repo, if there is one."""
-    local = Path(name_or_path) / "README.md"
-    if local.is_file():
-        return local.read_text()
-    try:
-        from huggingface_hub import try_to_load_from_cache
+class _HubWarnings(logging.Filter):
+    """Holds back diffusers' multi-line "Couldn't connect to the Hub" warning while loading: a failed load is
+    reported as one line by `_not_found`; a load that succeeded from the cache replays it as one line."""
 
-        cached = try_to_load_from_cache(str(name_or_path), "README.md", cache_dir=kwargs.get("cache_dir"))
-    except Exception:
-        return None
-    return Path(cached).read_text() if isinstance(cached, str) else None
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Couldn't connect to the Hub"):
+            self.held.append(" ".join(record.getMessage().split()))
+            return False
+        return True
+
+    def __enter__(self) -> _HubWarnings:
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.logger.removeFilter(self)
+
+    def replay(self) -> None:
+        for message in self.held:
+            self.logger.warning(message)
+
+
+def _not_found(name: str | Path, exc: OSError) -> OSError:
+    """One line naming `name` for a load that failed: no such folder, no such Hub repo, or not cached offline."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, GatedRepoError) for c in causes):
+        return OSError(f"{name}: the Hub repo is gated; accept its terms on the Hub and log in (`hf auth login`)")
+    if any(isinstance(c, RepositoryNotFoundError) for c in causes):
+        return OSError(
+            f"{name}: no such local folder, and no Hub model repo {str(name)!r} (check the id; for a private repo "
+            "log in with `hf auth login` or set HF_TOKEN)"
+        )
+    if any(isinstance(c, RevisionNotFoundError) for c in causes):
+        return OSError(f"{name}: the Hub repo has no such revision (check `revision=`)")
+    if "not fully cached" in str(exc) or "outgoing traffic has been disabled" in str(exc):
+        return OSError(
+            f"{name}: no such local folder, not in the local cache, and the Hub could not be reached "
+            "(offline, or HF_HUB_OFFLINE=1): check the path, or go online once to download it"
+        )
+    return OSError(" ".join(str(exc).split()))
+
+
+def _read_card(name_or_path: str | Path, kwargs: dict[str, Any], filename: str = "README.md") -> Any:
+    """The README.md (model card, as text) or `samples.png` (bytes) of a local folder or of the cached Hub repo,
+    if there is one."""
+    local = Path(name_or_path) / filename
+    if not local.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(name_or_path), filename, cache_dir=kwargs.get("cache_dir"))
+        except Exception:
+            return None
+        if not isinstance(cached, str):
+            return None
+        local = Path(cached)
+    return local.read_text() if filename.endswith(".md") else local.read_bytes()

@@ -42,8 +42,9 @@ class Repo:
 
 
 class HubState:
-    def __init__(self, token: str | None = None):
+    def __init__(self, token: str | None = None, user: str = "tester"):
         self.token = token
+        self.user = user  # whoami's name: the namespace of bare repo ids ("name" -> "tester/name")
         self.repos: dict[str, Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, dict[str, str]]] = []
@@ -131,7 +132,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/whoami-v2":
             if not self._authorized() or self.state.token is None and not self.headers.get("Authorization"):
                 return self._send(401, {"error": "Invalid credentials"})
-            return self._send(200, {"name": "tester", "type": "user", "orgs": [{"name": "org"}], "auth": {}})
+            user = {"name": self.state.user, "type": "user", "orgs": [{"name": "org"}], "auth": {}}
+            return self._send(200, user)
         if path.startswith("/api/models/"):
             return self._api_models_get(path[len("/api/models/") :], parse_qs(url.query))
         parts = path.strip("/").split("/")

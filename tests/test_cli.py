@@ -27,7 +27,7 @@ def test_sample_with_ddpm_and_ddim(trained, tmp_path):
         "4",
         "--steps",
         "5",
-        "--scheduler",
+        "--sampler",
         "ddim",
         "--upscale",
         "4",
@@ -91,7 +91,7 @@ def test_user_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):
 
     cases = [
         ["plot", "forward", "--beta_schedule", "cosine"],
-        ["sample", "--model", str(trained), "--scheduler", "bogus"],
+        ["sample", "--model", str(trained), "--sampler", "bogus"],
         ["sample", "--model", str(trained), "--steps", "0"],
         ["evaluate", "--model", str(trained)],  # no metric asked for
         ["evaluate", "--model", str(tmp_path / "missing"), "--bpd"],

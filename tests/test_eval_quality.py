@@ -60,7 +60,7 @@ def scripted(monkeypatch):
         current["step"] = self.global_step
         return original(self)
 
-    def fake_quality(pipeline, held_out, num_samples, num_inference_steps, seed=0, batch_size=256):
+    def fake_quality(pipeline, held_out, num_samples, num_inference_steps, seed=0, batch_size=256, *extra):
         calls.append({"step": current["step"], "num_samples": num_samples, "steps": num_inference_steps,
                       "seed": seed, "scheduler": type(pipeline.scheduler).__name__})  # fmt: skip
         value = SCRIPTED[current["step"]]

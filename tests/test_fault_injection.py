@@ -114,10 +114,12 @@ def test_kill_while_writing_the_manifest_and_while_pruning_then_resume_gives_ide
     _assert_same_weights(reference, tmp_path / "run")
 
 
-def _start(args: list[str], tmp_path: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+def _start(args: list[str], tmp_path: Path, launcher: list[str] | None = None, threads: int = 2) -> subprocess.Popen:
+    """The trainer as a child process (through `accelerate launch` when `launcher` is given); the thread count
+    must equal the reference run's, or the weights differ in the last bits."""
     prefix = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or [])] if launcher is not None else [
         sys.executable]
-    return subprocess.Popen([*prefix, str(TRAIN), *args], cwd=tmp_path, env=subprocess_env(tmp_path),
+    return subprocess.Popen([*prefix, str(TRAIN), *args], cwd=tmp_path, env=subprocess_env(tmp_path, threads),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
@@ -147,7 +149,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, refe
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_and_a_second_signal_later_exits_at_once(tmp_path, reference):
+def test_sigint_saves_a_checkpoint_exits_130_and_resumes_exactly(tmp_path, reference):
     out = tmp_path / "run"
     args = [*ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
     child = _start(args, tmp_path)
@@ -156,21 +158,6 @@ def test_sigint_stops_cleanly_and_a_second_signal_later_exits_at_once(tmp_path, 
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_weights(reference, out)
-    # a second signal, after the launcher-forwarding window, exits at once without a checkpoint
-    slow = tmp_path / "slow"
-    child = _start([*ARGS, "--output_dir", str(slow), "--max_train_steps", "100000", "--checkpointing_steps", "4"],
-                   tmp_path)  # fmt: skip
-    while not ckpt.list_checkpoints(slow / "checkpoints"):
-        assert child.poll() is None, child.stderr.read()[-3000:]
-        time.sleep(0.01)
-    child.send_signal(signal.SIGTERM)
-    from ddpm_hub.stopping import REPEAT_WINDOW_S
-
-    time.sleep(REPEAT_WINDOW_S + 0.5)
-    if child.poll() is None:  # not yet stopped by the first one
-        child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 143, err[-3000:]
 
 
 @pytest.mark.slow
@@ -183,7 +170,7 @@ def test_sigterm_to_accelerate_launch_stops_all_ranks_at_one_step_and_resumes_ex
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "run"
     args = [*ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
-    launched = _start(args, tmp_path, launcher=launcher)
+    launched = _start(args, tmp_path, launcher=launcher, threads=1)
     err = _signal_after_first_checkpoint(launched, out, signal.SIGTERM)
     assert launched.returncode == 143, err[-3000:]
     info = ckpt.latest_valid(out / "checkpoints")  # every rank wrote its state into the same step's checkpoint

@@ -60,6 +60,15 @@ def test_trainer_pushes_then_loads_from_hub_and_offline(hub, tmp_path):
         "samples.png",
     } <= pushed
     assert not any(p.startswith(("checkpoints", "logs", "samples/")) or p.endswith((".bin", ".pkl")) for p in pushed)
+    # the trainer's push route: a card naming the repo, that parses, whose snippet runs against the repo
+    from test_cards import _snippet, run_snippets
+
+    card = repo.head[1]["README.md"].decode()
+    assert 'DDPMPipeline.from_pretrained("org/ddpm-cifar")' in card and "![samples](samples.png)" in card
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(card).data.license == "cc-by-4.0"
+    run_snippets({"org/ddpm-cifar": _snippet(card)}, tmp_path, token=FAKE_TOKEN)
 
     # TensorBoard logged the training scalars, the sample grid and the bound estimate through accelerate
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -201,8 +210,10 @@ def test_push_retries_transient_errors_and_reports_permanent_ones(hub, trained):
     with pytest.raises(HubError, match="not authorised") as exc:
         check_push_access("org/denied", token=FAKE_TOKEN)
     assert FAKE_TOKEN not in str(exc.value)
-    with pytest.raises(HubError, match="ORG/NAME"):
-        check_push_access("no-slash", token=FAKE_TOKEN)
+    with pytest.raises(HubError, match="'no slash!' is not a valid repo id"):
+        check_push_access("no slash!", token=FAKE_TOKEN)  # found before any request
+    with pytest.raises(HubError, match="not authorised"):
+        check_push_access("no-slash", token=FAKE_TOKEN)  # a bare name asks whoami for the namespace
     assert (trained / "model_index.json").is_file()  # the local output is intact
 
 

@@ -215,3 +215,50 @@ def test_conv_classifier_training_regenerates_the_shipped_weights():
     x, _ = digits_arrays("test")
     with torch.no_grad():
         torch.testing.assert_close(fresh.features(x), shipped.features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_training_export_quality_states_space_samples_seeds_and_spread():
+    """The trainer's final metric (export.sample_quality) and the card row that describes each of its numbers."""
+    from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+    from ddpm_hub.digits_features import SPACES, digits_arrays
+    from ddpm_hub.export import CARD_QUALITY_METRICS, sample_quality
+    from ddpm_hub.hub import render_model_card
+
+    torch.manual_seed(0)
+    pipeline = DDPMPipeline(unet=create_unet("tiny"), scheduler=DDPMScheduler(num_train_timesteps=20))
+    real, _ = digits_arrays("test")
+    got = sample_quality(pipeline, real, num_samples=10, num_inference_steps=2, seed=4, batch_size=8, num_seeds=3)
+    report = metrics.sample_quality_report(pipeline, real, num_samples=10, num_inference_steps=2, seeds=(4, 5, 6),
+                                           batch_size=8)  # the same batches: the same noise
+    expected = {f"{s}_{m}": report["summary"][f"{s}_{m}"]["mean"] for s in SPACES for m in CARD_QUALITY_METRICS}
+    expected |= {f"{s}_fid_ci95": report["summary"][f"{s}_fid"]["half_width"] for s in SPACES}
+    assert got == pytest.approx(expected)
+    assert "digits_conv_fid_ci95" not in sample_quality(pipeline, real, 10, 2, num_seeds=1)
+
+    hparams = {"resolution": 8, "num_quality_samples": 10, "num_quality_seeds": 3}
+    card = str(render_model_card(hparams=hparams, metrics=got, repo_id=None, num_parameters=1, channels=1,
+                                 dataset_id=None, dataset_description="digits", sampler="dpm",
+                                 num_inference_steps=2))  # fmt: skip
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| digits_")}
+    assert set(rows) == set(got)
+    for key, row in rows.items():
+        if not key.endswith("_ci95"):
+            assert ("CNN's 128-d" if key.startswith("digits_conv") else "MLP's 64-d") in row, row
+            assert "mean over 3 seeds of 10 samples (dpm, 2 steps)" in row, row
+    assert "95% t-interval of that FID over the 3 seeds" in rows["digits_mlp_fid_ci95"]
+
+
+def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
+    from conftest import FAST_ARGS, train_in_process
+
+    from ddpm_hub.digits_features import SPACES
+    from ddpm_hub.export import CARD_QUALITY_METRICS
+
+    out = tmp_path / "run"
+    result = train_in_process([*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "1", "--num_quality_samples",
+                               "8", "--num_quality_seeds", "2", "--num_inference_steps", "2"])  # fmt: skip
+    expected = {f"{s}_{m}" for s in SPACES for m in CARD_QUALITY_METRICS} | {f"{s}_fid_ci95" for s in SPACES}
+    assert expected <= set(result["metrics"])
+    card = (out / "README.md").read_text()
+    assert "FID in the shipped digits CNN's 128-d features" in card
+    assert "mean over 2 seeds of 8 samples (dpm, 2 steps)" in card

@@ -25,20 +25,21 @@ FAKE_TOKEN = "hf_FakeTokenForContractTests0123456789"
 STEPS = 8
 
 
-def _unet(learned: bool = False, seed: int = 0):
+def _unet(learned: bool = False, seed: int = 0, num_class_embeds: int | None = None):
     torch.manual_seed(seed)
-    unet = create_unet("tiny", learned_variance=learned)
+    unet = create_unet("tiny", learned_variance=learned, num_class_embeds=num_class_embeds)
     with torch.no_grad():  # a random UNet with non-trivial outputs (zero-initialised output layers otherwise)
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return unet.eval()
 
 
-def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2) -> np.ndarray:
-    """diffusers' canonical denoising loop, written out independently of our pipeline."""
+def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2, labels=None, scale: float = 1.0):
+    """diffusers' canonical denoising loop, written out independently of our pipeline; with `labels`, classifier-free
+    guidance from two separate UNet calls (the labels, then the null label) combined by hand."""
     generator = torch.Generator().manual_seed(seed)
     c = unet.config.in_channels
-    latents = randn_tensor((batch, c, 8, 8), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    latents = randn_tensor((batch, c, 8, 8), generator=generator, device=torch.device("cpu"), dtype=unet.dtype)
     scheduler.set_timesteps(steps)
     latents = latents * scheduler.init_noise_sigma
     accepted = set(inspect.signature(scheduler.step).parameters)
@@ -48,7 +49,14 @@ def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2) -> n
     ).startswith("learned")
     with torch.no_grad():
         for t in scheduler.timesteps:
-            model_output = unet(scheduler.scale_model_input(latents, t), t).sample
+            x = scheduler.scale_model_input(latents, t)
+            if labels is None:
+                model_output = unet(x, t).sample
+            else:
+                cond = unet(x, t, class_labels=labels).sample
+                uncond = unet(x, t, class_labels=torch.full_like(labels, unet.config.num_class_embeds - 1)).sample
+                guided = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+                model_output = torch.cat([guided, cond[:, c:]], dim=1)  # the variance from the conditional half
             if not learned_ddpm:
                 model_output = model_output[:, :c]
             latents = scheduler.step(model_output, t, latents, **extra).prev_sample
@@ -78,6 +86,27 @@ def test_every_compatible_scheduler_gives_the_canonical_loop_images(name, learne
     assert np.isfinite(images).all()
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned_range"])
+@pytest.mark.parametrize("name", list(_compatible_classes()))
+def test_every_compatible_scheduler_guides_as_two_separate_unet_calls(name, learned):
+    """Classifier-free guidance (one UNet call of batch 2B) gives the images of the canonical loop that calls the
+    UNet twice, conditional and null label, and combines the outputs by hand: for every compatible scheduler."""
+    cls = getattr(diffusers, name)
+    variance = "learned_range" if learned else "fixed_small"
+    config = DDPMScheduler(num_train_timesteps=1000, variance_type=variance).config
+    extra = {"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}
+    unet = _unet(learned, num_class_embeds=4).double()  # float64: batch 2B and two calls of B agree to rounding
+    labels = torch.tensor([2, 0])
+    expected = _canonical_loop(unet, cls.from_config(config, **extra), STEPS, seed=1, labels=labels, scale=3.0)
+    pipeline = DDPMPipeline(unet=unet, scheduler=cls.from_config(config, **extra))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
+                      output_type="np", class_labels=labels, guidance_scale=3.0).images  # fmt: skip
+    np.testing.assert_allclose(images, expected, rtol=0, atol=1e-6)  # the schedulers keep float32 tables
+    unguided = _canonical_loop(unet, cls.from_config(config, **extra), STEPS, seed=1, labels=labels, scale=1.0)
+    assert np.abs(unguided - expected).max() > 1e-3  # guidance changed the images
+
+
 def test_every_cli_sampler_is_a_compatible_scheduler():
     """Every scheduler of DDPMScheduler._compatibles has a sampler (each tested above); the CLI offers exactly
     those that passed the quality check, and names why the others are left out."""
@@ -86,7 +115,7 @@ def test_every_cli_sampler_is_a_compatible_scheduler():
 
     assert {s.scheduler for s in SAMPLERS.values()} == set(diffusers.DDPMScheduler._compatibles)
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
-    choices = next(a.choices for a in sample._actions if a.dest == "scheduler")
+    choices = next(a.choices for a in sample._actions if a.dest == "sampler")
     assert sorted(choices) == sorted(OFFERED) and not set(choices) & set(NOT_OFFERED)
     assert all(NOT_OFFERED.values())
 

@@ -173,7 +173,11 @@ def test_rng_state_round_trips_through_safetensors_and_damage_is_an_error(tmp_pa
         (OSError(errno.EIO, "Input/output error"), ""),
         (PermissionError(errno.EACCES, "Permission denied"), ""),
         (ValueError("bad"), ""),
-        (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), " (is the disk full?)"),
+        (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+         " (is the disk full?)"),
+        (RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+         " (a file size limit was reached)"),
+        (RuntimeError("Error while serializing: I/O error: Input/output error (os error 5)"), ""),
     ],
 )
 def test_disk_full_suffix_only_where_true(exc, hint):
@@ -231,6 +235,7 @@ def test_checkpoint_ema_weights_load_without_the_unexpected_config_warning(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), ema.shadow_params, strict=True))
     # the oracle: diffusers' own loader reads the same weights (and warns about those settings)
     reference = EMAModel.from_pretrained(tmp_path / "unet_ema", model_cls=UNet2DModel)
+    assert "not expected" in capfd.readouterr().err  # the capture sees diffusers' warning where it is printed
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.shadow_params, strict=True))
     assert reference.decay == settings["decay"]
 
@@ -502,7 +507,58 @@ def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effe
 def test_every_test_the_readme_fault_table_names_exists():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| fault | what happens | test |"):].split("\n\n")[0]
-    named = set(re.findall(r"`(test_\w+)`", table))
-    sources = [path.read_text() for path in (REPO / "tests").glob("test_*.py")]
-    defined = {name for text in sources for name in re.findall(r"def (test_\w+)", text)}
+    named = set(re.findall(r"`tests/(test_\w+\.py)::(test_\w+)`", table))
+    defined = {(path.name, name) for path in (REPO / "tests").glob("test_*.py")
+               for name in re.findall(r"def (test_\w+)", path.read_text())}  # fmt: skip
     assert len(named) >= 20 and named <= defined, named - defined
+
+
+def test_stop_request_ignores_the_launchers_forwarded_repeat_and_exits_at_a_real_second_signal(monkeypatch):
+    from ddpm_hub import stopping
+
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
+    stop = stopping.StopRequest()
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C: no KeyboardInterrupt, a request
+        assert stop.signum == signal.SIGINT and stop.exit_code == 130
+        os.kill(os.getpid(), signal.SIGTERM)  # accelerate launch forwarding it at once: the same request
+        assert exits == [] and stop.exit_code == 130
+        monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second request: exit at once, without a checkpoint
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        stop.uninstall()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+
+
+def test_a_checkpoints_ema_weights_load_silently_as_a_pipeline(short_run, capfd):
+    from ddpm_hub import DDPMPipeline
+
+    capfd.readouterr()
+    pipeline = DDPMPipeline.from_pretrained(short_run / "checkpoints" / "checkpoint-8")
+    out = capfd.readouterr()
+    assert "not expected" not in out.err + out.out, out.err
+    raw = DDPMPipeline.from_pretrained(short_run / "checkpoints" / "checkpoint-8", weights="raw")
+    assert any(not torch.equal(a, b) for a, b in zip(pipeline.unet.parameters(), raw.unet.parameters(), strict=True))
+
+
+def test_a_full_disk_during_the_final_export_is_one_line_and_a_resume_exports_again(tmp_path, monkeypatch):
+    from ddpm_hub.training.train import TrainingError
+
+    from ddpm_hub import DDPMPipeline
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(faults, "_counts", {})
+    monkeypatch.setenv(faults.ENV, "export.staging.card_saved:enospc")
+    with pytest.raises(TrainingError) as exc:
+        _train(out, "--max_train_steps", "4")
+    message = str(exc.value)
+    assert "\n" not in message and f"could not write the pipeline to {out}" in message
+    assert "(is the disk full?)" in message and "--resume_from_checkpoint latest" in message
+    assert not (out / "model_index.json").exists() and not (out / "unet").exists()  # no half folder
+    monkeypatch.delenv(faults.ENV)
+    _train(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    DDPMPipeline.from_pretrained(out)

@@ -8,6 +8,18 @@ orchestrates: build the components, run `train_step` in a loop with periodic act
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # parse first: --help and bad arguments answer before torch and diffusers load
+    from ddpm_hub.config import ConfigError as _ConfigError
+    from ddpm_hub.config import parse_args as _parse_args
+
+    try:
+        _PARSED = _parse_args(sys.argv[1:], description=__doc__)
+    except _ConfigError as _exc:
+        print(f"error: {_exc}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import logging
 import math
@@ -34,10 +46,13 @@ from ddpm_hub.config import (
 from ddpm_hub.data import (
     DataError,
     ImageDataset,
+    class_names,
     detect_channels,
+    encode_labels,
     load_splits,
     normalize_uint8,
     random_flip,
+    split_batch,
     validate_images,
 )
 from ddpm_hub.export import (
@@ -128,7 +143,8 @@ def no_accelerator_device() -> bool:
 
 @dataclass
 class Data:
-    """The training loader's dataset, held-out images (uint8) and bookkeeping."""
+    """The training loader's dataset (uint8 images, with class ids when conditional), held-out images (uint8)
+    and labels, and bookkeeping."""
 
     train: torch.utils.data.Dataset
     held_out: torch.Tensor | None
@@ -138,6 +154,15 @@ class Data:
     description: str
     dataset_id: str | None
     license: str | None
+    class_names: list[str] | None = None
+    held_out_labels: torch.Tensor | None = None
+    dataset_type: str | None = None
+    dataset_name: str | None = None
+    eval_split: str | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.class_names is None else len(self.class_names)
 
 
 def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
@@ -146,16 +171,39 @@ def describe_data(cfg: TrainConfig) -> tuple[str, str | None]:
         return f"images from the folder {Path(cfg.train_data_dir).name}", None
     if cfg.dataset_name in (None, "digits"):
         return "the UCI optical digits (8x8, CC BY 4.0, via scikit-learn), train split", None
+    if Path(cfg.dataset_name).exists():  # a local save_to_disk folder or data file: no Hub id
+        return f"the local dataset {Path(cfg.dataset_name).name} ({cfg.split} split)", None
     return f"{cfg.dataset_name} ({cfg.split} split)", cfg.dataset_name
 
 
+def dataset_reference(cfg: TrainConfig) -> tuple[str, str]:
+    """(type, name) of the data for the card's model-index: the Hub id for Hub data; for local data an id-like
+    token that is not a Hub id (`digits`, `imagefolder`, or the datasets builder of a local file) and a name."""
+    from ddpm_hub.hub import EMBEDDED_DIGITS
+
+    if cfg.train_data_dir:
+        return "imagefolder", f"images from the folder {Path(cfg.train_data_dir).name}"
+    if cfg.dataset_name in (None, "digits"):
+        return EMBEDDED_DIGITS["type"], EMBEDDED_DIGITS["name"]
+    local = Path(cfg.dataset_name)
+    if local.exists():
+        builder = local.suffix.lstrip(".").lower() if local.is_file() else "arrow"
+        return builder, f"the local dataset {local.name}"
+    return cfg.dataset_name, cfg.dataset_name
+
+
 def prepare_data(cfg: TrainConfig, accelerator) -> Data:
-    """Load (datasets), validate and transform the data; the channel count comes from the data unless given."""
+    """Load (datasets), validate and transform the data; the channel count comes from the data unless given.
+    With `--class_conditional` the class ids travel with the images (validated against the train split's classes)."""
     with accelerator.main_process_first():
         train_ds, held_ds = load_splits(cfg.data)
     channels = cfg.channels or detect_channels(train_ds, cfg.image_column)
+    names, labels = None, None
+    if cfg.class_conditional:
+        names = class_names(train_ds, cfg.class_column)
+        labels = encode_labels(train_ds, cfg.class_column, names)
     progress = accelerator.is_local_main_process
-    train = ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, name="train")
+    train = ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, name="train", labels=labels)
     size = len(train) * channels * cfg.resolution**2
     in_memory = cfg.cache_images_in_memory == "yes" or (
         cfg.cache_images_in_memory == "auto" and size <= MEMORY_CACHE_LIMIT_BYTES
@@ -163,11 +211,13 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     skipped = 0
     if in_memory or cfg.skip_bad_images:
         images, good, skipped = validate_images(train, skip_bad=cfg.skip_bad_images, keep=in_memory, progress=progress)
-        train_set = (
-            torch.utils.data.TensorDataset(images)
-            if in_memory
-            else ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, indices=good, name="train")
-        )
+        if not in_memory:
+            train_set = ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, indices=good, name="train",
+                                     labels=labels)  # fmt: skip
+        elif labels is None:
+            train_set = torch.utils.data.TensorDataset(images)
+        else:
+            train_set = torch.utils.data.TensorDataset(images, labels[good])
     else:
         if len(train) == 0:
             raise DataError("the train split is empty: there is nothing to train on")
@@ -175,24 +225,51 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     if skipped:
         logger.warning("skipped %d unreadable training images (--skip_bad_images)", skipped)
     num_train = len(train_set)
-    if cfg.train_batch_size > num_train:
-        raise ConfigError(f"--train_batch_size {cfg.train_batch_size} is larger than the {num_train} training images")
-    held_out = None
+    check_batches(cfg, num_train, accelerator.num_processes)
+    held_out, held_labels = None, None
     if held_ds is not None and len(held_ds) > 0:
+        all_held = encode_labels(held_ds, cfg.class_column, names, "held-out") if names is not None else None
         held = ImageDataset(held_ds, cfg.image_column, cfg.resolution, channels, name="held-out")
-        held_out, _, _ = validate_images(held, skip_bad=True, keep=True, progress=progress)
+        held_out, good, held_skipped = validate_images(held, skip_bad=cfg.skip_bad_images, keep=True,
+                                                       progress=progress)  # fmt: skip
+        held_labels = all_held[good] if all_held is not None else None
+        if held_skipped:
+            logger.warning("skipped %d unreadable held-out images (--skip_bad_images)", held_skipped)
+    elif cfg.final_bpd != "none" or cfg.num_quality_samples:
+        logger.warning(
+            "the data has no held-out split: no held-out bits/dim (--final_bpd %s) and no FID/KID at the end; give "
+            "--eval_split, --validation_data_dir or data with a test/validation split", cfg.final_bpd,
+        )
     from ddpm_hub.hub import dataset_license
 
     description, dataset_id = describe_data(cfg)
     embedded = cfg.train_data_dir is None and cfg.dataset_name in (None, "digits")
     license_id = dataset_license(dataset_id, embedded=embedded)
-    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id)
+    dataset_type, dataset_name = dataset_reference(cfg)
+    eval_split = str(held_ds.split) if held_out is not None and getattr(held_ds, "split", None) else None
+    return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id, names,
+                held_labels, dataset_type, dataset_name, eval_split)  # fmt: skip
+
+
+def check_batches(cfg: TrainConfig, num_train: int, num_processes: int) -> None:
+    """Every process gets at least one full batch per epoch (the loader drops incomplete ones): ConfigError
+    before training otherwise."""
+    needed = cfg.train_batch_size * num_processes
+    if num_train < needed:
+        per = f" x {num_processes} processes" if num_processes > 1 else ""
+        raise ConfigError(
+            f"--train_batch_size {cfg.train_batch_size}{per} needs at least {needed} training images, the data has "
+            f"{num_train}: lower --train_batch_size" + (" or use fewer processes" if num_processes > 1 else "")
+        )
 
 
 def make_loader(dataset, cfg: TrainConfig) -> torch.utils.data.DataLoader:
-    """A shuffling loader of uint8 images; accelerate makes its order a function of (seed, epoch)."""
+    """A shuffling loader of uint8 images (and their class ids, as `(images, labels)`, when the dataset has them);
+    accelerate makes its order a function of (seed, epoch)."""
 
     def collate(items):
+        if isinstance(items[0], (tuple, list)) and len(items[0]) > 1:
+            return torch.stack([item[0] for item in items]), torch.stack([torch.as_tensor(item[1]) for item in items])
         return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
 
     return torch.utils.data.DataLoader(
@@ -245,9 +322,12 @@ def _load_unet_config(source: str) -> dict[str, Any]:
         raise ConfigError(f"--model_config_name_or_path {source}: no UNet config found there ({exc})") from None
 
 
-def resolve_unet_config(cfg: TrainConfig, data_channels: int) -> tuple[dict[str, Any], str]:
+def resolve_unet_config(
+    cfg: TrainConfig, data_channels: int, num_classes: int | None = None
+) -> tuple[dict[str, Any], str]:
     """(UNet2DModel config, where it came from). An explicit architecture must match the data's channels; one
-    chosen for the resolution takes the data's channels. Learned variances double `out_channels`."""
+    chosen for the resolution takes the data's channels. Learned variances double `out_channels`. A
+    class-conditional model has `num_class_embeds = num_classes + 1`: the last row is the null label."""
     learned = cfg.variance_type.startswith("learned")
     source = cfg.pretrained_model_name_or_path or cfg.model_config_name_or_path
     if source:
@@ -284,8 +364,10 @@ def resolve_unet_config(cfg: TrainConfig, data_channels: int) -> tuple[dict[str,
                 f"--variance_type {cfg.variance_type} needs {expected} output channels but the pretrained UNet has "
                 f"{config.get('out_channels')}"
             )
+        _check_pretrained_classes(config.get("num_class_embeds"), num_classes)
     else:
         config["out_channels"] = 2 * in_channels if learned else in_channels
+        config["num_class_embeds"] = None if num_classes is None else num_classes + 1
     config["sample_size"] = cfg.resolution
     factor = downsampling_factor(config)
     if cfg.resolution % factor:
@@ -294,6 +376,18 @@ def resolve_unet_config(cfg: TrainConfig, data_channels: int) -> tuple[dict[str,
             f"({origin}); use a multiple of {factor}"
         )
     return config, origin
+
+
+def _check_pretrained_classes(embeds: int | None, num_classes: int | None) -> None:
+    """Fine-tuning keeps the class embedding: a conditional model needs labels of as many classes, and back."""
+    if embeds is None and num_classes is not None:
+        raise ConfigError("the pretrained UNet is unconditional (no class embedding): fine-tune it without "
+                          "--class_conditional")  # fmt: skip
+    if embeds is not None and num_classes is None:
+        raise ConfigError(f"the pretrained UNet is class-conditional ({embeds - 1} classes): pass --class_conditional")
+    if embeds is not None and embeds != num_classes + 1:
+        raise ConfigError(f"the pretrained UNet has {embeds - 1} classes but the data has {num_classes}: fine-tune "
+                          "on data with the same classes")  # fmt: skip
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -344,7 +438,7 @@ class Trainer:
 
         self.data = data if data is not None else prepare_data(cfg, acc)
         self.quality_metric, self.best = self._check_quality_eval(), None
-        base, origin = resolve_unet_config(cfg, self.data.channels)
+        base, origin = resolve_unet_config(cfg, self.data.channels, self.data.num_classes)
         logger.info("model: %s", origin)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         if cfg.pretrained_model_name_or_path:
@@ -396,12 +490,13 @@ class Trainer:
             self.ema.to(acc.device)
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         image_every = cfg.save_images_epochs * self.updates_per_epoch if cfg.save_images_epochs else None
-        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step.
+        # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step. The
+        # checkpoint comes last, so that its training_run.json holds what was measured at its step.
         self.periodic = [
             (cfg.logging_steps, self.log_metrics),
-            (cfg.checkpointing_steps, self.save_checkpoint),
             (image_every or cfg.save_images_steps, self.log_samples),
             (cfg.eval_steps, self.log_bpd_estimate),
+            (cfg.checkpointing_steps, self.save_checkpoint),
         ]
         self.at_last_step = [self.log_metrics]  # the actions that also run at the last step
         if cfg.eval_fid_steps:  # before the checkpoint action: a new best is in the checkpoint of its step
@@ -465,12 +560,14 @@ class Trainer:
         return selection_metric(held)
 
     def _check_hub(self) -> None:
-        from ddpm_hub.hub_push import HubError, check_push_access
+        from ddpm_hub.hub_push import HubError, check_push_access, resolve_repo_id
 
         try:
-            check_push_access(self.cfg.hub_model_id, token=self.hub_token, private=self.cfg.hub_private_repo)
+            repo_id = resolve_repo_id(self.cfg.hub_model_id, token=self.hub_token)  # NAME -> USER/NAME (whoami)
+            check_push_access(repo_id, token=self.hub_token, private=self.cfg.hub_private_repo)
         except HubError as exc:  # found before training, not after ten hours
             raise ConfigError(f"--push_to_hub: {exc}") from None
+        self.cfg = replace(self.cfg, hub=replace(self.cfg.hub, hub_model_id=repo_id))
 
     def _assert_finite(self, when: str) -> None:
         bad = int(self.first_bad_step.item())
@@ -496,6 +593,8 @@ class Trainer:
                 for model in models:
                     self.accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
                 self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
+                record = json.dumps(self.checkpoint_record(), indent=1, default=str)
+                Path(output_dir, ckpt.RUN_RECORD).write_text(record + "\n")
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
                 weights.pop()
@@ -676,24 +775,28 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
-    def train_step(self, batch: torch.Tensor, micro: int) -> dict[str, torch.Tensor | None]:
-        """Algorithm 1 on one micro-batch: t ~ U (or importance), eps ~ N(0, I), a gradient step on the loss."""
+    def train_step(self, batch, micro: int) -> dict[str, torch.Tensor | None]:
+        """Algorithm 1 on one micro-batch (uint8 images, or `(images, labels)`): t ~ U (or importance),
+        eps ~ N(0, I), a gradient step on the loss; labels are replaced by the null label with `cond_drop_prob`."""
         cfg, acc = self.cfg, self.accelerator
         device = acc.device
         seed = step_seed(cfg.seed, self.global_step, micro, acc.process_index)
         g = torch.Generator(device=device).manual_seed(seed)
         g_cpu = torch.Generator().manual_seed(seed)  # timestep sampling draws on the CPU
-        x0 = normalize_uint8(batch.to(device, non_blocking=True))
+        images, labels = split_batch(batch)
+        x0 = normalize_uint8(images.to(device, non_blocking=True))
         if cfg.random_flip:
             x0 = random_flip(x0, g)
         timesteps, weights = self.timestep_sampler.sample(x0.shape[0], device=device, generator=g_cpu)
         noise = torch.randn(x0.shape, generator=g, device=device, dtype=x0.dtype)
+        if labels is not None:
+            labels = self.drop_labels(labels.to(device), g)
         x_t = self.noise_scheduler.add_noise(x0, noise, timesteps)
         if cfg.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(self.unet):
             with acc.autocast():
-                model_output = self.unet(x_t, timesteps).sample
+                model_output = self.unet(x_t, timesteps, class_labels=labels).sample
             losses = training_losses(self.noise_scheduler, model_output.float(), x0, noise, timesteps, cfg.loss_type,
                                      cfg.vlb_weight, x_t, snr_gamma=cfg.snr_gamma)  # fmt: skip
             loss = (losses["loss"] * weights).mean()
@@ -711,6 +814,27 @@ class Trainer:
         step_now = torch.tensor(self.global_step + 1, device=device)
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, step_now, self.first_bad_step)
         return {"loss": loss.detach(), "grad_norm": grad_norm}
+
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Classifier-free guidance training: each label becomes the null label (id `num_classes`) with
+        probability `cond_drop_prob`, drawn from the step's generator."""
+        drop = torch.rand(labels.shape, generator=generator, device=generator.device) < self.cfg.cond_drop_prob
+        return torch.where(drop.to(labels.device), torch.full_like(labels, self.data.num_classes), labels)
+
+    def optimizer_step(self, batches) -> dict[str, torch.Tensor | None]:
+        """One optimizer update, the unit of training: `train_step` on micro-batches from `batches` until
+        accelerate syncs the gradients (`gradient_accumulation_steps` of them, fewer at an epoch's end), then
+        the EMA update and the step count. Returns the last micro-batch's loss and gradient norm."""
+        micro = 0
+        while True:
+            out = self.train_step(next(batches), micro)
+            micro += 1
+            if self.accelerator.sync_gradients:
+                break
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+        self.global_step += 1
+        return out
 
     def batches(self):
         """The loader's batches from the current position on, epoch after epoch (exact after a resume)."""
@@ -735,18 +859,9 @@ class Trainer:
         bar = tqdm(total=self.max_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not acc.is_local_main_process)  # fmt: skip
         self._clock = (time.perf_counter(), self.global_step)
-        micro = 0
-        for batch in self.batches():
-            if self.global_step >= self.max_steps:
-                break
-            self._last_out = self.train_step(batch, micro)
-            micro += 1
-            if not acc.sync_gradients:
-                continue
-            micro = 0
-            if self.ema is not None:
-                self.ema.step(self.unet.parameters())
-            self.global_step += 1
+        batches = self.batches()
+        while self.global_step < self.max_steps:
+            self._last_out = self.optimizer_step(batches)
             bar.update(1)
             last = self.global_step == self.max_steps
             for every, action in self.periodic:
@@ -816,20 +931,30 @@ class Trainer:
         acc.log(logs, step=self.global_step)
         self.history.append({"step": self.global_step, **logs})
 
-    def ema_pipeline(self):
-        """A pipeline around the (unwrapped) UNet with our DDPM scheduler; use inside `ema_weights` to sample
-        the EMA weights."""
+    def ema_pipeline(self, unet=None):
+        """A pipeline around the (unwrapped) UNet, or `unet`, with our DDPM scheduler (and the class names of a
+        conditional run); use inside `ema_weights` to sample the EMA weights."""
         from ddpm_hub.pipelines import DDPMPipeline
 
-        unet = self.accelerator.unwrap_model(self.unet)
-        return DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(self.noise_scheduler.config))
+        unet = unet if unet is not None else self.accelerator.unwrap_model(self.unet)
+        scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
+        if self.data.class_names is None:
+            return DDPMPipeline(unet=unet, scheduler=scheduler)
+        id2label = dict(enumerate(self.data.class_names))
+        return DDPMPipeline(unet=unet, scheduler=scheduler, id2label=id2label, cond_drop_prob=self.cfg.cond_drop_prob)
 
     def sample_grid(self):
         """A grid of EMA samples with the run's sampler at a fixed seed (the same noise at every evaluation)."""
         pipeline = with_sampler(self.ema_pipeline(), self.cfg.sampler)
         with ema_weights(pipeline.unet, self.ema):
             return sample_grid(pipeline, self.cfg.num_eval_images, self.cfg.sampling_steps, self.cfg.seed,
-                               self.cfg.eval_batch_size)  # fmt: skip
+                               self.cfg.eval_batch_size, self.guidance_scale)  # fmt: skip
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of grids and metrics: `--guidance_scale`, or 1 where there is no guidance."""
+        conditional = self.data.class_names is not None and self.cfg.cond_drop_prob > 0
+        return self.cfg.guidance_scale if conditional else 1.0
 
     def log_samples(self) -> None:
         if not self.accelerator.is_main_process or self.cfg.num_eval_images == 0:
@@ -854,7 +979,7 @@ class Trainer:
         pipeline = self.ema_pipeline()
         with ema_weights(pipeline.unet, self.ema):
             est = held_out_bpd(pipeline, held, "estimate", self.cfg.eval_batch_size, self.cfg.seed,
-                               self.cfg.eval_bpd_samples)  # fmt: skip
+                               self.cfg.eval_bpd_samples, self.data.held_out_labels)  # fmt: skip
         value, stderr = est["held_out_bits_per_dim_estimate"], est["held_out_bits_per_dim_stderr"]
         self.accelerator.log({"held_out_bpd_estimate": value, "held_out_bpd_stderr": stderr}, step=self.global_step)
         self.history.append({"step": self.global_step, "held_out_bpd_estimate": value, "held_out_bpd_stderr": stderr})
@@ -873,7 +998,8 @@ class Trainer:
             pipeline = with_sampler(self.ema_pipeline(), cfg.sampler)
             with ema_weights(pipeline.unet, self.ema):
                 scores = training_quality(pipeline, self.data.held_out, cfg.eval_fid_samples, cfg.sampling_steps,
-                                          cfg.seed, cfg.eval_batch_size * 4)  # fmt: skip
+                                          cfg.seed, cfg.eval_batch_size * 4, self.data.held_out_labels,
+                                          self.guidance_scale)  # fmt: skip
             scores["eval_fid_seconds"] = time.perf_counter() - start
             value.fill_(scores[self.quality_metric])
         value = float(broadcast(value, from_process=0).item())
@@ -913,28 +1039,19 @@ class Trainer:
             with ema_weights(pipeline.unet, ema):
                 if self.data.held_out is not None and cfg.final_bpd != "none":
                     metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
-                                           cfg.seed, cfg.eval_bpd_samples)  # fmt: skip
+                                           cfg.seed, cfg.eval_bpd_samples, self.data.held_out_labels)  # fmt: skip
                 sampler = with_sampler(pipeline, cfg.sampler)
                 if self.data.held_out is not None and cfg.num_quality_samples:
                     metrics.update(sample_quality(sampler, self.data.held_out, cfg.num_quality_samples,
-                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4))  # fmt: skip
+                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4,
+                                                  cfg.num_quality_seeds, self.data.held_out_labels,
+                                                  self.guidance_scale))  # fmt: skip
                 if cfg.num_eval_images:
                     step, grid = self._last_grid or (None, None)
                     if step != weights_step:  # the same EMA weights and seed give the same grid: reuse it
                         grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
-                                           cfg.eval_batch_size)  # fmt: skip
-                description = ModelDescription(
-                    hparams=cfg.to_dict(),
-                    num_parameters=count_parameters(pipeline.unet),
-                    channels=self.data.channels,
-                    dataset_description=self.data.description,
-                    dataset_id=self.data.dataset_id,
-                    data_license=self.data.license,
-                    repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
-                    ema=self.ema is not None,
-                    sampler=cfg.sampler,
-                    num_inference_steps=cfg.sampling_steps,
-                )
+                                           cfg.eval_batch_size, self.guidance_scale)  # fmt: skip
+                description = self.model_description()
                 result.update(history=self.history)
                 self._export(pipeline, description, metrics, grid, result)
             result["metrics"] = metrics
@@ -956,11 +1073,11 @@ class Trainer:
 
         path = self.best_checkpoint()
         try:
-            pipeline = ckpt.load_checkpoint_pipeline(DDPMPipeline, path, "ema" if self.ema is not None else "raw")
+            loaded = ckpt.load_checkpoint_pipeline(DDPMPipeline, path, "ema" if self.ema is not None else "raw")
         except ckpt.CheckpointError as exc:
             raise TrainingError(f"--final_weights best: cannot load the best checkpoint: {exc}") from None
         logger.info("exporting the best checkpoint %s (%s %.4f)", path, self.best["metric"], self.best["value"])
-        return pipeline.to(self.accelerator.device), None, self.best["step"]
+        return self.ema_pipeline(loaded.unet.to(self.accelerator.device)), None, self.best["step"]
 
     def _export(self, pipeline, description: ModelDescription, metrics: dict, grid, result: dict) -> None:
         from ddpm_hub.export import ExportError
@@ -970,6 +1087,39 @@ class Trainer:
         except ExportError as exc:
             raise TrainingError(f"{exc}; the checkpoints are intact: rerun with --resume_from_checkpoint latest to "
                                 "export again") from None
+
+    def model_description(self) -> ModelDescription:
+        """What the model card says about this run's model besides its metrics."""
+        cfg = self.cfg
+        return ModelDescription(
+            hparams=cfg.to_dict(),
+            num_parameters=count_parameters(self.accelerator.unwrap_model(self.unet)),
+            channels=self.data.channels,
+            dataset_description=self.data.description,
+            dataset_id=self.data.dataset_id,
+            data_license=self.data.license,
+            repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
+            ema=self.ema is not None,
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.sampling_steps,
+            class_names=self.data.class_names,
+            guidance_scale=self.guidance_scale,
+            dataset_type=self.data.dataset_type,
+            dataset_name=self.data.dataset_name,
+            eval_split=self.data.eval_split,
+        )
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """`training_run.json` of a checkpoint: the model description and the latest held-out estimate so far, so
+        that a checkpoint pushed as a model gets a card with its data, license and metrics."""
+        from dataclasses import asdict
+
+        metrics: dict[str, float] = {}
+        for entry in self.history:
+            if "held_out_bpd_estimate" in entry and entry["step"] <= self.global_step:
+                metrics = {"held_out_bits_per_dim_estimate": entry["held_out_bpd_estimate"],
+                           "held_out_bits_per_dim_stderr": entry["held_out_bpd_stderr"]}  # fmt: skip
+        return {"step": self.global_step, "description": asdict(self.model_description()), "ema_metrics": metrics}
 
     def push(self) -> None:
         from ddpm_hub.hub_push import HubError
@@ -1009,10 +1159,11 @@ def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None 
         release(cfg.output_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run)."""
+def main(argv: list[str] | None = None, parsed: tuple[TrainConfig, str | None] | None = None) -> int:
+    """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run). `parsed`: the
+    arguments already parsed (as the script does before importing torch)."""
     try:
-        cfg, token = parse_args(argv, description=__doc__)
+        cfg, token = parsed or parse_args(argv, description=__doc__)
         train(cfg, hub_token=token)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -1026,4 +1177,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(parsed=_PARSED))

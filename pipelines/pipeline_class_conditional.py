@@ -1,0 +1,198 @@
+"""Class labels and classifier-free guidance (Ho & Salimans 2022) for a class-conditional DDPM `UNet2DModel`.
+
+This module imports only torch and diffusers: ddpm_hub's `DDPMPipeline` uses its helpers, and a saved
+class-conditional pipeline carries a copy of this file as `pipeline.py`, so that stock diffusers loads and samples
+it without ddpm_hub:
+
+    DiffusionPipeline.from_pretrained(repo_or_folder, custom_pipeline="pipeline", trust_remote_code=True)
+
+Conventions (diffusers' DiTPipeline): the UNet has `num_class_embeds = num_classes + 1` and the last embedding row
+(`num_classes`) is the null, unconditional label; class names are the pipeline config's `id2label`, looked up by
+`get_label_ids`; the guided batch is `cat([x, x])` with labels `cat([labels, null])`, one UNet call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+LabelsInput = int | str | Sequence[int | str] | torch.Tensor | None
+
+
+def num_classes_of(unet: UNet2DModel) -> int | None:
+    """The number of real classes of a UNet (its class embeddings minus the null one), None if unconditional."""
+    embeds = unet.config.get("num_class_embeds")
+    return None if embeds is None else int(embeds) - 1
+
+
+def label_ids(names: Sequence[str], id2label: dict[Any, str] | None) -> list[int]:
+    """Class ids of class names (as DiTPipeline's `get_label_ids`); ValueError naming the allowed names."""
+    labels = {str(v).strip(): int(k) for k, v in (id2label or {}).items()}
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        allowed = sorted(labels, key=labels.get) if labels else "none: this pipeline stores no class names"
+        raise ValueError(f"unknown class name(s) {unknown}; choose from {allowed} or pass class ids")
+    return [labels[n] for n in names]
+
+
+def prepare_class_labels(
+    class_labels: LabelsInput,
+    batch_size: int,
+    guidance_scale: float,
+    unet: UNet2DModel,
+    id2label: dict[Any, str] | None = None,
+    null_label_trained: bool = True,
+) -> tuple[torch.Tensor | None, int, float]:
+    """(class ids `[B]` or None, B, effective guidance scale) for a sampling call.
+
+    An int or a name gives `batch_size` images of that class; a list or 1-d tensor gives one image per entry
+    (`batch_size` must then be 1 or its length). A conditional model called without labels samples from the null
+    (unconditional) label, with no guidance. Every misuse is a one-line ValueError naming what is allowed.
+    """
+    num_classes = num_classes_of(unet)
+    if num_classes is None:
+        if class_labels is not None or guidance_scale != 1.0:
+            raise ValueError(
+                "this model is unconditional (its UNet has no class embedding): call it without class_labels and "
+                "with guidance_scale=1"
+            )
+        return None, batch_size, 1.0
+    if class_labels is None:
+        if not null_label_trained:
+            raise ValueError(
+                f"this model was trained without label dropout, so it has no unconditional mode: pass class_labels "
+                f"(ids 0..{num_classes - 1}{' or names ' + str(list(id2label.values())) if id2label else ''})"
+            )
+        return torch.full((batch_size,), num_classes, dtype=torch.long), batch_size, 1.0
+    if guidance_scale != 1.0 and not null_label_trained:
+        raise ValueError(
+            "this model was trained without label dropout (no unconditional model): use guidance_scale=1"
+        )
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.ndim > 1 or class_labels.is_floating_point():
+            raise ValueError(f"class_labels must be a 0-d or 1-d integer tensor, got {class_labels.dtype} "
+                             f"of shape {tuple(class_labels.shape)}")  # fmt: skip
+        class_labels = class_labels.tolist()
+    single = isinstance(class_labels, (int, str))
+    values = [class_labels] if single else list(class_labels)
+    if not values:
+        raise ValueError("class_labels is empty: pass a class id or name, or a list of them")
+    ids = []
+    for value in values:
+        if isinstance(value, str):
+            ids += label_ids([value.strip()], id2label)
+        elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_classes:
+            ids.append(value)
+        else:
+            raise ValueError(f"class label {value!r} is not a class id 0..{num_classes - 1} or a class name")
+    if single:
+        ids = ids * batch_size
+    elif batch_size not in (1, len(ids)):
+        raise ValueError(f"got {len(ids)} class_labels for batch_size {batch_size}: pass one label per image (or "
+                         "one label for the whole batch)")  # fmt: skip
+    return torch.tensor(ids, dtype=torch.long), len(ids), float(guidance_scale)
+
+
+def guided_model_output(
+    unet: UNet2DModel, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None, guidance_scale: float
+) -> torch.Tensor:
+    """The UNet's output at (x_t, t) for `class_labels`, with classifier-free guidance on the mean channels:
+    out = out_uncond + guidance_scale * (out_cond - out_uncond), both halves from one UNet call of batch 2B (the
+    null label for the second half); learned-variance channels come from the conditional half. Scale 1 (or no
+    labels) is one plain conditional pass."""
+    if class_labels is None:
+        return unet(sample, timestep).sample
+    class_labels = class_labels.to(sample.device)
+    if guidance_scale == 1.0:
+        return unet(sample, timestep, class_labels=class_labels).sample
+    null = torch.full_like(class_labels, num_classes_of(unet))
+    out = unet(torch.cat([sample, sample]), timestep, class_labels=torch.cat([class_labels, null])).sample
+    cond, uncond = out.chunk(2)
+    c = sample.shape[1]
+    mean = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([mean, cond[:, c:]], dim=1)
+
+
+def scheduler_takes_variance(scheduler) -> bool:
+    """A DDPM scheduler configured for a learned variance reads the UNet's variance channels; every other
+    scheduler gets the mean channels only."""
+    return type(scheduler).__name__ == "DDPMScheduler" and str(
+        scheduler.config.get("variance_type", "fixed_small")
+    ).startswith("learned")
+
+
+def register_label_config(pipeline: DiffusionPipeline, id2label: dict | None, cond_drop_prob: float | None) -> None:
+    """Keep the class names and the label-dropout rate in the pipeline config (model_index.json), where
+    `from_pretrained` passes them back to `__init__`; unconditional pipelines store neither."""
+    if id2label is not None or cond_drop_prob is not None:
+        id2label = None if id2label is None else {int(k): str(v) for k, v in id2label.items()}
+        pipeline.register_to_config(id2label=id2label, cond_drop_prob=cond_drop_prob)
+
+
+class ClassConditionalDDPMPipeline(DiffusionPipeline):
+    """Class-conditional DDPM sampling with classifier-free guidance, for any compatible scheduler, in stock
+    diffusers (ddpm_hub's `DDPMPipeline` gives the same images and adds the likelihood)."""
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "model_output"]
+
+    def __init__(self, unet: UNet2DModel, scheduler, id2label: dict | None = None, cond_drop_prob: float | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        register_label_config(self, id2label, cond_drop_prob)
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of class names (the names are `self.config.id2label`)."""
+        return label_ids([label] if isinstance(label, str) else label, self.config.get("id2label"))
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: LabelsInput = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        eta: float = 0.0,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample images of `class_labels` (ids or names) with guidance `guidance_scale` (1: no guidance)."""
+        labels, batch_size, scale = prepare_class_labels(
+            class_labels, batch_size, guidance_scale, self.unet, self.config.get("id2label"),
+            self.config.get("cond_drop_prob") != 0,
+        )  # fmt: skip
+        device, channels = self._execution_device, self.unet.config.in_channels
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        latents = randn_tensor((batch_size, channels, *size), generator=generator, device=device,
+                               dtype=self.unet.dtype)  # fmt: skip
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            model_output = guided_model_output(self.unet, model_input, t, labels, scale)
+            if not scheduler_takes_variance(self.scheduler):
+                model_output = model_output[:, :channels]
+            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "model_output": model_output}
+                returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
+                latents = returned.pop("latents", latents)
+        image = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)

@@ -1,0 +1,133 @@
+"""Model cards as pushed: on every push route the card parses with huggingface_hub (typed metrics, standard errors
+as a property of their metric, the data named by an id-like type and a human name), its usage snippet loads the
+pushed repo as written, and the picture it shows is uploaded with it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import FAST_ARGS, run_train, subprocess_env
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from ddpm_hub import DDPMPipeline
+from ddpm_hub.cli import main as cli
+from ddpm_hub.hub import EMBEDDED_DIGITS, render_model_card
+
+FAKE_TOKEN = "hf_FakeTokenForCardTests0123456789abc"
+
+
+@pytest.fixture(scope="module")
+def run_with_metrics(tmp_path_factory):
+    """A 2-step digits run with a held-out estimate at the end and in its checkpoint, and a sample grid."""
+    tmp = tmp_path_factory.mktemp("cards")
+    out = tmp / "run"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--eval_steps", "2", "--eval_bpd_samples", "2", "--final_bpd", "estimate", "--num_eval_images", "4",
+            "--num_inference_steps", "5"]  # fmt: skip
+    proc = run_train(args, tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _snippet(card: str) -> str:
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def run_snippets(snippets: dict[str, str], tmp_path, token: str = FAKE_TOKEN) -> None:
+    """Run each card's usage snippet verbatim, against the local Hub, in a fresh process with an empty cache."""
+    script = textwrap.dedent(f"""
+        import json
+        for repo, snippet in json.loads({json.dumps(json.dumps(snippets))}).items():
+            scope = {{}}
+            exec(snippet, scope)
+            images = scope["images"]
+            assert len(images) == 16 and images[0].size == (8, 8), (repo, images)
+            print("ran", repo)
+    """)
+    env = subprocess_env(tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=token, HF_HOME=str(tmp_path / "fresh_home"))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ran ") == len(snippets), proc.stdout
+
+
+def check_pushed_card(hub, repo: str, metrics: dict[str, float]) -> str:
+    """The pushed card names `repo`, parses with `ModelCard.load`, types its metrics and shows only files it has."""
+    files = hub.state.repos[repo].head[1]
+    card_text = files["README.md"].decode()
+    assert f'DDPMPipeline.from_pretrained("{repo}")' in card_text, repo
+    assert ("![samples](samples.png)" in card_text) == ("samples.png" in files), repo
+    card = ModelCard.load(repo, token=FAKE_TOKEN)  # through the real client
+    assert card.data.license == "cc-by-4.0" and "not recorded" not in card.text, repo
+    assert "datasets" not in card.data.to_dict(), repo  # the embedded digits have no Hub id
+    results = {(r.metric_type, r.metric_config): r for r in card.data.eval_results}
+    estimate = results[("bits_per_dim", "estimate")]
+    assert estimate.metric_value == round(metrics["held_out_bits_per_dim_estimate"], 4), repo
+    assert estimate.metric_args == {"standard_error": round(metrics["held_out_bits_per_dim_stderr"], 4)}, repo
+    assert (estimate.dataset_type, estimate.dataset_name) == (EMBEDDED_DIGITS["type"], EMBEDDED_DIGITS["name"])
+    assert estimate.dataset_split == "test"
+    assert not any("stderr" in r.metric_type or "stderr" in (r.metric_name or "") for r in card.data.eval_results)
+    return card_text
+
+
+def test_every_push_route_uploads_a_card_that_parses_and_loads_the_repo(hub, run_with_metrics, tmp_path, monkeypatch):
+    hub.state.token = FAKE_TOKEN
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    run = run_with_metrics
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    pipeline = DDPMPipeline.from_pretrained(run)
+    pipeline.push_to_hub("bare-push", token=FAKE_TOKEN)  # a bare name: the user's namespace, from whoami
+    pipeline.save_pretrained(tmp_path / "named-after-folder", push_to_hub=True, token=FAKE_TOKEN)  # as diffusers
+    pipeline.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/via-save", token=FAKE_TOKEN)
+    assert cli(["push", "--folder", str(run), "--repo_id", "org/via-cli"]) == 0
+    assert cli(["push", "--folder", str(checkpoint), "--repo_id", "org/via-checkpoint"]) == 0
+
+    final = json.loads((run / "metrics.json").read_text())["metrics"]
+    record = json.loads((checkpoint / "training_run.json").read_text())
+    expected = {"tester/bare-push": final, "tester/named-after-folder": final, "org/via-save": final,
+                "org/via-cli": final, "org/via-checkpoint": record["ema_metrics"]}  # fmt: skip
+    assert set(record["ema_metrics"]) == {"held_out_bits_per_dim_estimate", "held_out_bits_per_dim_stderr"}
+    snippets = {repo: _snippet(check_pushed_card(hub, repo, metrics)) for repo, metrics in expected.items()}
+    for repo in ("tester/bare-push", "tester/named-after-folder", "org/via-save", "org/via-cli"):
+        assert hub.state.repos[repo].head[1]["samples.png"] == (run / "samples.png").read_bytes(), repo
+    assert f'from_pretrained("{run}")' in (run / "README.md").read_text()  # the local card is left as it was
+    run_snippets(snippets, tmp_path)
+
+
+def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
+    metrics = {"held_out_bits_per_dim": 4.41, "held_out_bits_per_dim_estimate": 4.4, "held_out_bits_per_dim_stderr":
+               0.0123, "digits_fid": 1.5, "digits_kid": 0.01, "fid": 20.0}  # fmt: skip
+    card = render_model_card(hparams={"resolution": 32}, metrics=metrics, repo_id="org/m", num_parameters=1,
+                             channels=3, dataset_id="uoft-cs/cifar10", dataset_description="CIFAR-10",
+                             eval_split="test")  # fmt: skip
+    parsed = ModelCard(str(card))
+    assert parsed.data.datasets == ["uoft-cs/cifar10"]  # a Hub id: in `datasets` and as the model-index type
+    by_type = {(r.metric_type, r.metric_config, r.metric_value) for r in parsed.data.eval_results}
+    assert by_type == {("bits_per_dim", None, 4.41), ("bits_per_dim", "estimate", 4.4), ("fid", "inception-v3", 20.0),
+                       ("fid", "ddpm-hub-digits-classifier", 1.5), ("kid", "ddpm-hub-digits-classifier", 0.01)}
+    assert len(parsed.data.eval_results) == 5  # the standard error is no metric of its own
+    for result in parsed.data.eval_results:
+        assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("uoft-cs/cifar10",) * 2 + ("test",)
+        assert result.metric_args == ({"standard_error": 0.0123} if result.metric_config == "estimate" else None)
+    # the YAML is what huggingface_hub's own model-index reader returns, field for field
+    name, again = model_index_to_eval_results(parsed.data.to_dict()["model-index"])
+    assert name == "org/m" and again == parsed.data.eval_results
+    assert "4.4000 ± 0.0123" in parsed.text  # the table shows the standard error with its value
+
+
+def test_the_trainer_resolves_a_bare_hub_model_id_before_training(hub):
+    from types import SimpleNamespace
+
+    from ddpm_hub.training.train import Trainer
+
+    from ddpm_hub.config import parse_args
+
+    hub.state.token = FAKE_TOKEN
+    cfg, _ = parse_args(["--push_to_hub", "--hub_model_id", "my-ddpm"])
+    run = SimpleNamespace(cfg=cfg, hub_token=FAKE_TOKEN)  # what `_check_hub` reads of the trainer
+    Trainer._check_hub(run)
+    assert run.cfg.hub_model_id == "tester/my-ddpm" and "tester/my-ddpm" in hub.state.repos

@@ -1,0 +1,428 @@
+"""Class-conditional models end to end: labels from the data, label dropout, every loss conditioned, exact
+resume, guided sampling (forms of labels, errors, generators), conditional and unconditional bounds against an
+oracle, sharing with stock diffusers through the repo's pipeline.py, the card, and the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_ARGS, REPO, read_metrics, run_train, subprocess_env, train_in_process
+from PIL import Image
+
+from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+from ddpm_hub.config import DataConfig
+from ddpm_hub.data import DataError, class_names, encode_labels, load_digits_dataset, load_splits
+
+FAKE_TOKEN = "hf_FakeTokenForConditionalTests0123456789"
+NUM_CLASSES = 3
+
+
+def _unet(learned: bool = False, num_classes: int | None = NUM_CLASSES, seed: int = 0):
+    torch.manual_seed(seed)
+    embeds = None if num_classes is None else num_classes + 1
+    unet = create_unet("tiny", learned_variance=learned, num_class_embeds=embeds)
+    with torch.no_grad():  # non-trivial outputs (zero-initialised output layers otherwise)
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+def _pipeline(learned: bool = False, scheduler=None, **config) -> DDPMPipeline:
+    variance = "learned_range" if learned else "fixed_small"
+    scheduler = scheduler or DDPMScheduler(num_train_timesteps=100, variance_type=variance)
+    config.setdefault("id2label", {0: "a", 1: "b", 2: "c"})
+    pipeline = DDPMPipeline(unet=_unet(learned), scheduler=scheduler, **config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _images(pipeline, seed: int = 0, **kwargs) -> np.ndarray:
+    kwargs.setdefault("num_inference_steps", 5)
+    return pipeline(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Labels from the data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _png(folder, name, value):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(folder / name)
+
+
+def test_labels_and_class_names_come_from_the_data(tmp_path):
+    digits = load_digits_dataset()["train"]
+    assert class_names(digits, "label") == [str(i) for i in range(10)]
+    assert encode_labels(digits, "label", class_names(digits, "label")).tolist() == digits["label"]
+    # an imagefolder with one subfolder per class: datasets' `label` ClassLabel, in train/ and test/
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for k, kind in enumerate(("cat", "dog")):
+            for i in range(2):
+                _png(root / split / kind, f"{i}.png", 50 * k + i)
+    train, held = load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    names = class_names(train, "label")
+    assert names == ["cat", "dog"]
+    for split in (train, held):
+        labels = encode_labels(split, "label", names)
+        paths = [row["image"]["path"] for row in split]
+        assert [names[i] for i in labels] == [p.split("/")[-2] for p in paths]  # the label of each file's folder
+    # a Hub-style dataset with a string label column (--class_column): sorted distinct values are the classes
+    dd = load_digits_dataset()
+    layout = tmp_path / "hub-layout" / "data"
+    layout.mkdir(parents=True)
+    words = ["even", "odd"]
+    for split, n in (("train", 30), ("test", 6)):
+        ds = dd[split].select(range(n))
+        ds = ds.add_column("parity", [words[v % 2] for v in ds["label"]])
+        ds.to_parquet(str(layout / f"{split}-00000-of-00001.parquet"))
+    train, held = load_splits(DataConfig(dataset_name=str(tmp_path / "hub-layout"), cache_dir=str(tmp_path / "c2")))
+    assert class_names(train, "parity") == ["even", "odd"]
+    assert encode_labels(held, "parity", ["even", "odd"]).tolist() == [v % 2 for v in held["label"]]
+    # errors name the input: a missing column, a label outside the class list
+    with pytest.raises(DataError, match="--class_column 'kind' not found in the train split") as exc:
+        class_names(train, "kind")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DataError, match="held-out row 0: class label 'even' is not one of the 1 classes"):
+        encode_labels(held, "parity", ["odd"], "held-out")
+    flat = tmp_path / "flat"
+    _png(flat, "a.png", 1)
+    _png(flat, "b.png", 2)
+    train, _ = load_splits(DataConfig(train_data_dir=str(flat), cache_dir=str(tmp_path / "c3")))
+    with pytest.raises(DataError, match="one subfolder per class"):
+        class_names(train, "label")
+
+
+def _synthetic_trainer(tmp_path, cond_drop_prob: float = 0.1, **options):
+    """A Trainer on 60 images whose pixels encode their label (value 20 * label): pairing is checkable."""
+    sys.path.insert(0, str(REPO / "training"))
+    from train import Data, Trainer
+
+    from ddpm_hub.config import build_config
+
+    labels = torch.arange(60) % NUM_CLASSES
+    images = (labels * 20).to(torch.uint8).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    data = Data(torch.utils.data.TensorDataset(images, labels), None, 60, 0, 1, "synthetic", None, None,
+                ["a", "b", "c"])  # fmt: skip
+    cfg = build_config({"unet_preset": "tiny", "logger": "none", "output_dir": str(tmp_path / "run"),
+                        "train_batch_size": 8, "max_train_steps": 100, "class_conditional": True,
+                        "cond_drop_prob": cond_drop_prob, "num_eval_images": 0, **options})  # fmt: skip
+    return Trainer(cfg, data=data)
+
+
+def test_labels_follow_images_through_shuffling_and_epochs(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        trainer = _synthetic_trainer(tmp_path)
+        assert trainer.unet.config.num_class_embeds == NUM_CLASSES + 1  # the last row is the null label
+        batches = trainer.batches()
+        seen = []
+        for _ in range(3 * trainer.updates_per_epoch):  # across epoch boundaries
+            images, labels = next(batches)
+            assert torch.equal(images[:, 0, 0, 0].long(), labels * 20)
+            seen.append(labels)
+        assert not torch.equal(torch.cat(seen[:7]), torch.arange(56) % NUM_CLASSES)  # shuffled
+        # label dropout: the null label (id num_classes) with probability cond_drop_prob, from the step's generator
+        g = torch.Generator().manual_seed(0)
+        dropped = trainer.drop_labels(torch.zeros(20_000, dtype=torch.long), g)
+        assert set(dropped.unique().tolist()) == {0, NUM_CLASSES}
+        assert abs(float((dropped == NUM_CLASSES).float().mean()) - 0.1) < 0.01
+        trainer.cfg.diffusion.cond_drop_prob = 0.0
+        assert (trainer.drop_labels(torch.ones(1000, dtype=torch.long), g) == 1).all()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("variance_loss", [("fixed_small", "simple"), ("learned_range", "hybrid"),
+                                           ("fixed_small", "vlb"), ("learned_range", "vlb")],
+                         ids=lambda v: "-".join(v))  # fmt: skip
+def test_every_prediction_variance_and_loss_trains_on_the_label(prediction_type, variance_loss):
+    """The loss of a labelled batch reaches the class embeddings of exactly the labels used; with a learned
+    variance the bound term (hybrid/VLB) is conditioned on the label too."""
+    from ddpm_hub.losses import training_losses
+
+    variance, loss_type = variance_loss
+    scheduler = DDPMScheduler(num_train_timesteps=50, prediction_type=prediction_type, variance_type=variance)
+    unet = _unet(learned=variance.startswith("learned")).train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 50, (6,), generator=g)
+    labels = torch.tensor([0, 2, 0, 2, 3, 3])  # class 1 unused; 3 is the null label
+    x_t = scheduler.add_noise(x0, noise, t)
+    losses = training_losses(scheduler, unet(x_t, t, class_labels=labels).sample, x0, noise, t, loss_type,
+                             x_t=x_t)  # fmt: skip
+    key = "vb" if loss_type == "hybrid" else "loss"  # hybrid: the bound term alone must see the label as well
+    losses[key].mean().backward()
+    grad = unet.class_embedding.weight.grad.abs().sum(dim=1)
+    assert (grad[[0, 2, 3]] > 0).all() and grad[1] == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training runs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_conditional(tmp_path_factory):
+    """A tiny class-conditional digits model (learned variance, hybrid loss) trained by the real trainer."""
+    out = tmp_path_factory.mktemp("conditional") / "run"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "3", "--class_conditional",
+            "--variance_type", "learned_range", "--num_eval_images", "20", "--num_inference_steps", "4",
+            "--final_bpd", "estimate", "--eval_bpd_samples", "4", "--num_quality_samples", "40",
+            "--checkpointing_steps", "3"]  # fmt: skip
+    train_in_process(args)
+    return out
+
+
+def test_conditional_exact_resume_with_accumulation_matches_uninterrupted_run(tmp_path):
+    common = [*FAST_ARGS, "--class_conditional", "--variance_type", "learned_range", "--max_train_steps", "10",
+              "--checkpointing_steps", "4", "--lr_warmup_steps", "3", "--gradient_accumulation_steps", "2",
+              "--checkpoints_total_limit", "5"]  # fmt: skip
+    full = tmp_path / "full"
+    proc = run_train([*common, "--output_dir", str(full)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    proc = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [h["loss"] for h in read_metrics(full)["history"] if h["step"] > 4]
+    b = [h["loss"] for h in read_metrics(resumed)["history"]]
+    assert len(b) == 6 and a == b  # bit-identical losses: labels and their dropout resume exactly
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (full, resumed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_two_rank_conditional_run(tmp_path):
+    out = tmp_path / "ddp"
+    args = [*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "4", "--class_conditional"]
+    launcher = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]  # fmt: skip
+    proc = run_train(args, tmp_path, launcher=launcher, threads=1)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = read_metrics(out)
+    assert metrics["num_processes"] == 2 and metrics["ranks_identical"] is True
+
+
+def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, tmp_path):
+    out = trained_conditional
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["id2label"] == {str(i): str(i) for i in range(10)} and index["cond_drop_prob"] == 0.1
+    assert (out / "pipeline.py").read_text().startswith('"""Class labels and classifier-free guidance')
+    metrics = read_metrics(out)["metrics"]
+    for key in ("held_out_bits_per_dim_estimate", "held_out_unconditional_bits_per_dim_estimate",
+                "digits_conv_fid", "digits_mlp_fid", "digits_class_accuracy"):  # fmt: skip
+        assert np.isfinite(metrics[key]), key
+    grid = Image.open(out / "samples.png")  # one row per class: 10 rows of ceil(20 / 10) = 2 tiles of 64 px
+    assert grid.size == (2 * 66 + 2, 10 * 66 + 2)
+    card = (out / "README.md").read_text()
+    assert "## Classes" in card and "0: `0`" in card and "9: `9`" in card and "Recommended: **3.0**" in card
+    assert "held_out_unconditional_bits_per_dim_estimate" in card and "digits_class_accuracy" in card
+    assert "pipeline_tag: image-generation" in card and "{{" not in card and "{%" not in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'custom_pipeline="pipeline", trust_remote_code=True' in snippet
+    script = 'import sys; sys.modules["ddpm_hub"] = None\n' + snippet + "\nassert len(images) == 2, images\n"
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Guided sampling
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _count_unet_calls(pipeline):
+    batches = []
+    handle = pipeline.unet.register_forward_hook(lambda m, args, kwargs_out: batches.append(args[0].shape[0]))
+    return batches, handle
+
+
+def test_class_labels_as_int_list_tensor_or_names_and_one_unet_call_per_step():
+    pipeline = _pipeline()
+    reference = _images(pipeline, class_labels=[1, 1], guidance_scale=2.0)
+    for form in (1, "b", ["b", 1], torch.tensor([1, 1]), torch.tensor(1)):
+        np.testing.assert_array_equal(_images(pipeline, batch_size=2, class_labels=form, guidance_scale=2.0),
+                                      reference, err_msg=repr(form))  # fmt: skip
+    assert pipeline.get_label_ids(["c", "a"]) == [2, 0]
+    batches, handle = _count_unet_calls(pipeline)
+    try:
+        _images(pipeline, class_labels=[0, 1, 2], guidance_scale=3.0)
+        assert batches == [6] * 5  # one UNet call of batch 2B per step
+        batches.clear()
+        _images(pipeline, class_labels=[0, 1, 2], guidance_scale=1.0)
+        assert batches == [3] * 5  # scale 1: the conditional pass only
+    finally:
+        handle.remove()
+
+
+def test_guidance_scale_0_and_1_are_the_unconditional_and_conditional_models():
+    """Scale 0 is the null-label model and scale 1 the conditional one: checked against single-label runs."""
+    pipeline = _pipeline()
+    null = _images(pipeline, batch_size=2)  # no labels: the null label, unguided
+    np.testing.assert_allclose(_images(pipeline, class_labels=[0, 2], guidance_scale=0.0), null, atol=1e-5)
+    conditional = _images(pipeline, class_labels=[0, 2])
+    assert np.abs(conditional - null).max() > 1e-3  # the label changes the image
+
+
+def test_per_image_generators_and_callback_with_guidance():
+    pipeline = _pipeline(learned=True)
+    together = pipeline(class_labels=[0, 2], guidance_scale=2.5, num_inference_steps=5, output_type="np",
+                        generator=[torch.Generator().manual_seed(s) for s in (7, 8)]).images  # fmt: skip
+    alone = pipeline(class_labels=[2], guidance_scale=2.5, num_inference_steps=5, output_type="np",
+                     generator=[torch.Generator().manual_seed(8)]).images  # fmt: skip
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-5)  # image i depends on its generator only
+    shapes = []
+
+    def callback(pipe, i, t, kwargs):
+        shapes.append((tuple(kwargs["latents"].shape), tuple(kwargs["model_output"].shape)))
+        return {"latents": torch.zeros_like(kwargs["latents"])} if i == 4 else {}
+
+    out = pipeline(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=5, output_type="np",
+                   callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "model_output"])
+    assert shapes == [((2, 1, 8, 8), (2, 2, 8, 8))] * 5  # B, not 2B: the guided output, variance channels kept
+    np.testing.assert_array_equal(out.images, np.full_like(out.images, 0.5))
+
+
+def test_label_misuse_is_a_one_line_error_naming_what_is_allowed():
+    unconditional = DDPMPipeline(unet=_unet(num_classes=None), scheduler=DDPMScheduler(num_train_timesteps=10))
+    cases = [
+        (unconditional, {"class_labels": 1}, "unconditional"),
+        (unconditional, {"guidance_scale": 3.0}, "unconditional"),
+        (_pipeline(cond_drop_prob=0.0), {}, "no unconditional mode: pass class_labels"),
+        (_pipeline(cond_drop_prob=0.0), {"class_labels": 1, "guidance_scale": 2.0}, "guidance_scale=1"),
+        (_pipeline(), {"class_labels": "zebra"}, r"choose from \['a', 'b', 'c'\]"),
+        (_pipeline(), {"class_labels": 3}, "class id 0..2"),
+        (_pipeline(), {"class_labels": [0, 1], "batch_size": 3}, "2 class_labels for batch_size 3"),
+        (_pipeline(), {"class_labels": torch.tensor([0.5])}, "integer tensor"),
+        (_pipeline(), {"class_labels": []}, "empty"),
+    ]
+    for pipeline, kwargs, needle in cases:
+        with pytest.raises(ValueError, match=needle) as exc:
+            pipeline(num_inference_steps=2, **kwargs)
+        assert "\n" not in str(exc.value), kwargs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The bound given the label, and without it
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_bits_per_dim_given_labels_and_unconditional_match_an_oracle():
+    from ddpm_hub.likelihood import bits_per_dim
+
+    scheduler = DDPMScheduler(num_train_timesteps=10, variance_type="learned_range")
+    pipeline = DDPMPipeline(unet=_unet(learned=True), scheduler=scheduler, id2label={0: "a", 1: "b", 2: "c"})
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    noise = torch.randn(10, *images.shape, generator=g)
+    unet = pipeline.unet
+
+    def oracle(y):  # two plain UNet calls with explicit labels, batch by batch
+        return lambda x, t: unet(x, t, class_labels=y).sample
+
+    common = {"noise": noise, "batch_size": 8, "progress": False}
+    expected_cond = bits_per_dim(oracle(labels), scheduler, images, **common).total
+    expected_null = bits_per_dim(oracle(torch.full((5,), 3)), scheduler, images, **common).total
+    conditional = pipeline.bits_per_dim(images, class_labels=["a", "b", "c", "b", "a"], **common).total
+    unconditional = pipeline.bits_per_dim(images, **common).total
+    torch.testing.assert_close(conditional, expected_cond, rtol=0, atol=1e-9)
+    torch.testing.assert_close(unconditional, expected_null, rtol=0, atol=1e-9)
+    assert (conditional - unconditional).abs().max() > 1e-4
+    # batched into pieces, each piece gets its own labels
+    pieces = pipeline.bits_per_dim(images, class_labels=labels, noise=noise, batch_size=2, progress=False).total
+    torch.testing.assert_close(pieces, expected_cond, rtol=1e-6, atol=0)  # other batch shapes: float rounding
+    with pytest.raises(ValueError, match="one class label per image"):
+        pipeline.bits_per_dim(images, class_labels=1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sharing: stock diffusers with the repo's pipeline.py, from a folder and from the Hub
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_stock_diffusers_samples_a_conditional_pipeline_without_ddpm_hub(hub, tmp_path):
+    import diffusers
+
+    hub.state.token = FAKE_TOKEN
+    pipelines = {
+        "learned_ddpm": _pipeline(learned=True),
+        "learned_dpm": _pipeline(learned=True, scheduler=diffusers.DPMSolverMultistepScheduler.from_config(
+            DDPMScheduler(num_train_timesteps=100, variance_type="learned_range").config)),
+    }  # fmt: skip
+    sources = {}
+    for key, pipeline in pipelines.items():
+        pipeline.save_pretrained(tmp_path / key)
+        sources[key] = str(tmp_path / key)
+    pipelines["learned_ddpm"].push_to_hub("org/conditional", token=FAKE_TOKEN)
+    sources["hub"] = "org/conditional"
+    assert "pipeline.py" in hub.state.repos["org/conditional"].head[1]
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["ddpm_hub"] = None
+        import numpy as np, torch, diffusers
+        out = {{}}
+        for key, source in json.loads({json.dumps(json.dumps(sources))}).items():
+            p = diffusers.DiffusionPipeline.from_pretrained(source, custom_pipeline="pipeline", trust_remote_code=True)
+            assert type(p).__name__ == "ClassConditionalDDPMPipeline", type(p)
+            out[key] = p(class_labels=["c", 0], guidance_scale=2.5, generator=torch.Generator().manual_seed(0),
+                         num_inference_steps=6, output_type="np").images
+        np.savez({str(tmp_path / "stock.npz")!r}, **out)
+    """)
+    env = subprocess_env(tmp_path, HF_TOKEN=FAKE_TOKEN, HF_HUB_OFFLINE="0")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = dict(np.load(tmp_path / "stock.npz"))
+    for key in sources:
+        ours = _images(DDPMPipeline.from_pretrained(sources[key]) if key != "hub" else pipelines["learned_ddpm"],
+                       class_labels=["c", 0], guidance_scale=2.5, num_inference_steps=6)  # fmt: skip
+        np.testing.assert_allclose(stock[key], ours, rtol=0, atol=1e-6, err_msg=key)
+    card = hub.state.repos["org/conditional"].head[1]["README.md"].decode()
+    assert 'from_pretrained("org/conditional", custom_pipeline="pipeline", trust_remote_code=True)' in card
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_samples_classes_by_name_or_id_and_evaluates_both_bounds(trained_conditional, trained, tmp_path,
+                                                                      capsys):  # fmt: skip
+    from ddpm_hub.cli import main
+
+    out_dir = tmp_path / "samples"
+    code = main(["sample", "--model", str(trained_conditional), "--class_labels", "3", "7", "--guidance_scale", "3",
+                 "--num_images", "2", "--steps", "3", "--out_dir", str(out_dir), "--out", str(tmp_path / "g.png")])
+    assert code == 0
+    assert sorted(p.name for p in out_dir.glob("*.png")) == ["3_0000.png", "3_0001.png", "7_0000.png", "7_0001.png"]
+    assert np.load(out_dir / "samples.npz")["labels"].tolist() == [3, 3, 7, 7]
+    assert Image.open(tmp_path / "g.png").size == (2 * 66 + 2, 2 * 66 + 2)  # one row per class
+    capsys.readouterr()
+    code = main(["evaluate", "--model", str(trained_conditional), "--bpd_estimate", "--num_images", "12",
+                 "--scheduler", "ddim", "--steps", "3", "--out", str(tmp_path / "r.json")])  # the old flag name
+    assert code == 0 and "--scheduler is deprecated; use --sampler" in capsys.readouterr().err
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert {"bits_per_dim_estimate", "unconditional_bits_per_dim_estimate"} <= set(results)
+    for argv, needle in (
+        (["sample", "--model", str(trained_conditional), "--class_labels", "zebra"], "is not a class of this model"),
+        (["sample", "--model", str(trained), "--class_labels", "3"], "unconditional"),
+        (["sample", "--model", str(trained), "--guidance_scale", "3"], "needs --class_labels"),
+    ):
+        assert main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' loading bar)
+        assert last.startswith("error: ") and needle in last, last
