@@ -97,6 +97,7 @@ def test_kill_at_every_fault_point_then_resume_gives_identical_weights(tmp_path,
     _assert_same_weights(reference, tmp_path / "run")  # BEST_CHAIN: the test below
 
 
+@pytest.mark.slow
 def test_kill_while_naming_the_best_checkpoint_then_resume_keeps_it_and_gives_identical_weights(tmp_path, reference):
     out = tmp_path / "run"
     _run_chain(BEST_CHAIN, out, tmp_path, BEST_ARGS)
