@@ -230,16 +230,57 @@ def remove_checkpoint(path: Path) -> None:
     fault_point("checkpoint.prune.after_delete")
 
 
-def prune(root: Path, total_limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints so that at most `total_limit` remain; leftover staging folders go too."""
+def prune(root: Path, total_limit: int | None, keep: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints so that the `total_limit` newest remain, and `keep` (the best checkpoint) if it
+    is older; leftover staging folders go too."""
     removed = recover(root)
     if total_limit is None:
         return removed
     checkpoints = list_checkpoints(root)
-    for path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+    old = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in [p for p in old if keep is None or p.name != Path(keep).name]:
         remove_checkpoint(path)
         removed.append(path)
     return removed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The best checkpoint by the during-training quality metric: a regular checkpoint named by `best.json`
+# ------------------------------------------------------------------------------------------------------------------
+
+BEST_POINTER = "best.json"
+
+
+def write_best_pointer(root: Path, best: dict) -> Path:
+    """Write `root/best.json` (`step`, `checkpoint`, `metric`, `value`, ...) atomically (temporary file, fsync,
+    rename). It only names the checkpoint: the trainer state of every checkpoint holds the same record, and a
+    resume rewrites this file from it, so a crash between the two never loses or confuses the best."""
+    root = Path(root)
+    payload = {**best, "checkpoint": f"{PREFIX}{best['step']}"}
+    tmp = root / (BEST_POINTER + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fault_point("checkpoint.best.pointer_tmp")
+    os.replace(tmp, root / BEST_POINTER)
+    fsync_dir(root)
+    fault_point("checkpoint.best.pointer_replaced")
+    return root / BEST_POINTER
+
+
+def read_best_pointer(root: Path) -> dict | None:
+    """What `best.json` under `root` says, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(root) / BEST_POINTER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_best_pointer(root: Path) -> None:
+    """Delete `best.json` (and its temporary file): the run it described is gone."""
+    (Path(root) / BEST_POINTER).unlink(missing_ok=True)
+    (Path(root) / (BEST_POINTER + ".tmp")).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ POINTS: dict[str, str] = {
     "checkpoint.prune.before_rename": "before an old checkpoint is renamed to .deleting.tmp",
     "checkpoint.prune.mid_delete": "the old checkpoint is renamed and half deleted",
     "checkpoint.prune.after_delete": "the old checkpoint is gone",
+    # the best checkpoint's pointer (--keep_best_checkpoint; checkpoints.py write_best_pointer)
+    "checkpoint.best.pointer_tmp": "best.json's temporary file is written and fsynced, not yet renamed",
+    "checkpoint.best.pointer_replaced": "best.json names the new best checkpoint; older ones not yet pruned",
     # the final pipeline export (export.py)
     "export.staging.pipeline_saved": "the pipeline (unet/, scheduler/, model_index.json) is in the staging folder",
     "export.staging.card_saved": "samples.png, README.md and metrics.json are in the staging folder",

@@ -13,6 +13,11 @@ from typing import Any
 
 import torch
 
+# Every metric here is computed from this process's images only: torchmetrics would otherwise all-gather its states
+# across the ranks of an initialised torch.distributed group in `compute()`, and hang when only the main process
+# evaluates (the trainer's evaluations and final metrics under `accelerate launch --num_processes 2`).
+LOCAL = {"sync_on_compute": False}
+
 
 def _as_uint8(images: torch.Tensor) -> torch.Tensor:
     """Accept uint8 `[N, C, H, W]` or float in [0, 1]; return uint8 with 3 channels (Inception expects RGB)."""
@@ -30,7 +35,7 @@ def frechet_inception_distance(
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     try:
-        metric = FrechetInceptionDistance(feature=feature, normalize=False)
+        metric = FrechetInceptionDistance(feature=feature, normalize=False, **LOCAL)
     except (ModuleNotFoundError, RuntimeError, OSError) as exc:
         raise RuntimeError(
             "FID with the standard Inception features needs torch-fidelity and its Inception weights "
@@ -48,7 +53,7 @@ def inception_score(fake: Iterable[torch.Tensor], feature: str | torch.nn.Module
     from torchmetrics.image.inception import InceptionScore
 
     try:
-        metric = InceptionScore(feature=feature, splits=splits, normalize=False)
+        metric = InceptionScore(feature=feature, splits=splits, normalize=False, **LOCAL)
     except (ModuleNotFoundError, RuntimeError, OSError) as exc:
         raise RuntimeError(f"Inception Score needs torch-fidelity and its Inception weights: {exc}") from exc
     for batch in fake:
@@ -67,7 +72,8 @@ def kernel_inception_distance(
     real, fake = [_as_uint8(b) for b in real], [_as_uint8(b) for b in fake]
     n = min(sum(len(b) for b in real), sum(len(b) for b in fake))
     try:
-        metric = KernelInceptionDistance(feature=feature, subset_size=min(subset_size, n), normalize=False)
+        metric = KernelInceptionDistance(feature=feature, subset_size=min(subset_size, n), normalize=False,
+                                         **LOCAL)
     except (ModuleNotFoundError, RuntimeError, OSError) as exc:
         raise RuntimeError(f"KID with the standard Inception features needs torch-fidelity: {exc}") from exc
     for batch in real:
@@ -109,7 +115,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance of the Gaussians fitted to feature vectors `[N, D]` (FID's formula, torchmetrics' code)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]))
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]), **LOCAL)
     metric.update(real.double().cpu(), real=True)
     metric.update(fake.double().cpu(), real=False)
     return float(metric.compute())
@@ -128,7 +134,8 @@ def kernel_distance(
     size = min(subset_size or len(real), len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features in buffer": intended here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_GivenFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_GivenFeatures(real.shape[1]), subsets=subsets, subset_size=size,
+                                         **LOCAL)
     metric.update(real.double().cpu(), real=True)
     metric.update(fake.double().cpu(), real=False)
     with torch.random.fork_rng(devices=[]):  # its subsets come from the global generator: seed them, leave it be

@@ -43,6 +43,10 @@ CHAIN = [
     "export.commit.before_index",
     "export.commit.done",
 ]
+# With --keep_best_checkpoint (evaluations leave the training itself unchanged: the same reference weights): the
+# pointer to the best checkpoint, written after each checkpoint and rewritten from the trainer state at a resume.
+BEST_ARGS = [*ARGS, "--eval_fid_steps", "4", "--eval_fid_samples", "16", "--keep_best_checkpoint"]
+BEST_CHAIN = ["checkpoint.best.pointer_tmp", "checkpoint.best.pointer_replaced"]
 
 
 def _spec(link: str) -> str:
@@ -68,9 +72,9 @@ def reference(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
-def _run_chain(links: list[str], out: Path, tmp_path: Path) -> None:
+def _run_chain(links: list[str], out: Path, tmp_path: Path, base: list[str] = ARGS) -> None:
     """Kill a run at each link's point in turn (each run resumes with `latest`), then finish without faults."""
-    args = [*ARGS, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+    args = [*base, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
     for link in links:
         proc = run_train(args, tmp_path, DDPM_HUB_FAULT=_spec(link))
         assert proc.returncode == -signal.SIGKILL, f"{link} not reached: rc {proc.returncode}\n{proc.stderr[-2000:]}"
@@ -83,14 +87,26 @@ def _run_chain(links: list[str], out: Path, tmp_path: Path) -> None:
 
 
 def test_chain_covers_every_fault_point():
-    covered = {item.split(":")[0] for link in CHAIN for item in link.split(",")}
+    covered = {item.split(":")[0] for link in CHAIN + BEST_CHAIN for item in link.split(",")}
     assert covered == set(faults.POINTS)
 
 
 @pytest.mark.slow
 def test_kill_at_every_fault_point_then_resume_gives_identical_weights(tmp_path, reference):
     _run_chain(CHAIN, tmp_path / "run", tmp_path)
-    _assert_same_weights(reference, tmp_path / "run")
+    _assert_same_weights(reference, tmp_path / "run")  # BEST_CHAIN: the test below
+
+
+@pytest.mark.slow
+def test_kill_while_naming_the_best_checkpoint_then_resume_keeps_it_and_gives_identical_weights(tmp_path, reference):
+    out = tmp_path / "run"
+    _run_chain(BEST_CHAIN, out, tmp_path, BEST_ARGS)
+    _assert_same_weights(reference, out)
+    latest = ckpt.latest_valid(out / "checkpoints")
+    best = ckpt.read_trainer_state(latest)["best_quality"]
+    pointer = ckpt.read_best_pointer(out / "checkpoints")
+    assert pointer == {**best, "checkpoint": f"checkpoint-{best['step']}"}
+    ckpt.verify(out / "checkpoints" / pointer["checkpoint"])
 
 
 def test_kill_while_writing_the_manifest_and_while_pruning_then_resume_gives_identical_weights(tmp_path, reference):

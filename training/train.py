@@ -57,6 +57,7 @@ from ddpm_hub.data import (
 )
 from ddpm_hub.export import (
     ModelDescription,
+    check_training_quality,
     ema_weights,
     export_pipeline,
     held_out_bpd,
@@ -64,6 +65,8 @@ from ddpm_hub.export import (
     recover_export,
     sample_grid,
     sample_quality,
+    selection_metric,
+    training_quality,
 )
 from ddpm_hub.losses import training_losses
 from ddpm_hub.models import count_parameters, unet_config
@@ -293,8 +296,12 @@ def adopt_pretrained_scheduler(cfg: TrainConfig) -> TrainConfig:
 
 
 def make_scheduler(cfg: TrainConfig) -> DDPMScheduler:
-    """The training/sampling scheduler of the run (its config is the saved scheduler_config.json)."""
-    return DDPMScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_OPTIONS})
+    """The training/sampling scheduler of the run (its config is the saved scheduler_config.json), built as the
+    exported pipeline's is loaded: a fresh config marks the values left at their defaults (`_use_default_values`),
+    and a sampler made from it would take its own defaults for those (DPM-Solver's `linspace` timestep spacing
+    instead of our `leading`): the grids and metrics of a run then differ from those of its exported pipeline."""
+    fresh = DDPMScheduler(**{k: getattr(cfg, k) for k in SCHEDULER_OPTIONS})
+    return DDPMScheduler.from_config(json.loads(fresh.to_json_string()))
 
 
 def _load_unet_config(source: str) -> dict[str, Any]:
@@ -430,6 +437,7 @@ class Trainer:
             self._check_hub()
 
         self.data = data if data is not None else prepare_data(cfg, acc)
+        self.quality_metric, self.best = self._check_quality_eval(), None
         base, origin = resolve_unet_config(cfg, self.data.channels, self.data.num_classes)
         logger.info("model: %s", origin)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -490,6 +498,10 @@ class Trainer:
             (cfg.eval_steps, self.log_bpd_estimate),
             (cfg.checkpointing_steps, self.save_checkpoint),
         ]
+        self.at_last_step = [self.log_metrics]  # the actions that also run at the last step
+        if cfg.eval_fid_steps:  # before the checkpoint action: a new best is in the checkpoint of its step
+            self.periodic.insert(1, (cfg.eval_fid_steps, self.evaluate_quality))
+            self.at_last_step.append(self.evaluate_quality)
         self.global_step = 0
         self._saved_step = -1
         self.first_bad_step = torch.tensor(-1, device=acc.device)
@@ -529,7 +541,23 @@ class Trainer:
                 for old in ckpt.list_checkpoints(self.checkpoint_root):
                     logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
                     ckpt.remove_checkpoint(old)
+                ckpt.remove_best_pointer(self.checkpoint_root)
         self.accelerator.wait_for_everyone()
+
+    def _check_quality_eval(self) -> str | None:
+        """The selection metric of --eval_fid_steps (None without it); ConfigError before training when the
+        evaluation cannot run (no held-out images, or Inception features without torch-fidelity)."""
+        if not self.cfg.eval_fid_steps:
+            return None
+        held = self.data.held_out
+        if held is None:
+            raise ConfigError("--eval_fid_steps needs held-out images to compare samples with, and the data has no "
+                              "test/validation split: pass --eval_split or --validation_data_dir")  # fmt: skip
+        try:
+            check_training_quality(held)
+        except RuntimeError as exc:
+            raise ConfigError(f"--eval_fid_steps: {exc}") from None
+        return selection_metric(held)
 
     def _check_hub(self) -> None:
         from ddpm_hub.hub_push import HubError, check_push_access, resolve_repo_id
@@ -585,9 +613,12 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_checkpoint(self) -> Path:
-        """Write `checkpoint-{step}` crash-safely (staging folder + manifest + rename), then prune old ones."""
-        self._assert_finite("saving a checkpoint")
+        """Write `checkpoint-{step}` crash-safely (staging folder + manifest + rename), then (with
+        --keep_best_checkpoint) `best.json`, then prune old ones (never the best). Once per step."""
         acc = self.accelerator
+        if self._saved_step == self.global_step:  # a new best already saved this step's checkpoint
+            return self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
+        self._assert_finite("saving a checkpoint")
         staging = ckpt.staging_dir(self.checkpoint_root, self.global_step)
         try:
             if acc.is_main_process:
@@ -608,11 +639,48 @@ class Trainer:
                 f"could not write checkpoint {self.global_step} to {staging}: {exc}{ckpt.storage_hint(exc)}; {kept}"
             ) from exc
         if acc.is_main_process:
-            ckpt.prune(self.checkpoint_root, self.cfg.checkpoints_total_limit)
+            best = self.best_checkpoint()
+            if best is not None:
+                ckpt.write_best_pointer(self.checkpoint_root, self.best)
+            ckpt.prune(self.checkpoint_root, self.cfg.checkpoints_total_limit, keep=best)
             logger.info("saved checkpoint %s", final)
         self._saved_step = self.global_step
         acc.wait_for_everyone()
         return final
+
+    def best_checkpoint(self) -> Path | None:
+        """With --keep_best_checkpoint, the folder of the best checkpoint so far (None before the first evaluation)."""
+        if not self.cfg.keep_best_checkpoint or self.best is None:
+            return None
+        return self.checkpoint_root / f"{ckpt.PREFIX}{self.best['step']}"
+
+    def _quality_settings(self) -> dict[str, Any]:
+        """What makes two evaluations comparable: the metric, sample count, sampler, its steps and the seed."""
+        cfg = self.cfg
+        return {"metric": self.quality_metric, "num_samples": cfg.eval_fid_samples, "sampler": cfg.sampler,
+                "num_inference_steps": cfg.sampling_steps, "seed": cfg.seed}  # fmt: skip
+
+    def _restore_best(self, info: ckpt.CheckpointInfo, best: dict | None) -> None:
+        """The best-so-far evaluation from the trainer state; ConfigError when this run's evaluations would not be
+        comparable with it; `best.json` is rewritten from it (a crash may have left it behind)."""
+        self.best = best
+        if best is None or not self.cfg.eval_fid_steps:
+            return
+        now = self._quality_settings()
+        changed = [k for k in now if best.get(k) != now[k]]
+        if changed:
+            was = ", ".join(f"{k} {best.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ConfigError(
+                f"the best-so-far {best.get('metric')} in {info.path} was measured with other evaluation settings "
+                f"({was}): resume with the same --eval_fid_samples, --sampler, --num_inference_steps and --seed"
+            )
+        path = self.best_checkpoint()
+        if path is not None and self.accelerator.is_main_process:
+            if not path.is_dir():
+                logger.warning("the best checkpoint %s (%s %.4f) is missing; it stays the value to beat",
+                               path, best["metric"], best["value"])  # fmt: skip
+            ckpt.write_best_pointer(self.checkpoint_root, best)
+        self.accelerator.wait_for_everyone()
 
     def _epoch(self) -> int:
         return self.global_step // self.updates_per_epoch
@@ -633,6 +701,7 @@ class Trainer:
                 "num_processes": acc.num_processes,
                 "lr_scheduler_last_epoch": self.lr_scheduler.scheduler.last_epoch,
                 "config": self.cfg.to_dict(),
+                "best_quality": self.best,
             }
             ckpt.write_trainer_state(staging, state, self.timestep_sampler.state_dict())
 
@@ -668,6 +737,7 @@ class Trainer:
             for rejected in ckpt.list_checkpoints(self.checkpoint_root):
                 logger.warning("--resume_from_checkpoint latest_or_new: deleting the rejected %s", rejected)
                 ckpt.remove_checkpoint(rejected)
+            ckpt.remove_best_pointer(self.checkpoint_root)
         self.accelerator.wait_for_everyone()
         logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
 
@@ -701,6 +771,7 @@ class Trainer:
             )
         apply_optimizer_options(self.optimizer, self.lr_scheduler, self.cfg)
         apply_ema_options(self.ema, self.cfg)
+        self._restore_best(info, state.get("best_quality"))
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
@@ -792,8 +863,9 @@ class Trainer:
         while self.global_step < self.max_steps:
             self._last_out = self.optimizer_step(batches)
             bar.update(1)
+            last = self.global_step == self.max_steps
             for every, action in self.periodic:
-                if self.global_step % every == 0 or (action == self.log_metrics and self.global_step == self.max_steps):
+                if self.global_step % every == 0 or (last and action in self.at_last_step):
                     action()
             if "loss" in (self.history[-1] if self.history else {}):
                 bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
@@ -859,12 +931,12 @@ class Trainer:
         acc.log(logs, step=self.global_step)
         self.history.append({"step": self.global_step, **logs})
 
-    def ema_pipeline(self):
-        """A pipeline around the (unwrapped) UNet with our DDPM scheduler; use inside `ema_weights` to sample
-        the EMA weights."""
+    def ema_pipeline(self, unet=None):
+        """A pipeline around the (unwrapped) UNet, or `unet`, with our DDPM scheduler (and the class names of a
+        conditional run); use inside `ema_weights` to sample the EMA weights."""
         from ddpm_hub.pipelines import DDPMPipeline
 
-        unet = self.accelerator.unwrap_model(self.unet)
+        unet = unet if unet is not None else self.accelerator.unwrap_model(self.unet)
         scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
         if self.data.class_names is None:
             return DDPMPipeline(unet=unet, scheduler=scheduler)
@@ -913,6 +985,37 @@ class Trainer:
         self.history.append({"step": self.global_step, "held_out_bpd_estimate": value, "held_out_bpd_stderr": stderr})
         logger.info("step %d: held-out bits/dim estimate %.4f +- %.4f", self.global_step, value, stderr)
 
+    def evaluate_quality(self) -> None:
+        """--eval_fid_steps: FID/KID of fixed-seed EMA samples against the held-out images (main process); every
+        rank receives the selection metric, so that all agree on a new best and save its checkpoint together."""
+        from accelerate.utils import broadcast
+
+        cfg, acc = self.cfg, self.accelerator
+        value = torch.tensor([float("nan")], dtype=torch.float64, device=acc.device)
+        scores: dict[str, float] = {}
+        if acc.is_main_process:
+            start = time.perf_counter()
+            pipeline = with_sampler(self.ema_pipeline(), cfg.sampler)
+            with ema_weights(pipeline.unet, self.ema):
+                scores = training_quality(pipeline, self.data.held_out, cfg.eval_fid_samples, cfg.sampling_steps,
+                                          cfg.seed, cfg.eval_batch_size * 4, self.data.held_out_labels,
+                                          self.guidance_scale)  # fmt: skip
+            scores["eval_fid_seconds"] = time.perf_counter() - start
+            value.fill_(scores[self.quality_metric])
+        value = float(broadcast(value, from_process=0).item())
+        improved = math.isfinite(value) and (self.best is None or value < self.best["value"])
+        if improved:
+            self.best = {**self._quality_settings(), "value": value, "step": self.global_step}
+        if acc.is_main_process:
+            if self.best is not None:
+                scores[f"best_{self.quality_metric}"] = self.best["value"]
+            acc.log(scores, step=self.global_step)
+            self.history.append({"step": self.global_step, **scores})
+            best = f"best {self.best['value']:.4f} at step {self.best['step']}" if self.best else "no finite value yet"
+            logger.info("step %d: %s %.4f (%s)", self.global_step, self.quality_metric, value, best)
+        if improved and cfg.keep_best_checkpoint:
+            self.save_checkpoint()
+
     # -- the end ----------------------------------------------------------------------------------------------
 
     def finish(self) -> dict[str, Any]:
@@ -929,10 +1032,11 @@ class Trainer:
             "ranks_identical": self._ranks_identical(),
         }
         if acc.is_main_process:
-            pipeline = self.ema_pipeline()
+            pipeline, ema, weights_step = self.final_weights()
+            result["final_weights"] = {"step": weights_step, "best": self.best}
             metrics: dict[str, float] = {}
             grid = None
-            with ema_weights(pipeline.unet, self.ema):
+            with ema_weights(pipeline.unet, ema):
                 if self.data.held_out is not None and cfg.final_bpd != "none":
                     metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
                                            cfg.seed, cfg.eval_bpd_samples, self.data.held_out_labels)  # fmt: skip
@@ -944,7 +1048,7 @@ class Trainer:
                                                   self.guidance_scale))  # fmt: skip
                 if cfg.num_eval_images:
                     step, grid = self._last_grid or (None, None)
-                    if step != self.global_step:  # the same EMA weights and seed give the same grid: reuse it
+                    if step != weights_step:  # the same EMA weights and seed give the same grid: reuse it
                         grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
                                            cfg.eval_batch_size, self.guidance_scale)  # fmt: skip
                 description = self.model_description()
@@ -956,6 +1060,24 @@ class Trainer:
                 self.push()
         acc.wait_for_everyone()
         return result
+
+    def final_weights(self):
+        """(pipeline, EMA to swap in or None, step of its weights) to export: the last step's EMA weights, or with
+        --final_weights best the best checkpoint's (EMA, else raw) weights, exactly as saved."""
+        if self.cfg.final_weights != "best" or self.best is None:
+            if self.cfg.final_weights == "best":
+                logger.warning("--final_weights best: no evaluation gave a finite %s; exporting the last weights",
+                               self.quality_metric)  # fmt: skip
+            return self.ema_pipeline(), self.ema, self.global_step
+        from ddpm_hub.pipelines import DDPMPipeline
+
+        path = self.best_checkpoint()
+        try:
+            loaded = ckpt.load_checkpoint_pipeline(DDPMPipeline, path, "ema" if self.ema is not None else "raw")
+        except ckpt.CheckpointError as exc:
+            raise TrainingError(f"--final_weights best: cannot load the best checkpoint: {exc}") from None
+        logger.info("exporting the best checkpoint %s (%s %.4f)", path, self.best["metric"], self.best["value"])
+        return self.ema_pipeline(loaded.unet.to(self.accelerator.device)), None, self.best["step"]
 
     def _export(self, pipeline, description: ModelDescription, metrics: dict, grid, result: dict) -> None:
         from ddpm_hub.export import ExportError
