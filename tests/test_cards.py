@@ -100,7 +100,8 @@ def test_every_push_route_uploads_a_card_that_parses_and_loads_the_repo(hub, run
 
 def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
     metrics = {"held_out_bits_per_dim": 4.41, "held_out_bits_per_dim_estimate": 4.4, "held_out_bits_per_dim_stderr":
-               0.0123, "digits_fid": 1.5, "digits_kid": 0.01, "fid": 20.0}  # fmt: skip
+               0.0123, "digits_mlp_fid": 1.5, "digits_conv_fid": 2.5, "digits_conv_fid_ci95": 0.3,
+               "digits_mlp_kid": 0.01, "fid": 20.0}  # fmt: skip
     card = render_model_card(hparams={"resolution": 32}, metrics=metrics, repo_id="org/m", num_parameters=1,
                              channels=3, dataset_id="uoft-cs/cifar10", dataset_description="CIFAR-10",
                              eval_split="test")  # fmt: skip
@@ -108,11 +109,13 @@ def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
     assert parsed.data.datasets == ["uoft-cs/cifar10"]  # a Hub id: in `datasets` and as the model-index type
     by_type = {(r.metric_type, r.metric_config, r.metric_value) for r in parsed.data.eval_results}
     assert by_type == {("bits_per_dim", None, 4.41), ("bits_per_dim", "estimate", 4.4), ("fid", "inception-v3", 20.0),
-                       ("fid", "ddpm-hub-digits-classifier", 1.5), ("kid", "ddpm-hub-digits-classifier", 0.01)}
-    assert len(parsed.data.eval_results) == 5  # the standard error is no metric of its own
+                       ("fid", "ddpm-hub-digits-mlp", 1.5), ("fid", "ddpm-hub-digits-conv", 2.5),
+                       ("kid", "ddpm-hub-digits-mlp", 0.01)}  # fmt: skip
+    assert len(parsed.data.eval_results) == 6  # a standard error or a seed interval is no metric of its own
+    expected_args = {"estimate": {"standard_error": 0.0123}, "ddpm-hub-digits-conv": {"ci95_half_width_over_seeds": 0.3}}
     for result in parsed.data.eval_results:
         assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("uoft-cs/cifar10",) * 2 + ("test",)
-        assert result.metric_args == ({"standard_error": 0.0123} if result.metric_config == "estimate" else None)
+        assert result.metric_args == expected_args.get(result.metric_config)
     # the YAML is what huggingface_hub's own model-index reader returns, field for field
     name, again = model_index_to_eval_results(parsed.data.to_dict()["model-index"])
     assert name == "org/m" and again == parsed.data.eval_results

@@ -116,11 +116,11 @@ def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_wor
     a_file.write_text("x")
     unwritable = str(a_file / "x.png")  # a folder that cannot exist: its parent is a file
     sample = ["sample", "--model", model_1000]
-    evaluate = ["evaluate", "--model", model_1000, "--num_images", "2"]
+    evaluate = ["evaluate", "--model", model_1000, "--num_images", "4"]
     cases = [
         ([*sample, "--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
-        ([*sample, "--steps", "1001", "--scheduler", "unipc"], "--steps 1001 exceeds the model's 1000"),
-        ([*sample, "--scheduler", "ddpm", "--out", unwritable], f"--out {unwritable}: cannot write"),
+        ([*sample, "--steps", "1001", "--sampler", "unipc"], "--steps 1001 exceeds the model's 1000"),
+        ([*sample, "--sampler", "ddpm", "--out", unwritable], f"--out {unwritable}: cannot write"),
         ([*sample, "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
         ([*sample, "--out", str(tmp_path / "grid.foo")], ".foo file extension is not an image format"),
         ([*sample, "--out_dir", str(a_file)], f"--out_dir {a_file}: cannot write"),
@@ -136,7 +136,7 @@ def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_wor
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda: no cuda device is available"))
     if Path("/proc").is_dir():
-        cases.append(([*sample, "--scheduler", "ddpm", "--out", "/proc/x.png"], "--out /proc/x.png: cannot write"))
+        cases.append(([*sample, "--sampler", "ddpm", "--out", "/proc/x.png"], "--out /proc/x.png: cannot write"))
     for argv, needle in cases:
         try:
             code = cli(argv)
