@@ -73,7 +73,7 @@ def measure_scale(pipeline, held_out, held_labels, scale: float, per_class: int,
     from ddpm_hub import metrics
     from ddpm_hub.sampling import sample_uint8
 
-    num_classes = len(pipeline.id2label)
+    num_classes = pipeline.unet.config.num_class_embeds - 1  # checkpoints keep no class names
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     fake = sample_uint8(pipeline, len(labels), steps, seed, batch_size=500, class_labels=labels,
                         guidance_scale=scale)  # fmt: skip

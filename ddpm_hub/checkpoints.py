@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 PREFIX = "checkpoint-"
+CLASS_LABELS_FILE = "class_labels.json"  # id2label and cond_drop_prob of a class-conditional run
 
 
 class CheckpointError(RuntimeError):
@@ -219,4 +220,6 @@ def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
     diagnose_weights(folder / subfolder)
     unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
     scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
-    return pipeline_cls(unet=unet, scheduler=scheduler)
+    labels_file = folder / CLASS_LABELS_FILE  # a class-conditional run's class names and label dropout
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
+    return pipeline_cls(unet=unet, scheduler=scheduler, **labels)

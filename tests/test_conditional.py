@@ -222,6 +222,8 @@ def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, 
     out = trained_conditional
     index = json.loads((out / "model_index.json").read_text())
     assert index["id2label"] == {str(i): str(i) for i in range(10)} and index["cond_drop_prob"] == 0.1
+    checkpoint = DDPMPipeline.from_pretrained(out / "checkpoints" / "checkpoint-3")  # keeps the class names too
+    assert checkpoint.id2label == {i: str(i) for i in range(10)} and checkpoint.config.cond_drop_prob == 0.1
     assert (out / "pipeline.py").read_text().startswith('"""Class labels and classifier-free guidance')
     metrics = read_metrics(out)["metrics"]
     for key in ("held_out_bits_per_dim_estimate", "held_out_unconditional_bits_per_dim_estimate",
