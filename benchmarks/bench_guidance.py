@@ -1,6 +1,6 @@
-"""Classifier-free guidance on the embedded digits: train the `digits` preset with `--class_conditional` (the
-`make train` recipe plus labels and 10% label dropout), then for each guidance scale measure how often samples
-are of the requested class and what guidance costs in sample quality.
+"""Classifier-free guidance on the embedded digits: train a preset (`--preset`, default `digits_fast`) with
+`--class_conditional` (labels and 10% label dropout), then for each guidance scale measure how often samples are of
+the requested class and what guidance costs in sample quality.
 
 For each scale (default 0 = the unconditional model, 1 = the conditional one, 2, 3, 5), `--num_samples` images per
 class with the package's default sampler (DPM-Solver++ 2M, 10 steps):
@@ -13,6 +13,7 @@ The recommended scale is the one of lowest FID among those reaching >= 99% accur
 and an accuracy-vs-FID figure. Runs on CUDA when available.
 
     python benchmarks/bench_guidance.py                       # the full measurement (README)
+    python benchmarks/bench_guidance.py --model outputs/ddpm-digits-cond   # evaluate a trained model (or checkpoint)
     python benchmarks/bench_guidance.py --quick               # CI smoke: a few steps and samples
 """
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO / "training"))
 TARGET_ACCURACY = 0.99
 
 
-def train_conditional(out_dir: str, max_steps: int | None, quick: bool):
+def train_conditional(out_dir: str, max_steps: int | None, quick: bool, preset: str = "digits_fast"):
     """Train the digits preset with --class_conditional (the real Trainer.run, no final evaluation); returns the
     trainer and the training wall time in seconds."""
     from accelerate.state import AcceleratorState, GradientState
@@ -44,7 +45,7 @@ def train_conditional(out_dir: str, max_steps: int | None, quick: bool):
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    values = {"preset": "digits", "class_conditional": True, "output_dir": out_dir, "logger": "none",
+    values = {"preset": preset, "class_conditional": True, "output_dir": out_dir, "logger": "none",
               "overwrite_output_dir": True, "final_bpd": "none", "num_quality_samples": 0, "num_eval_images": 0}
     if max_steps:
         values.update(max_train_steps=max_steps, lr_warmup_steps=min(100, max_steps // 4))
@@ -56,12 +57,23 @@ def train_conditional(out_dir: str, max_steps: int | None, quick: bool):
     return trainer, time.perf_counter() - start
 
 
+def held_out_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 300 held-out digits as uint8 `[300, 1, 8, 8]` and their labels `[300]`."""
+    import numpy as np
+
+    from ddpm_hub.data import load_digits_dataset
+
+    test = load_digits_dataset()["test"]
+    images = torch.from_numpy(np.stack([np.asarray(im) for im in test["image"]])[:, None])
+    return images, torch.tensor(test["label"])
+
+
 def measure_scale(pipeline, held_out, held_labels, scale: float, per_class: int, steps: int, seed: int) -> dict:
     """Class accuracy and digits FID/KID (overall and per class) of `per_class` guided samples of every class."""
     from ddpm_hub import metrics
     from ddpm_hub.sampling import sample_uint8
 
-    num_classes = len(pipeline.id2label)
+    num_classes = pipeline.unet.config.num_class_embeds - 1  # checkpoints keep no class names
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     fake = sample_uint8(pipeline, len(labels), steps, seed, batch_size=500, class_labels=labels,
                         guidance_scale=scale)  # fmt: skip
@@ -111,9 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0, 5.0])
     parser.add_argument("--num_samples", type=int, default=100, help="samples per class and scale")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the digits preset's")
+    parser.add_argument("--preset", default="digits_fast", help="the training preset, trained with --class_conditional")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--bpd_samples", type=int, default=32, help="strata of the bits/dim estimate")
     parser.add_argument("--output_dir", default=None, help="keep the trained pipeline here (default: a temp dir)")
+    parser.add_argument("--model", default=None, help="evaluate this pipeline or checkpoint folder (no training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "guidance.json"))
@@ -128,11 +142,21 @@ def main() -> None:
 
     steps = SAMPLERS["dpm"].steps
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, train_seconds = train_conditional(args.output_dir or f"{tmp}/run", args.max_train_steps, args.quick)
-        print(f"trained {trainer.global_step} steps in {train_seconds:.0f} s on {trainer.accelerator.device}")
-        held, held_labels = trainer.data.held_out, trainer.data.held_out_labels
-        pipeline = trainer.ema_pipeline()
-        with ema_weights(pipeline.unet, trainer.ema):
+        if args.model:
+            from ddpm_hub import DDPMPipeline
+
+            pipeline, ema, trained = DDPMPipeline.from_pretrained(args.model), None, {"model": args.model}
+            pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+            held, held_labels = held_out_digits()
+        else:
+            trainer, train_seconds = train_conditional(args.output_dir or f"{tmp}/run", args.max_train_steps,
+                                                       args.quick, args.preset)  # fmt: skip
+            print(f"trained {trainer.global_step} steps in {train_seconds:.0f} s on {trainer.accelerator.device}")
+            trained = {"device": str(trainer.accelerator.device), "train_steps": trainer.global_step,
+                       "train_seconds": train_seconds}  # fmt: skip
+            held, held_labels = trainer.data.held_out, trainer.data.held_out_labels
+            pipeline, ema = trainer.ema_pipeline(), trainer.ema
+        with ema_weights(pipeline.unet, ema):
             sampler = with_sampler(pipeline, "dpm")
             rows = [measure_scale(sampler, held, held_labels, s, args.num_samples, steps, args.seed)
                     for s in args.scales]  # fmt: skip
@@ -147,10 +171,9 @@ def main() -> None:
     print_table("Held-out bits/dim (estimate), given the label and without it", [bpd], list(bpd))
     plot(rows, Path(args.figure), f"Guidance scales {', '.join(f'{s:g}' for s in args.scales)}: class accuracy "
          f"vs digits FID ({args.num_samples}/class)")  # fmt: skip
-    write_json(args.out, {"machine": machine(), "device": str(trainer.accelerator.device),
-                          "train_steps": trainer.global_step, "train_seconds": train_seconds,
-                          "sampler": "dpm", "sampler_steps": steps, "recommended_guidance_scale": recommended,
-                          "target_accuracy": TARGET_ACCURACY, "bits_per_dim": bpd, "rows": rows})  # fmt: skip
+    write_json(args.out, {"machine": machine(), **trained, "sampler": "dpm", "sampler_steps": steps,
+                          "recommended_guidance_scale": recommended, "target_accuracy": TARGET_ACCURACY,
+                          "bits_per_dim": bpd, "rows": rows})  # fmt: skip
     print(f"wrote {args.figure}")
 
 

@@ -208,8 +208,9 @@ class RunConfig:
         aliases=("ddpm_num_inference_steps",),
     )
     guidance_scale: float = opt(
-        3.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
-        "snippet, the card's recommended scale (1: no guidance; benchmarks/bench_guidance.py measures the trade-off)",
+        2.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
+        "snippet, the card's recommended scale (1: no guidance; 2: the lowest digits FID with >= 99%% of samples of "
+        "the requested class, benchmarks/bench_guidance.py)",
         minimum=0,
     )
     num_quality_samples: int = opt(

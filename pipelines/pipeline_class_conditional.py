@@ -154,8 +154,6 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
     def __call__(
         self,
         batch_size: int = 1,
-        class_labels: LabelsInput = None,
-        guidance_scale: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 1000,
         output_type: str = "pil",
@@ -163,6 +161,8 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         eta: float = 0.0,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        class_labels: LabelsInput = None,
+        guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample images of `class_labels` (ids or names) with guidance `guidance_scale` (1: no guidance)."""
         labels, batch_size, scale = prepare_class_labels(
@@ -178,7 +178,8 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         latents = latents * self.scheduler.init_noise_sigma
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs
+        tensor_inputs = tensor_inputs or ["latents"]  # diffusers' PipelineCallback objects name their own
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(latents, t)
             model_output = guided_model_output(self.unet, model_input, t, labels, scale)

@@ -222,6 +222,8 @@ def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, 
     out = trained_conditional
     index = json.loads((out / "model_index.json").read_text())
     assert index["id2label"] == {str(i): str(i) for i in range(10)} and index["cond_drop_prob"] == 0.1
+    checkpoint = DDPMPipeline.from_pretrained(out / "checkpoints" / "checkpoint-3")  # keeps the class names too
+    assert checkpoint.id2label == {i: str(i) for i in range(10)} and checkpoint.config.cond_drop_prob == 0.1
     assert (out / "pipeline.py").read_text().startswith('"""Class labels and classifier-free guidance')
     metrics = read_metrics(out)["metrics"]
     for key in ("held_out_bits_per_dim_estimate", "held_out_unconditional_bits_per_dim_estimate",
@@ -230,7 +232,7 @@ def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, 
     grid = Image.open(out / "samples.png")  # one row per class: 10 rows of ceil(20 / 10) = 2 tiles of 64 px
     assert grid.size == (2 * 66 + 2, 10 * 66 + 2)
     card = (out / "README.md").read_text()
-    assert "## Classes" in card and "0: `0`" in card and "9: `9`" in card and "Recommended: **3.0**" in card
+    assert "## Classes" in card and "0: `0`" in card and "9: `9`" in card and "Recommended: **2.0**" in card
     assert "held_out_unconditional_bits_per_dim_estimate" in card and "digits_class_accuracy" in card
     assert "pipeline_tag: image-generation" in card and "{{" not in card and "{%" not in card
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]

@@ -595,6 +595,10 @@ class Trainer:
                 self.noise_scheduler.save_pretrained(os.path.join(output_dir, "scheduler"))
                 record = json.dumps(self.checkpoint_record(), indent=1, default=str)
                 Path(output_dir, ckpt.RUN_RECORD).write_text(record + "\n")
+                if self.data.class_names is not None:  # a checkpoint loads as a conditional pipeline with its names
+                    labels = {"id2label": dict(enumerate(self.data.class_names)),
+                              "cond_drop_prob": self.cfg.cond_drop_prob}  # fmt: skip
+                    Path(output_dir, ckpt.CLASS_LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
                 weights.pop()
