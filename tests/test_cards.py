@@ -112,7 +112,8 @@ def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
                        ("fid", "ddpm-hub-digits-mlp", 1.5), ("fid", "ddpm-hub-digits-conv", 2.5),
                        ("kid", "ddpm-hub-digits-mlp", 0.01)}  # fmt: skip
     assert len(parsed.data.eval_results) == 6  # a standard error or a seed interval is no metric of its own
-    expected_args = {"estimate": {"standard_error": 0.0123}, "ddpm-hub-digits-conv": {"ci95_half_width_over_seeds": 0.3}}
+    expected_args = {"estimate": {"standard_error": 0.0123},
+                     "ddpm-hub-digits-conv": {"ci95_half_width_over_seeds": 0.3}}
     for result in parsed.data.eval_results:
         assert (result.dataset_type, result.dataset_name, result.dataset_split) == ("uoft-cs/cifar10",) * 2 + ("test",)
         assert result.metric_args == expected_args.get(result.metric_config)
