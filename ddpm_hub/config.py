@@ -653,7 +653,7 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
             kind, optional = _base_type(FIELD_TYPES[f.name])
             meta = f.metadata
             flags = [f"--{f.name}", *(f"--{a}" for a in meta["aliases"])]
-            help_text = f"{meta['help']} (default: {shown.get(f.name)})"
+            help_text = f"{meta['help']} (default: {shown.get(f.name)})".replace("%", "%%")  # argparse %-formats help
             if kind is bool:
                 group.add_argument(*flags, dest=f.name, type=parse_bool, nargs="?", const=True, metavar="BOOL",
                                    help=help_text)  # fmt: skip
