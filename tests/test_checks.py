@@ -119,8 +119,8 @@ def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_wor
     evaluate = ["evaluate", "--model", model_1000, "--num_images", "2"]
     cases = [
         ([*sample, "--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
-        ([*sample, "--steps", "1001", "--scheduler", "unipc"], "--steps 1001 exceeds the model's 1000"),
-        ([*sample, "--scheduler", "ddpm", "--out", unwritable], f"--out {unwritable}: cannot write"),
+        ([*sample, "--steps", "1001", "--sampler", "unipc"], "--steps 1001 exceeds the model's 1000"),
+        ([*sample, "--sampler", "ddpm", "--out", unwritable], f"--out {unwritable}: cannot write"),
         ([*sample, "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
         ([*sample, "--out", str(tmp_path / "grid.foo")], ".foo file extension is not an image format"),
         ([*sample, "--out_dir", str(a_file)], f"--out_dir {a_file}: cannot write"),
@@ -131,12 +131,12 @@ def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_wor
         ([*evaluate, "--bpd", "--vlb_plot", unwritable], f"--vlb_plot {unwritable}: cannot write"),
         ([*evaluate, "--bpd_estimate", "--vlb_plot", str(tmp_path / "v.png")], "add --bpd"),
         ([*evaluate, "--bpd_estimate", "--num_images", "-1"], "--num_images: must be >= 0 (0: all), got -1"),
-        ([*evaluate, "--bpd", "--digits_fid", "--steps", "1001"], "--steps 1001 exceeds"),
+        ([*evaluate, "--bpd", "--digits_fid", "--num_images", "8", "--steps", "1001"], "--steps 1001 exceeds"),
     ]
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda: no cuda device is available"))
     if Path("/proc").is_dir():
-        cases.append(([*sample, "--scheduler", "ddpm", "--out", "/proc/x.png"], "--out /proc/x.png: cannot write"))
+        cases.append(([*sample, "--sampler", "ddpm", "--out", "/proc/x.png"], "--out /proc/x.png: cannot write"))
     for argv, needle in cases:
         try:
             code = cli(argv)
