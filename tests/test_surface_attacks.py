@@ -58,3 +58,37 @@ def test_offline_mode_is_reported_at_once_not_retried(monkeypatch):
     with pytest.raises(HubError, match=r"^creating org/m: offline mode is on \(HF_HUB_OFFLINE=1\)"):
         with_retries(action, "creating org/m", token=None)
     assert calls == ["call"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--train_batch_size", "2.5"], "error: argument --train_batch_size: invalid int value: '2.5'"),
+    (["--preset", "nope"], "error: argument --preset: invalid choice: 'nope'"),
+    (["--logger", "foo"], "error: argument --logger/--report_to: invalid choice: 'foo'"),
+])  # fmt: skip
+def test_train_flag_type_errors_are_one_line_without_the_usage_of_every_option(argv, needle, capsys):
+    from ddpm_hub.config import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith(needle), err
+
+
+def test_train_refuses_an_unusable_output_dir_or_a_missing_local_model_before_work(tmp_path):
+    from ddpm_hub.config import ConfigError, parse_args
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["--output_dir", str(a_file)], f"--output_dir {a_file} is a file: give a folder"),
+        (["--output_dir", str(a_file / "run")], f"--output_dir {a_file / 'run'}: {a_file} is a file"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "nope")], "no such local file or folder"),
+        (["--model_config_name_or_path", "./no/such/unet.json"], "no such local file or folder"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(ConfigError, match=None) as exc:
+            parse_args(argv)
+        assert needle in str(exc.value) and "\n" not in str(exc.value), (argv, str(exc.value))
+    assert not (tmp_path / "run").exists()
+    config, _ = parse_args(["--output_dir", str(tmp_path / "new" / "run")])  # a folder that can be created is fine
+    assert config.output_dir == str(tmp_path / "new" / "run") and not (tmp_path / "new").exists()
