@@ -92,3 +92,18 @@ def test_train_refuses_an_unusable_output_dir_or_a_missing_local_model_before_wo
     assert not (tmp_path / "run").exists()
     config, _ = parse_args(["--output_dir", str(tmp_path / "new" / "run")])  # a folder that can be created is fine
     assert config.output_dir == str(tmp_path / "new" / "run") and not (tmp_path / "new").exists()
+
+
+def test_no_token_is_reported_at_once_not_retried(monkeypatch):
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    calls = []
+    monkeypatch.setattr("time.sleep", lambda s: calls.append(("sleep", s)))
+
+    def action():
+        calls.append("call")
+        raise LocalTokenNotFoundError("Token is required")
+
+    with pytest.raises(HubError, match=r"^finding your namespace: no Hub token: log in with `hf auth login`"):
+        with_retries(action, "finding your namespace", token=None)
+    assert calls == ["call"]
