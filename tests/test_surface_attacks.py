@@ -107,3 +107,14 @@ def test_no_token_is_reported_at_once_not_retried(monkeypatch):
     with pytest.raises(HubError, match=r"^finding your namespace: no Hub token: log in with `hf auth login`"):
         with_retries(action, "finding your namespace", token=None)
     assert calls == ["call"]
+
+
+def test_push_checks_the_folder_and_weights_before_asking_the_hub(model, tmp_path, capsys, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked before the arguments were checked")
+
+    monkeypatch.setattr("ddpm_hub.hub_push.resolve_repo_id", no_hub)
+    line = _one_line_error(["push", "--folder", model, "--repo_id", "bare-name", "--weights", "raw"], capsys)
+    assert "--weights raw is for training checkpoint-N folders only" in line, line
+    line = _one_line_error(["push", "--folder", str(tmp_path), "--repo_id", "bare-name"], capsys)
+    assert line == f"error: {tmp_path} is not a pipeline folder (no model_index.json): train first, then push"
