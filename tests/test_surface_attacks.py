@@ -147,3 +147,19 @@ def test_what_make_train_gives_describes_the_digits_preset():
     preset = TRAINING_PRESETS["digits"]
     section = _readme().split("## What `make train` gives", 1)[1].split("##", 1)[0]
     assert f"{preset['max_train_steps']:,} steps of batch {preset['train_batch_size']}" in section
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "3", None, True])
+def test_a_non_finite_guidance_scale_is_refused_before_work(scale):
+    torch.manual_seed(0)
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_config({**create_unet("tiny").config, "num_class_embeds": 11})
+    pipeline = DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=10))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the UNet ran before guidance_scale was checked")
+
+    pipeline.unet.forward = forbidden
+    with pytest.raises(ValueError, match=r"^guidance_scale must be a finite number, got"):
+        pipeline(class_labels=[3], guidance_scale=scale, num_inference_steps=2)
