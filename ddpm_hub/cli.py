@@ -358,9 +358,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     from ddpm_hub.hub_push import resolve_repo_id
     from ddpm_hub.output_lock import OutputLock
 
-    repo_id = resolve_repo_id(args.repo_id)  # NAME -> USER/NAME (whoami); checked before anything is written
     folder = Path(args.folder)
-    if is_checkpoint(folder):  # a checkpoint is exported to a pipeline folder first
+    checkpoint = is_checkpoint(folder)
+    if args.weights == "raw" and not checkpoint:  # before asking the Hub anything
+        raise UserError(f"--weights raw is for training checkpoint-N folders only; {folder} is not one: drop it")
+    if not checkpoint and not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder} is not a pipeline folder (no model_index.json): train first, then push")
+    repo_id = resolve_repo_id(args.repo_id)  # NAME -> USER/NAME (whoami); checked before anything is written
+    if checkpoint:  # a checkpoint is exported to a pipeline folder first
         run_folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder
         with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False):
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
@@ -416,15 +421,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0: all), got {value}")
     return value

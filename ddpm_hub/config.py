@@ -578,6 +578,30 @@ def _check_field(name: str, value: Any) -> None:
         raise ConfigError(f"--{name} must be {relation} {low}, got {value!r}")
 
 
+def _looks_local(value: str) -> bool:
+    """A path, not a Hub id: absolute, relative to here or home, or more than one `/`."""
+    return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
+
+
+def _check_output_dir(folder: str) -> None:
+    """--output_dir is a folder or can become one, and its nearest existing folder is writable (nothing created)."""
+    import tempfile
+
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {folder} is a file: give a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output_dir {folder}: {existing} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
 def validate(c: TrainConfig) -> None:
     """Check every value; raise ConfigError naming the first bad argument."""
     for name in FIELDS:
@@ -628,6 +652,11 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--final_weights best needs --keep_best_checkpoint (and --eval_fid_steps N)")
     if not c.cond_drop_prob < 1.0:
         raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {c.cond_drop_prob}")
+    _check_output_dir(c.output_dir)
+    for name in ("pretrained_model_name_or_path", "model_config_name_or_path"):
+        value = getattr(c, name)
+        if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"--{name} {value}: no such local file or folder (a Hub id looks like ORG/NAME)")
     if c.push_to_hub and not c.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME (or NAME, in your own namespace)")
 
@@ -635,6 +664,16 @@ def validate(c: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # The command line, derived from the fields
 # ------------------------------------------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag value is one line naming it (exit status 2), not the usage of every option."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        import sys
+
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def parse_bool(text: str) -> bool:
@@ -661,7 +700,7 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     """One flag per option (plus its diffusers aliases), grouped by section; `--help` shows `shown[name]`, the
     value a run would use (the preset's), and the choices. Only flags given on the command line are set."""
     shown = shown if shown is not None else resolve_values({})
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=description,
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,6 +15,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CARD_HPARAMS = (
     "preset",
+    "unet_preset",
     "dataset_name",
     "resolution",
     "random_flip",
@@ -27,6 +28,8 @@ CARD_HPARAMS = (
     "class_conditional",
     "cond_drop_prob",
     "train_batch_size",
+    "max_train_steps",
+    "num_epochs",
     "gradient_accumulation_steps",
     "learning_rate",
     "lr_scheduler",
@@ -66,6 +69,8 @@ METRIC_INDEX = {
                                           ("precision", "precision", "precision (k=3)"),
                                           ("recall", "recall", "recall (k=3)"),
                                           ("class_error", "class_frequency_error", "class-frequency error"))},
+    "digits_fid": ("fid", "FID in ddpm-hub's digits-classifier features", "ddpm-hub-digits-classifier"),
+    "digits_kid": ("kid", "KID in ddpm-hub's digits-classifier features", "ddpm-hub-digits-classifier"),
     "fid": ("fid", "FID (Inception-v3 features)", "inception-v3"),
     "kid": ("kid", "KID (Inception-v3 features)", "inception-v3"),
 }
@@ -78,7 +83,8 @@ EMBEDDED_DIGITS = {"type": "digits", "name": "UCI optical digits (8x8, the copy 
 # What each metric key means, for the card's table (the model-index types them with METRIC_INDEX).
 METRIC_DESCRIPTIONS = {
     "held_out_bits_per_dim": "negative log-likelihood bound on the held-out split, bits/dim (all T terms)",
-    "held_out_bits_per_dim_estimate": "the same bound, stratified estimate",
+    "held_out_bits_per_dim_estimate": "negative log-likelihood bound on the held-out split, bits/dim (stratified "
+                                      "estimate of the T terms)",
     "held_out_bits_per_dim_stderr": "standard error of the estimate",
     "held_out_unconditional_bits_per_dim": "the same model's bound without the label (null label), bits/dim",
     "held_out_unconditional_bits_per_dim_estimate": "the unconditional bound, stratified estimate",
@@ -272,7 +278,10 @@ def render_model_card(
         model_name=model_name or repo_id or "ddpm",
         eval_results=results,
     )
-    rows = "\n".join(f"| {k} | {hparams[k]} |" for k in CARD_HPARAMS if k in hparams and hparams[k] is not None)
+    shown = [k for k in CARD_HPARAMS if hparams.get(k) is not None]
+    if hparams.get("max_train_steps") is not None and "num_epochs" in shown:
+        shown.remove("num_epochs")  # the step count wins over epochs (config.py): show only what the run did
+    rows = "\n".join(f"| {k} | {hparams[k]} |" for k in shown)
     cond_drop_prob = hparams.get("cond_drop_prob")
     guidance = class_names is not None and cond_drop_prob != 0
     if class_names is None:

@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+)
 from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
@@ -122,6 +127,10 @@ def with_retries(
                 ) from None
             if status == 404:
                 raise HubError(f"{what}: not found (404): {message}") from None
+            if isinstance(exc, LocalTokenNotFoundError):
+                raise HubError(f"{what}: no Hub token: log in with `hf auth login` or set HF_TOKEN") from None
+            if isinstance(exc, OfflineModeIsEnabled):
+                raise HubError(f"{what}: offline mode is on (HF_HUB_OFFLINE=1); unset it to reach the Hub") from None
             if not _is_retryable(exc) or attempt == attempts:
                 raise HubError(f"{what} failed after {attempt} attempt(s): {message}") from None
             delay = base_delay * 2 ** (attempt - 1)

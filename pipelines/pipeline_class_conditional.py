@@ -14,6 +14,7 @@ Conventions (diffusers' DiTPipeline): the UNet has `num_class_embeds = num_class
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,6 +55,12 @@ def prepare_class_labels(
     (`batch_size` must then be 1 or its length). A conditional model called without labels samples from the null
     (unconditional) label, with no guidance. Every misuse is a one-line ValueError naming what is allowed.
     """
+    try:  # nan/inf would turn every sample into NaN
+        finite = not isinstance(guidance_scale, (bool, str)) and math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     num_classes = num_classes_of(unet)
     if num_classes is None:
         if class_labels is not None or guidance_scale != 1.0:

@@ -25,6 +25,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub.errors import HFValidationError
 
 from ddpm_hub import diffusion_math as dm
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
@@ -413,6 +414,10 @@ class DDPMPipeline(DiffusionPipeline):
                     "weights (.bin/.ckpt); convert them to safetensors with a trusted tool first."
                 ) from exc
             raise _not_found(pretrained_model_name_or_path, exc) from exc
+        except ValueError as exc:  # neither a folder nor a valid Hub id: say so, not huggingface_hub's rules
+            if isinstance(exc, HFValidationError) or not Path(pretrained_model_name_or_path).expanduser().exists():
+                raise _not_found(pretrained_model_name_or_path, exc) from exc
+            raise
         hub_warnings.replay()
         if type(pipeline.scheduler) is DiffusersDDPMScheduler:
             pipeline.scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -449,14 +454,22 @@ class _HubWarnings(logging.Filter):
             self.logger.warning(message)
 
 
-def _not_found(name: str | Path, exc: OSError) -> OSError:
+def _not_found(name: str | Path, exc: Exception) -> OSError:
     """One line naming `name` for a load that failed: no such folder, no such Hub repo, or not cached offline."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     causes, cause = [], exc
     while cause is not None and len(causes) < 10:
         causes.append(cause)
         cause = cause.__cause__ or cause.__context__
+    if not Path(name).expanduser().exists() and (
+        Path(name).is_absolute() or str(name).startswith((".", "~")) or any(isinstance(c, ValueError) for c in causes)
+    ):
+        return OSError(f"{name}: no such local folder (nor a Hub repo id, which looks like ORG/NAME): check the path")
     if any(isinstance(c, GatedRepoError) for c in causes):
         return OSError(f"{name}: the Hub repo is gated; accept its terms on the Hub and log in (`hf auth login`)")
     if any(isinstance(c, RepositoryNotFoundError) for c in causes):

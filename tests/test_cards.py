@@ -135,3 +135,19 @@ def test_the_trainer_resolves_a_bare_hub_model_id_before_training(hub):
     run = SimpleNamespace(cfg=cfg, hub_token=FAKE_TOKEN)  # what `_check_hub` reads of the trainer
     Trainer._check_hub(run)
     assert run.cfg.hub_model_id == "tester/my-ddpm" and "tester/my-ddpm" in hub.state.repos
+
+
+def test_the_card_says_how_long_the_run_trained_and_each_metric_row_stands_alone():
+    """A 30-step run and a 3,000-step run must not read alike; a row must not point at a row the card lacks."""
+    metrics = {"held_out_bits_per_dim_estimate": 8.26, "held_out_bits_per_dim_stderr": 0.09}
+    hparams = {"preset": "digits", "unet_preset": "tiny", "resolution": 8, "max_train_steps": 30, "num_epochs": 5}
+    text = str(render_model_card(hparams=hparams, metrics=metrics, repo_id="org/m", num_parameters=1, channels=1,
+                                 dataset_id=None, dataset_description="digits"))  # fmt: skip
+    assert "| max_train_steps | 30 |" in text and "| unet_preset | tiny |" in text
+    assert "num_epochs" not in text  # the step count won; the epochs were not what the run did
+    by_epochs = {**hparams, "max_train_steps": None}
+    text_epochs = str(render_model_card(hparams=by_epochs, metrics=metrics, repo_id="org/m", num_parameters=1,
+                                        channels=1, dataset_id=None, dataset_description="digits"))  # fmt: skip
+    assert "| num_epochs | 5 |" in text_epochs and "max_train_steps" not in text_epochs
+    row = next(line for line in text.splitlines() if line.startswith("| held_out_bits_per_dim_estimate"))
+    assert "same" not in row and "held-out" in row, row  # no reference to a full-bound row that is absent

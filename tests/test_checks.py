@@ -131,7 +131,7 @@ def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_wor
         ([*evaluate, "--bpd", "--vlb_plot", unwritable], f"--vlb_plot {unwritable}: cannot write"),
         ([*evaluate, "--bpd_estimate", "--vlb_plot", str(tmp_path / "v.png")], "add --bpd"),
         ([*evaluate, "--bpd_estimate", "--num_images", "-1"], "--num_images: must be >= 0 (0: all), got -1"),
-        ([*evaluate, "--bpd", "--digits_fid", "--steps", "1001"], "--steps 1001 exceeds"),
+        ([*evaluate, "--bpd", "--digits_fid", "--num_images", "8", "--steps", "1001"], "--steps 1001 exceeds"),
     ]
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda: no cuda device is available"))
