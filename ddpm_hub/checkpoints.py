@@ -180,8 +180,8 @@ def recover(root: Path) -> list[Path]:
     removed = sorted(root.glob(f"{PREFIX}*.tmp")) if root.is_dir() else []
     for path in removed:
         logger.warning("removing %s, left by an interrupted run", path)
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
+        remove_tree(path, ignore_errors=True)
+        if path.exists() or path.is_symlink():
             raise CheckpointError(f"{path}: left by an interrupted run and cannot be removed; delete it by hand")
     return removed
 
@@ -194,8 +194,7 @@ def staging_dir(root: Path, step: int) -> Path:
 def fresh_staging(root: Path, step: int) -> Path:
     """An empty staging folder for checkpoint `step`: anything an earlier attempt left there is removed first."""
     staging = staging_dir(root, step)
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_tree(staging)
     staging.mkdir(parents=True)
     fault_point("checkpoint.staging.created")
     return staging
@@ -215,11 +214,24 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     return final
 
 
+def remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a folder we wrote; a symbolic link (say, a checkpoint moved to other storage) loses only the link,
+    never a file of its target."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def remove_checkpoint(path: Path) -> None:
     """Rename first (atomic), then delete: a crash mid-delete leaves a `.tmp` folder, never a half checkpoint."""
     trash = path.with_name(path.name + ".deleting.tmp")
-    if trash.exists():  # left by an earlier crash mid-delete: renaming onto it would fail
-        shutil.rmtree(trash)
+    remove_tree(trash)  # left by an earlier crash mid-delete: renaming onto it would fail
+    if path.is_symlink():  # only the link goes: its target is not ours to delete
+        logger.warning("removing the link %s (its target %s is kept)", path, os.readlink(path))
+        path.unlink()
+        return
     fault_point("checkpoint.prune.before_rename")
     os.replace(path, trash)
     files = sorted(p for p in trash.rglob("*") if p.is_file())

@@ -252,8 +252,10 @@ def export_pipeline(
 def recover_export(folder: Path) -> Path:
     """Remove what an interrupted export left in `folder` (its staging and replaced-item folders); returns the
     (now absent) staging path."""
+    from .checkpoints import remove_tree
+
     for leftover in [folder / EXPORT_STAGING, *folder.glob(".*.old.tmp")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_tree(leftover, ignore_errors=True)
     return folder / EXPORT_STAGING
 
 
@@ -270,7 +272,7 @@ def _commit_pipeline(staging: Path, folder: Path) -> None:
             os.replace(target, old)
         if new.exists():
             os.replace(new, target)
-        if old.is_dir():
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)

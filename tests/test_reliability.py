@@ -502,7 +502,7 @@ def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effe
 def test_every_test_the_readme_fault_table_names_exists():
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("| fault | what happens | test |"):].split("\n\n")[0]
-    named = set(re.findall(r"`(test_\w+)`", table))
+    named = set(re.findall(r"::(test_\w+)", table))
     sources = [path.read_text() for path in (REPO / "tests").glob("test_*.py")]
     defined = {name for text in sources for name in re.findall(r"def (test_\w+)", text)}
     assert len(named) >= 20 and named <= defined, named - defined

@@ -1,0 +1,55 @@
+"""Attacks on the checkpoint folder found by a tester: each test is a defect that was fixed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddpm_hub import checkpoints as ckpt
+
+
+def _make(root: Path, step: int) -> Path:
+    staging = ckpt.fresh_staging(root, step)
+    (staging / "unet").mkdir()
+    (staging / "unet" / "model.safetensors").write_bytes(b"weights" * 100)
+    (staging / "optimizer.bin").write_bytes(b"opt" * 10)
+    return ckpt.finalize(root, step, epoch=step // 10)
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A folder outside the checkpoints (other storage, another run) with files that must survive."""
+    victim = tmp_path / "elsewhere"
+    (victim / "unet").mkdir(parents=True)
+    for name in ("keep.txt", "optimizer.bin", "checkpoint.json", "unet/model.safetensors"):
+        (victim / name).write_text("precious")
+    return victim
+
+
+def test_pruning_a_symlinked_checkpoint_removes_the_link_and_never_a_file_of_its_target(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    victim = _victim(tmp_path)
+    (root / "checkpoint-5").symlink_to(victim, target_is_directory=True)  # checkpoints moved to other storage
+    for step in (10, 20):
+        _make(root, step)
+    removed = ckpt.prune(root, total_limit=2)
+    assert [p.name for p in removed] == ["checkpoint-5"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-10", "checkpoint-20"]  # no link, no leftover
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == [
+        "checkpoint.json", "keep.txt", "optimizer.bin", "unet", "unet/model.safetensors"]
+    assert ckpt.resolve_latest(root).step == 20
+
+
+def test_symlinked_leftovers_are_unlinked_without_touching_their_targets(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    victim = _victim(tmp_path)
+    before = sorted(p.read_text() for p in victim.rglob("*") if p.is_file())
+    (root / "checkpoint-7.deleting.tmp").symlink_to(victim, target_is_directory=True)
+    (root / "checkpoint-8.tmp").symlink_to(victim, target_is_directory=True)
+    (root / "checkpoint-9").symlink_to(victim, target_is_directory=True)
+    assert {p.name for p in ckpt.recover(root)} == {"checkpoint-7.deleting.tmp", "checkpoint-8.tmp"}
+    ckpt.remove_checkpoint(root / "checkpoint-9")
+    _make(root, 8)  # a staging folder that is a link is replaced by a real one
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-8"]
+    assert not (root / "checkpoint-8").is_symlink()
+    assert sorted(p.read_text() for p in victim.rglob("*") if p.is_file()) == before
