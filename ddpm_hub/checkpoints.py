@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,20 +388,32 @@ def check_accelerate_files(folder: Path) -> None:
             raise CheckpointError(f"{path}: cannot be restored safely ({type(exc).__name__}: {detail})") from None
 
 
-def storage_hint(exc: BaseException) -> str:
-    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
-    else '': the suffix is only added where it is true."""
+FULL_BELOW_BYTES = 1 << 20  # a write that failed with less free space than this ran out of it
+
+
+def storage_hint(exc: BaseException, folder: Path | None = None) -> str:
+    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, or when the write into `folder`
+    failed with almost no free space left there (torch's writer reports a full disk without an errno); a size-limit
+    note for EFBIG; else '': the suffix is only added where it is true."""
     import errno
 
     seen: BaseException | None = exc
     while seen is not None:
         code = getattr(seen, "errno", None)
         text = str(seen)
+        if code is None and (rust := re.search(r"\(os error (\d+)\)", text)):  # safetensors' Rust I/O errors
+            code = int(rust.group(1))
         if code in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text or "QuotaExceeded" in text:
             return " (is the disk full?)"
         if code == errno.EFBIG or "FileTooLarge" in text:
             return " (a file size limit was reached)"
         seen = seen.__cause__ or seen.__context__
+    if folder is not None:
+        try:
+            if shutil.disk_usage(folder).free < FULL_BELOW_BYTES:
+                return " (is the disk full?)"
+        except OSError:
+            pass
     return ""
 
 

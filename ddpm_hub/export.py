@@ -244,8 +244,9 @@ def export_pipeline(
             _write_pipeline(staging, folder, unet, scheduler, description, metrics, grid, result)
             _commit_pipeline(staging, folder)
         except (OSError, SafetensorError) as exc:
+            hint = storage_hint(exc, folder)  # before the staging's removal frees space
             shutil.rmtree(staging, ignore_errors=True)
-            raise ExportError(f"could not write the pipeline to {folder}: {exc}{storage_hint(exc)}") from None
+            raise ExportError(f"could not write the pipeline to {folder}: {exc}{hint}") from None
     return folder
 
 

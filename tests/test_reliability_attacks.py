@@ -53,3 +53,31 @@ def test_symlinked_leftovers_are_unlinked_without_touching_their_targets(tmp_pat
     assert sorted(p.name for p in root.iterdir()) == ["checkpoint-8"]
     assert not (root / "checkpoint-8").is_symlink()
     assert sorted(p.read_text() for p in victim.rglob("*") if p.is_file()) == before
+
+
+def test_a_write_that_failed_on_a_full_disk_says_so_even_without_an_errno(tmp_path, monkeypatch):
+    """torch's writer reports a full disk as `RuntimeError: [enforce fail ...] unexpected pos 64 vs 0` (no errno):
+    the free space left where it wrote decides, and only where it is true."""
+    import shutil
+    from collections import namedtuple
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 4096))
+    assert ckpt.storage_hint(torch_error, tmp_path) == " (is the disk full?)"
+    assert ckpt.storage_hint(torch_error) == ""  # no folder: nothing to measure
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 30, 1 << 30, 9 << 30))
+    assert ckpt.storage_hint(torch_error, tmp_path) == ""
+    assert ckpt.storage_hint(ValueError("bad value"), tmp_path) == ""
+
+
+def test_safetensors_rust_io_errors_get_the_storage_hint():
+    """safetensors raises `SafetensorError` whose text carries the OS error number, not an errno attribute."""
+    from safetensors import SafetensorError
+
+    assert ckpt.storage_hint(SafetensorError("Error while serializing: I/O error: File too large (os error 27)")) == (
+        " (a file size limit was reached)")
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert ckpt.storage_hint(full) == " (is the disk full?)"
+    denied = SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)")
+    assert ckpt.storage_hint(denied) == ""
