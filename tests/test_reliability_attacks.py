@@ -108,3 +108,20 @@ def test_sigterm_during_the_final_evaluation_stops_with_143(tmp_path):
         child.wait(timeout=300)
     assert child.returncode == 143, log.read_text()[-3000:]
     assert not (out / "model_index.json").exists()
+
+
+def test_a_lock_path_that_is_a_folder_or_an_output_folder_that_is_a_file_is_a_one_line_error(tmp_path):
+    from ddpm_hub.output_lock import LOCK_NAME, OutputLockedError, acquire
+
+    run = tmp_path / "run"
+    (run / LOCK_NAME).mkdir(parents=True)  # tampered: the lock path is a folder
+    with pytest.raises(OutputLockedError, match="lock file cannot be opened.*remove it") as caught:
+        acquire(run, "training")
+    assert "\n" not in str(caught.value)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OutputLockedError, match="cannot be used as a folder.*choose another folder"):
+        acquire(tmp_path / "file", "training")
+    proc = subprocess.run([sys.executable, str(TRAIN), *FAST_ARGS, "--output_dir", str(run)], capture_output=True,
+                          text=True, env=subprocess_env(tmp_path), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --output_dir: {run / LOCK_NAME}")
