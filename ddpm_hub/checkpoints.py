@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,8 +182,8 @@ def recover(root: Path) -> list[Path]:
     removed = sorted(root.glob(f"{PREFIX}*.tmp")) if root.is_dir() else []
     for path in removed:
         logger.warning("removing %s, left by an interrupted run", path)
-        shutil.rmtree(path, ignore_errors=True)
-        if path.exists():
+        remove_tree(path, ignore_errors=True)
+        if path.exists() or path.is_symlink():
             raise CheckpointError(f"{path}: left by an interrupted run and cannot be removed; delete it by hand")
     return removed
 
@@ -195,8 +196,7 @@ def staging_dir(root: Path, step: int) -> Path:
 def fresh_staging(root: Path, step: int) -> Path:
     """An empty staging folder for checkpoint `step`: anything an earlier attempt left there is removed first."""
     staging = staging_dir(root, step)
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_tree(staging)
     staging.mkdir(parents=True)
     fault_point("checkpoint.staging.created")
     return staging
@@ -216,11 +216,24 @@ def finalize(root: Path, step: int, epoch: int) -> Path:
     return final
 
 
+def remove_tree(path: Path, ignore_errors: bool = False) -> None:
+    """Delete a folder we wrote; a symbolic link (say, a checkpoint moved to other storage) loses only the link,
+    never a file of its target."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def remove_checkpoint(path: Path) -> None:
     """Rename first (atomic), then delete: a crash mid-delete leaves a `.tmp` folder, never a half checkpoint."""
     trash = path.with_name(path.name + ".deleting.tmp")
-    if trash.exists():  # left by an earlier crash mid-delete: renaming onto it would fail
-        shutil.rmtree(trash)
+    remove_tree(trash)  # left by an earlier crash mid-delete: renaming onto it would fail
+    if path.is_symlink():  # only the link goes: its target is not ours to delete
+        logger.warning("removing the link %s (its target %s is kept)", path, os.readlink(path))
+        path.unlink()
+        return
     fault_point("checkpoint.prune.before_rename")
     os.replace(path, trash)
     files = sorted(p for p in trash.rglob("*") if p.is_file())
@@ -417,24 +430,32 @@ def check_accelerate_files(folder: Path) -> None:
             raise CheckpointError(f"{path}: cannot be restored safely ({type(exc).__name__}: {detail})") from None
 
 
-def storage_hint(exc: BaseException) -> str:
-    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, a size-limit note for EFBIG,
-    else '': the suffix is only added where it is true."""
+FULL_BELOW_BYTES = 1 << 20  # a write that failed with less free space than this ran out of it
+
+
+def storage_hint(exc: BaseException, folder: Path | None = None) -> str:
+    """' (is the disk full?)' when `exc` (or its cause) is a full disk or quota, or when the write into `folder`
+    failed with almost no free space left there (torch's writer reports a full disk without an errno); a size-limit
+    note for EFBIG; else '': the suffix is only added where it is true."""
     import errno
-    import re
 
     seen: BaseException | None = exc
     while seen is not None:
         code = getattr(seen, "errno", None)
         text = str(seen)
-        if code is None:  # safetensors' Rust errors carry the OS error in their text: "... (os error 28)"
-            found = re.search(r"\(os error (\d+)\)", text)
-            code = int(found.group(1)) if found else None
+        if code is None and (rust := re.search(r"\(os error (\d+)\)", text)):  # safetensors' Rust I/O errors
+            code = int(rust.group(1))
         if code in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in text or "QuotaExceeded" in text:
             return " (is the disk full?)"
         if code == errno.EFBIG or "FileTooLarge" in text:
             return " (a file size limit was reached)"
         seen = seen.__cause__ or seen.__context__
+    if folder is not None:
+        try:
+            if shutil.disk_usage(folder).free < FULL_BELOW_BYTES:
+                return " (is the disk full?)"
+        except OSError:
+            pass
     return ""
 
 

@@ -304,16 +304,19 @@ def export_pipeline(
             _write_pipeline(staging, folder, unet, scheduler, description, metrics, grid, result)
             _commit_pipeline(staging, folder)
         except (OSError, SafetensorError) as exc:
+            hint = storage_hint(exc, folder)  # before the staging's removal frees space
             shutil.rmtree(staging, ignore_errors=True)
-            raise ExportError(f"could not write the pipeline to {folder}: {exc}{storage_hint(exc)}") from None
+            raise ExportError(f"could not write the pipeline to {folder}: {exc}{hint}") from None
     return folder
 
 
 def recover_export(folder: Path) -> Path:
     """Remove what an interrupted export left in `folder` (its staging and replaced-item folders); returns the
     (now absent) staging path."""
+    from .checkpoints import remove_tree
+
     for leftover in [folder / EXPORT_STAGING, *folder.glob(".*.old.tmp")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_tree(leftover, ignore_errors=True)
     return folder / EXPORT_STAGING
 
 
@@ -330,7 +333,7 @@ def _commit_pipeline(staging: Path, folder: Path) -> None:
             os.replace(target, old)
         if new.exists():
             os.replace(new, target)
-        if old.is_dir():
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)

@@ -39,16 +39,21 @@ def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
         _held[folder] = (fd, depth + 1)
         return True
     if create:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a read-only parent: a one-line error, never a traceback
+            raise OutputLockedError(f"{folder} cannot be used as a folder ({exc.strerror}): choose another "
+                                    "folder") from None  # fmt: skip
     elif not folder.is_dir():
         return False
     path = folder / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
-        if create:
-            raise
-        return False
+    except OSError as exc:
+        if isinstance(exc, PermissionError) and not create:
+            return False
+        raise OutputLockedError(f"{path}: the folder's lock file cannot be opened ({exc.strerror}): remove it if it "
+                                "is not a plain file, or choose another folder") from None  # fmt: skip
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

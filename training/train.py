@@ -635,12 +635,13 @@ class Trainer:
             if acc.is_main_process:
                 final = ckpt.finalize(self.checkpoint_root, self.global_step, self._epoch())
         except Exception as exc:  # disk full (OSError, SafetensorError), quota, permissions: never a checkpoint
+            hint = ckpt.storage_hint(exc, self.checkpoint_root)  # before the staging's removal frees space
             if acc.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)  # frees the space; a failed staging is never left behind
             previous = ckpt.latest_valid(self.checkpoint_root)
             kept = f"the previous checkpoint {previous.path} is intact" if previous else "no earlier checkpoint exists"
             raise TrainingError(
-                f"could not write checkpoint {self.global_step} to {staging}: {exc}{ckpt.storage_hint(exc)}; {kept}"
+                f"could not write checkpoint {self.global_step} to {staging}: {exc}{hint}; {kept}"
             ) from exc
         if acc.is_main_process:
             best = self.best_checkpoint()
