@@ -12,11 +12,22 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 REPEAT_WINDOW_S = 2.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopInterrupt(BaseException):
+    """Raised by the signal handler inside `StopRequest.interrupting()`: the work there is abandoned (a
+    BaseException, so that no `except Exception` of the work swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class StopRequest:
@@ -26,6 +37,7 @@ class StopRequest:
         self.signum: int | None = None
         self._at = 0.0
         self._previous: dict[int, object] = {}
+        self._interrupt = False
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT from now on (main thread only, as Python requires); idempotent."""
@@ -44,11 +56,25 @@ class StopRequest:
             self.signum, self._at = signum, time.monotonic()
             logger.warning("received %s: finishing the current step, then saving a checkpoint (a second signal "
                            "exits at once, without saving)", signal.Signals(signum).name)  # fmt: skip
+            if self._interrupt:
+                raise StopInterrupt(signum)
             return
         if time.monotonic() - self._at < REPEAT_WINDOW_S:
             return  # the launcher forwarding the same request
         os.write(2, f"received {signal.Signals(signum).name} again: exiting without a checkpoint\n".encode())
         os._exit(128 + signum)
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Inside the block a stop request raises `StopInterrupt` at once (also one that arrived before): for work
+        that a resume redoes from a saved checkpoint, such as the final evaluation and export."""
+        self._interrupt = True
+        try:
+            if self.signum is not None:
+                raise StopInterrupt(self.signum)
+            yield
+        finally:
+            self._interrupt = False
 
     @property
     def exit_code(self) -> int:

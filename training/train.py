@@ -74,7 +74,7 @@ from ddpm_hub.output_lock import OutputLockedError, acquire, release
 from ddpm_hub.resuming import ResumeOptionError, apply_ema_options, apply_optimizer_options, check_resumed_options
 from ddpm_hub.sampling import with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
-from ddpm_hub.stopping import StopRequest
+from ddpm_hub.stopping import StopInterrupt, StopRequest
 from ddpm_hub.timestep_sampling import make_timestep_sampler
 
 logger = logging.getLogger("ddpm_hub.train")
@@ -879,7 +879,21 @@ class Trainer:
                 self.stop_cleanly()
         bar.close()
         self._assert_finite("saving the final pipeline")
-        result = self.finish()
+        # The final step's checkpoint comes first: a crash or a signal during the (possibly long) final
+        # evaluation and export then loses nothing, and a resume with `latest` evaluates and exports again.
+        final = self.save_checkpoint()
+        try:
+            with self.stop.interrupting():
+                result = self.finish()
+        except StopInterrupt:
+            logger.warning(
+                "stopped by a signal during the final evaluation/export; checkpoint %s holds step %d. Resume with "
+                "the same command plus --resume_from_checkpoint latest to evaluate and export again", final,
+                self.global_step,
+            )
+            acc.end_training()
+            self.stop.uninstall()
+            raise StoppedBySignal(self.stop.exit_code) from None
         acc.end_training()
         self.stop.uninstall()
         return result
@@ -1037,6 +1051,8 @@ class Trainer:
             "ranks_identical": self._ranks_identical(),
         }
         if acc.is_main_process:
+            logger.info("final evaluation and export of step %d (a signal now stops them; a resume redoes them)",
+                        self.global_step)  # fmt: skip
             pipeline, ema, weights_step = self.final_weights()
             result["final_weights"] = {"step": weights_step, "best": self.best}
             metrics: dict[str, float] = {}
