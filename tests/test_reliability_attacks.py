@@ -92,16 +92,24 @@ def test_safetensors_rust_io_errors_get_the_storage_hint():
 
 
 @pytest.mark.slow
-def test_sigterm_during_the_final_evaluation_stops_with_143_and_a_resume_exports(tmp_path):
+@pytest.mark.parametrize("processes", [None, 2], ids=["python", "accelerate-launch-2-processes"])
+def test_sigterm_during_the_final_evaluation_stops_with_143_and_a_resume_exports(tmp_path, processes):
     """The final step's checkpoint is written before the final evaluation; a signal there abandons the evaluation
-    and export at once (exit 143, no pipeline) and `latest` then evaluates and exports from that checkpoint."""
+    and export at once (exit 143, no pipeline, no traceback on any rank) and `latest` then evaluates and exports
+    from that checkpoint. With 2 processes the signal goes to `accelerate launch`, which forwards it to both ranks
+    while rank 0 evaluates and rank 1 waits for it."""
     out = tmp_path / "run"
     args = [*FAST_ARGS, "--max_train_steps", "9", "--checkpointing_steps", "4", "--final_bpd", "full",
             "--output_dir", str(out)]  # fmt: skip
+    prefix = [sys.executable]
+    if processes:
+        prefix += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = subprocess_env(tmp_path, 1 if processes else 2)
     log = tmp_path / "stderr.txt"
     with log.open("w") as err:
-        child = subprocess.Popen([sys.executable, str(TRAIN), *args], env=subprocess_env(tmp_path), cwd=tmp_path,
-                                 stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        child = subprocess.Popen([*prefix, str(TRAIN), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                 stderr=err)  # fmt: skip
         while "final evaluation and export of step 9" not in log.read_text():  # after checkpoint-9 was saved
             assert child.poll() is None, log.read_text()[-3000:]
             time.sleep(0.01)
@@ -113,9 +121,13 @@ def test_sigterm_during_the_final_evaluation_stops_with_143_and_a_resume_exports
     assert f"saved checkpoint {out / 'checkpoints' / 'checkpoint-9'}" in text
     assert "Traceback" not in text and "during the final evaluation/export" in text, text[-3000:]
     assert not (out / "model_index.json").exists()
-    resumed = subprocess.run([sys.executable, str(TRAIN), *args, "--resume_from_checkpoint", "latest"],
-                             capture_output=True, text=True, env=subprocess_env(tmp_path), cwd=tmp_path,
-                             timeout=300)  # fmt: skip
+    if processes:
+        info = ckpt.latest_valid(out / "checkpoints")
+        assert info.path.name == "checkpoint-9"
+        assert sorted(p.name for p in info.path.glob("rng_state_*")) == [f"rng_state_{r}.safetensors"
+                                                                         for r in range(processes)]  # fmt: skip
+    resumed = subprocess.run([*prefix, str(TRAIN), *args, "--resume_from_checkpoint", "latest"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     from ddpm_hub import DDPMPipeline
 
