@@ -315,6 +315,7 @@ def render_model_card(
         guidance_scale=guidance_scale,
         cond_drop_prob=cond_drop_prob,
         has_unconditional_bound=any("unconditional" in k for k in metrics),
+        has_sample_metrics=any(k.endswith(("fid", "kid", "_accuracy")) for k in metrics),
     )
 
 

@@ -234,6 +234,7 @@ def test_trained_conditional_model_folder_card_and_metrics(trained_conditional, 
     card = (out / "README.md").read_text()
     assert "## Classes" in card and "0: `0`" in card and "9: `9`" in card and "Recommended: **2.0**" in card
     assert "held_out_unconditional_bits_per_dim_estimate" in card and "digits_class_accuracy" in card
+    assert "ask for the held-out images' labels in turn (the held-out class mix), at guidance scale 2.0." in card
     assert "pipeline_tag: image-generation" in card and "{{" not in card and "{%" not in card
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'custom_pipeline="pipeline", trust_remote_code=True' in snippet
