@@ -77,15 +77,6 @@ TABLE = ("guidance_scale", "digits_mlp_accuracy", "digits_conv_accuracy", "digit
          "digits_conv_recall")  # fmt: skip
 
 
-def class_accuracy(images: torch.Tensor, labels: torch.Tensor, space: str) -> float:
-    """The share of uint8 digits `images` that the shipped classifier of `space` assigns to `labels`."""
-    from ddpm_hub.digits_features import cached_digits_classifier
-
-    with torch.no_grad():
-        predicted = cached_digits_classifier(space)(images.cpu()).argmax(dim=1)
-    return float((predicted == labels.cpu()).float().mean())
-
-
 def measure_seed(pipeline, held_out, held_labels, scale: float, per_class: int, steps: int, seed: int) -> dict:
     """Class accuracy (both classifiers), FID/KID/precision/recall in both spaces overall, and FID per class, of
     `per_class` guided samples of every class from one seed's initial noise."""
@@ -97,7 +88,7 @@ def measure_seed(pipeline, held_out, held_labels, scale: float, per_class: int, 
     fake = sample_uint8(pipeline, len(labels), steps, seed, batch_size=500, class_labels=labels,
                         guidance_scale=scale)  # fmt: skip
     quality = metrics.digits_quality(held_out, fake, SPACES)
-    row: dict = {f"{space}_accuracy": class_accuracy(fake, labels, space) for space in SPACES}
+    row: dict = {f"{space}_accuracy": metrics.digits_class_accuracy(fake, labels, space) for space in SPACES}
     for space in SPACES:
         for name in ("fid", "kid", "precision", "recall"):
             row[f"{space}_{name}"] = quality[f"{space}_{name}"]

@@ -290,14 +290,14 @@ def quality_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def digits_class_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fraction of uint8 `[N, 1, 8, 8]` digit images that the shipped digits classifier assigns to their
-    requested class `labels` `[N]` (class id = digit): how well a conditional model follows its labels."""
-    from .digits_features import load_digits_classifier
+def digits_class_accuracy(images: torch.Tensor, labels: torch.Tensor, space: str = "digits_mlp") -> float:
+    """The fraction of uint8 `[N, 1, 8, 8]` digit images that the shipped digits classifier of `space` assigns to
+    their requested class `labels` `[N]` (class id = digit): how well a conditional model follows its labels."""
+    from .digits_features import cached_digits_classifier
 
     with torch.no_grad():
-        predicted = load_digits_classifier()(images).argmax(dim=1)
-    return float((predicted == labels.to(predicted.device)).float().mean())
+        predicted = cached_digits_classifier(space)(images.cpu()).argmax(dim=1)
+    return float((predicted == labels.cpu()).float().mean())
 
 
 def check_inception_available() -> None:
