@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "checkpoint.json"
 RUN_RECORD = "training_run.json"  # what the model card of a checkpoint says (data, license, metrics so far)
 PREFIX = "checkpoint-"
-CLASS_LABELS_FILE = "class_labels.json"  # id2label and cond_drop_prob of a class-conditional run
+CLASS_LABELS_FILE = "class_labels.json"  # id2label, cond_drop_prob, guidance scale of a class-conditional run
 
 
 class CheckpointError(RuntimeError):
@@ -506,6 +506,9 @@ def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
     scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
     labels_file = folder / CLASS_LABELS_FILE  # a class-conditional run's class names and label dropout
     labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
+    from .pipelines.pipeline_class_conditional import LABEL_CONFIG
+
+    labels = {k: v for k, v in labels.items() if k in LABEL_CONFIG} if isinstance(labels, dict) else {}
     pipeline = pipeline_cls(unet=unet, scheduler=scheduler, **labels)
     pipeline.model_card_text = checkpoint_model_card(folder, weights)
     return pipeline

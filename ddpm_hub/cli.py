@@ -55,23 +55,64 @@ def _steps(args: argparse.Namespace) -> int:
 
 
 def class_ids(pipeline, tokens: list[str]) -> list[int]:
-    """Class ids of command-line labels: a class name of the model, else a class id (UserError naming both)."""
+    """Class ids of command-line labels (UserError naming the allowed ones). A token that is one of the model's
+    class names is that class. Other tokens are read as class ids (0, 1, ...), unless the model's class names
+    are numbers: a number then always means the class of that name, never an id, so `1` cannot mean two classes."""
     from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
 
     num_classes = num_classes_of(pipeline.unet)
     if num_classes is None:
         raise UserError("--class_labels: this model is unconditional (no class embedding); drop --class_labels")
-    names = {v: k for k, v in (pipeline.id2label or {}).items()}
+    id2label = pipeline.id2label or {}
+    names = {str(v).strip(): k for k, v in id2label.items()}
+    numeric_names = any(_is_int(n) for n in names)
     ids = []
     for token in tokens:
-        if token in names:
-            ids.append(names[token])
-        elif token.isdigit() and int(token) < num_classes:
-            ids.append(int(token))
+        text = token.strip()
+        if text in names:
+            ids.append(names[text])
+        elif not numeric_names and _is_int(text) and str(int(text)) == text and 0 <= int(text) < num_classes:
+            ids.append(int(text))
         else:
-            allowed = list(names) if names else f"ids 0..{num_classes - 1}"
+            if numeric_names:
+                allowed = f"the class names {list(names)} (this model's names are numbers, so numbers are names)"
+            elif names:
+                allowed = f"the class names {list(names)} or ids 0..{num_classes - 1}"
+            else:
+                allowed = f"ids 0..{num_classes - 1}"
             raise UserError(f"--class_labels {token!r} is not a class of this model; choose from {allowed}")
     return ids
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def guidance_for(pipeline, args: argparse.Namespace, labelled: bool) -> float:
+    """The guidance scale of a run: `--guidance_scale`, else the scale the model's card recommends (stored in its
+    config by the trainer) when sampling given labels, else 1. UserError where guidance cannot apply."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
+
+    given = args.guidance_scale
+    if num_classes_of(pipeline.unet) is None:
+        if given not in (None, 1.0):
+            raise UserError("--guidance_scale is for class-conditional models; this one is unconditional (drop it)")
+        return 1.0
+    if not labelled:
+        if given not in (None, 1.0):
+            raise UserError("--guidance_scale needs --class_labels: guidance steers each image towards its class, "
+                            "and without labels the model samples unconditionally")  # fmt: skip
+        return 1.0
+    if pipeline.config.get("cond_drop_prob") == 0:
+        if given not in (None, 1.0):
+            raise UserError("--guidance_scale: this model was trained without label dropout (no unconditional "
+                            "model), so it takes no guidance; drop --guidance_scale")  # fmt: skip
+        return 1.0
+    return given if given is not None else float(pipeline.config.get("recommended_guidance_scale") or 1.0)
 
 
 # -- checks before work: each raises UserError (one line) before a model is loaded or a step is run -------------
@@ -152,8 +193,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         check_output_dir(args.out_dir, "--out_dir")
     if args.out or not args.out_dir:
         check_output_file(args.out or "grid.png", "--out", image=True)
-    if args.guidance_scale != 1.0 and not args.class_labels:
-        raise UserError("--guidance_scale needs --class_labels (guidance steers towards a class)")
     pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
     check_sampling(pipeline, args)
     labels, cols, num_images = None, None, args.num_images
@@ -161,15 +200,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ids = class_ids(pipeline, args.class_labels)
         labels, cols = torch.tensor(ids).repeat_interleave(args.num_images), args.num_images
         num_images = len(labels)
+    scale = guidance_for(pipeline, args, labels is not None)
+    if labels is not None and pipeline.config.get("cond_drop_prob") != 0:
+        stored = pipeline.config.get("recommended_guidance_scale")
+        why = "" if args.guidance_scale is not None else (" (the model's recommended scale)" if stored is not None
+                                                           else " (the model stores no recommended scale)")
+        print(f"guidance scale {scale:g}{why}")
     images = sample_uint8(pipeline, num_images, _steps(args), args.seed, args.batch_size, progress=True,
-                          class_labels=labels, guidance_scale=args.guidance_scale)  # fmt: skip
+                          class_labels=labels, guidance_scale=scale)  # fmt: skip
     arrays = images.permute(0, 2, 3, 1).numpy()  # NHWC uint8
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
     if args.out_dir:
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(pils):
-            image.save(out_dir / _file_name(pipeline, i, labels, args.num_images))
+        for image, name in zip(pils, _file_names(pipeline, labels, len(pils)), strict=True):
+            image.save(out_dir / name)
         extra = {} if labels is None else {"labels": labels.numpy()}
         np.savez_compressed(out_dir / "samples.npz", arr_0=arrays, **extra)  # clean-fid's / openai's layout
         print(f"wrote {len(pils)} PNGs and samples.npz (uint8 NHWC) to {out_dir}")
@@ -182,14 +227,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_name(pipeline, index: int, labels, per_class: int) -> str:
-    """`000003.png`, or `<class name>_0003.png` for a class-conditional sample (names made file-safe)."""
+def _file_names(pipeline, labels, count: int) -> list[str]:
+    """`000003.png`, or `<class name>_0003.png` for class-conditional samples, numbered per class in order (a
+    class asked for twice continues its numbers, so no file is overwritten; names made file-safe)."""
     if labels is None:
-        return f"{index:06d}.png"
-    label = int(labels[index])
-    name = (pipeline.id2label or {}).get(label, str(label))
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or str(label)
-    return f"{safe}_{index % per_class:04d}.png"
+        return [f"{i:06d}.png" for i in range(count)]
+    seen: dict[int, int] = {}
+    names = []
+    for label in labels.tolist():
+        name = (pipeline.id2label or {}).get(label, str(label))
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or str(label)
+        names.append(f"{safe}_{seen.get(label, 0):04d}.png")
+        seen[label] = seen.get(label, 0) + 1
+    if len(set(names)) != len(names):  # two class names made file-safe alike ("a b", "a_b"): use the ids
+        return [f"{label}_{n}" for label, n in zip(labels.tolist(), names, strict=True)]
+    return names
 
 
 def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, id2label=None):
@@ -197,9 +249,7 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     conditional model), matched to the model's classes by name."""
     from ddpm_hub.config import DataConfig
     from ddpm_hub.data import (
-        DataError,
         ImageDataset,
-        class_names,
         encode_labels,
         is_saved_dataset,
         load_splits,
@@ -216,13 +266,9 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     images, good, _ = validate_images(ImageDataset(ds, args.image_column, resolution, channels, name=args.split))
     if id2label is None:
         return images, None
-    names = class_names(ds, args.class_column, args.split)
-    unknown = sorted(set(names) - set(id2label.values()))
-    if unknown:
-        raise DataError(f"--dataset classes {unknown[:10]} are not classes of this model ({list(id2label.values())})")
-    to_model = {i: next(k for k, v in id2label.items() if v == n) for i, n in enumerate(names)}
-    labels = encode_labels(ds, args.class_column, names, args.split)[good]
-    return images, labels.apply_(to_model.get)
+    names = [id2label[i] for i in sorted(id2label)]  # matched by name: the data's own ids may differ
+    labels = encode_labels(ds, args.class_column, names, args.split, classes="classes of this model")
+    return images, labels[good]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -250,8 +296,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.digits_fid and (cfg.sample_size != 8 or cfg.in_channels != 1):
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
     conditional = cfg.get("num_class_embeds") is not None
-    if args.guidance_scale != 1.0 and not conditional:
-        raise UserError("--guidance_scale is for class-conditional models; this one is unconditional")
+    scale = guidance_for(pipeline, args, conditional)
     id2label = (pipeline.id2label or {i: str(i) for i in range(cfg.num_class_embeds - 1)}) if conditional else None
     images, labels = _load_eval_images(args, cfg.in_channels, cfg.sample_size, id2label)
     if args.digits_fid:
@@ -278,14 +323,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         sample_labels = None  # a conditional model asks for the held-out labels in turn (the same class mix)
         if labels is not None:
             sample_labels = labels.repeat(-(-num_samples // len(labels)))[:num_samples]
-            results["guidance_scale"] = args.guidance_scale
+            results["guidance_scale"] = scale
         results.update(sampler=args.sampler, steps=_steps(args), num_samples=num_samples)
         if args.digits_fid:
             report = metrics.sample_quality_report(pipeline, images, num_samples=num_samples,
                                                    num_inference_steps=_steps(args), seeds=seeds,
                                                    batch_size=args.batch_size, progress=True,
                                                    class_labels=sample_labels,
-                                                   guidance_scale=args.guidance_scale)  # fmt: skip
+                                                   guidance_scale=scale)  # fmt: skip
             results["seeds"] = seeds
             summary = dict(report["summary"])
             accuracy = summary.pop("digits_class_accuracy", None)
@@ -297,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             results["digits_per_seed"] = report["per_seed"]
         if {"fid", "kid", "inception_score"} & set(wanted):
             fake = sample_uint8(pipeline, num_samples, _steps(args), args.seed, args.batch_size, progress=True,
-                                class_labels=sample_labels, guidance_scale=args.guidance_scale)  # fmt: skip
+                                class_labels=sample_labels, guidance_scale=scale)  # fmt: skip
             if args.fid:
                 results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
             if args.kid:
@@ -435,6 +480,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = _integer(text)
     if value < 0:
@@ -463,8 +520,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help=f"sampler (its usual step count): {names}")  # fmt: skip
     p.add_argument("--scheduler", dest="sampler", choices=sorted(OFFERED), action=_DeprecatedAlias,
                    help=argparse.SUPPRESS)  # fmt: skip
-    p.add_argument("--guidance_scale", type=float, default=1.0,
-                   help="classifier-free guidance of a class-conditional model (1: none; the card recommends one)")
+    p.add_argument("--guidance_scale", type=_finite, default=None,
+                   help="classifier-free guidance of a class-conditional model given labels (1: none; default: the "
+                   "scale the model's card recommends, 1 if it has none)")  # fmt: skip
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the sampler's)")
     p.add_argument("--batch_size", type=_positive, default=256)
     p.add_argument("--compile", action="store_true",
@@ -481,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_args(s)
     s.add_argument("--num_images", type=_positive, default=16, help="images (per class with --class_labels)")
     s.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
-                   help="class names or ids of a class-conditional model: one grid row per class")  # fmt: skip
+                   help="class names (or ids 0, 1, ... where the names are not numbers) of a class-conditional "
+                   "model: one grid row per class")  # fmt: skip
     s.add_argument("--upscale", type=_positive, default=None, help="enlarge each grid tile (default: to ~64 px)")
     s.add_argument("--out", default=None, help="grid PNG (default grid.png when --out_dir is not given)")
     s.add_argument("--out_dir", default=None, help="write every image as PNG and all as samples.npz (uint8 NHWC)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,8 +211,8 @@ class RunConfig:
     guidance_scale: float = opt(
         2.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
         "snippet, the card's recommended scale (1: no guidance; 2: the lowest digits FID with >= 99%% of samples of "
-        "the requested class, benchmarks/bench_guidance.py)",
-        minimum=0,
+        "the requested class, benchmarks/bench_guidance.py; 0 would ignore the label)",
+        minimum=0, exclusive=True,
     )
     num_quality_samples: int = opt(
         300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
@@ -567,6 +568,8 @@ def _check_field(name: str, value: Any) -> None:
         raise ConfigError(f"--{name} must be an integer, got {value!r}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ConfigError(f"--{name} must be a number, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"--{name} must be a finite number, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"--{name} must be a string, got {value!r}")
     meta = f.metadata
@@ -600,6 +603,21 @@ def _check_output_dir(folder: str) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"--output_dir {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
+CONDITIONAL_OPTIONS = ("class_column", "cond_drop_prob", "guidance_scale")
+
+
+def _check_conditional_options(c: TrainConfig) -> None:
+    """The class-conditional options are set only where they act: with --class_conditional (and guidance only
+    with label dropout), never silently ignored."""
+    changed = [n for n in CONDITIONAL_OPTIONS if getattr(c, n) != FIELDS[n].default]
+    if not c.class_conditional and changed:
+        raise ConfigError(f"--{changed[0]} is for class-conditional training: add --class_conditional, or drop "
+                          f"--{changed[0]}")  # fmt: skip
+    if c.class_conditional and c.cond_drop_prob == 0 and "guidance_scale" in changed:
+        raise ConfigError("--guidance_scale needs the unconditional model that label dropout trains, and "
+                          "--cond_drop_prob 0 trains none: drop --guidance_scale or raise --cond_drop_prob")
 
 
 def validate(c: TrainConfig) -> None:
@@ -652,6 +670,7 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--final_weights best needs --keep_best_checkpoint (and --eval_fid_steps N)")
     if not c.cond_drop_prob < 1.0:
         raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {c.cond_drop_prob}")
+    _check_conditional_options(c)
     _check_output_dir(c.output_dir)
     for name in ("pretrained_model_name_or_path", "model_config_name_or_path"):
         value = getattr(c, name)

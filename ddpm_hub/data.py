@@ -189,46 +189,92 @@ def load_splits(data: DataConfig):
     return train, held_out
 
 
-def class_names(ds, column: str, name: str = "train") -> list[str]:
-    """The class names of a labelled split: its `ClassLabel` names, else its distinct values in sorted order
-    (a label's id is its index in this list). DataError for a missing column."""
+LABEL_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "string", "large_string")
+
+
+def _check_label_column(ds, column: str, name: str) -> None:
+    """`column` exists in the split and holds class labels (a `ClassLabel`, integers or strings): DataError naming
+    the column, what it holds and the columns that could be labels."""
     import datasets
 
     if column not in ds.column_names:
-        hint = (" (an imagefolder has a `label` column only when its images sit in one subfolder per class)"
+        hint = (" (an image folder has a `label` column only when its images sit in two or more class subfolders: "
+                "datasets gives none for a single subfolder, and a conditional model needs at least 2 classes)"
                 if column == "label" else "")  # fmt: skip
         raise DataError(
             f"--class_column {column!r} not found in the {name} split{hint}; columns: {ds.column_names}"
         )
     feature = ds.features[column]
     if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    values = {v for v in ds[column] if v is not None}
-    if not values or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in values):
-        raise DataError(f"--class_column {column!r} of the {name} split must hold integer or string class labels")
-    return [str(v) for v in sorted(values)]
+        return
+    if isinstance(feature, datasets.Value) and feature.dtype in LABEL_DTYPES:
+        return
+    kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+    candidates = [k for k, v in ds.features.items() if isinstance(v, datasets.ClassLabel)
+                  or (isinstance(v, datasets.Value) and v.dtype in LABEL_DTYPES)]  # fmt: skip
+    raise DataError(
+        f"--class_column {column!r} of the {name} split holds {kind} values, not class labels (a ClassLabel, "
+        f"integers or strings); " + (f"label columns: {candidates}" if candidates else f"columns: {ds.column_names}")
+    )
 
 
-def encode_labels(ds, column: str, names: list[str], name: str = "train") -> torch.Tensor:
-    """The class ids (int64 `[N]`, indices into `names`) of a split's `column`; DataError naming the first row
-    whose label is missing or not one of `names`."""
+def _label_keys(ds, column: str) -> list[str | None]:
+    """Each row's class as a name: a `ClassLabel` id becomes its name (datasets' -1, no label, becomes None);
+    integers and strings become strings. Splits are matched by these names, never by their own ids."""
     import datasets
 
-    if column not in ds.column_names:
-        raise DataError(f"--class_column {column!r} not found in the {name} split; columns: {ds.column_names}")
-    is_class_label = isinstance(ds.features[column], datasets.ClassLabel)
+    feature = ds.features[column]
+    values = ds[column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+        return [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
+def class_names(ds, column: str, name: str = "train") -> list[str]:
+    """The class names of a labelled split, a label's id being its index here: the `ClassLabel` names (in their
+    order) that label at least one image of the split, else its distinct values in sorted order. DataError for a
+    missing column or one that holds no class labels."""
+    import datasets
+
+    _check_label_column(ds, column, name)
+    feature = ds.features[column]
+    present = {k for k in _label_keys(ds, column) if k is not None}
+    if isinstance(feature, datasets.ClassLabel):
+        names = [n for n in feature.names if n in present]
+        unused = [n for n in feature.names if n not in present]
+        if unused:  # an imagefolder's ClassLabel is the union of the subfolders of every split
+            logger.warning(
+                "--class_column %r: the classes %s have no image in the %s split, so the model does not learn them "
+                "(%d classes remain)", column, unused[:20], name, len(names),
+            )
+    else:
+        values = {v for v in ds[column] if v is not None}
+        names = [str(v) for v in sorted(values)]
+    if len(names) < 2:
+        raise DataError(f"--class_column {column!r} of the {name} split has {len(names)} class(es) {names}: a "
+                        "class-conditional model needs at least 2; train an unconditional one (no --class_conditional)")
+    return names
+
+
+def encode_labels(
+    ds, column: str, names: list[str], name: str = "train", classes: str = "training classes"
+) -> torch.Tensor:
+    """The class ids (int64 `[N]`, indices into `names`) of a split's `column`, matched by class name (never by
+    the split's own `ClassLabel` ids, which differ between splits with different classes); DataError naming the
+    first row whose label is missing or not one of `names`."""
+    _check_label_column(ds, column, name)
     index = {n: i for i, n in enumerate(names)}
     ids = []
-    for row, value in enumerate(ds[column]):
-        if is_class_label and isinstance(value, int) and 0 <= value < len(names):
-            ids.append(value)
-        elif not is_class_label and value is not None and str(value) in index:
-            ids.append(index[str(value)])
-        else:
+    for row, key in enumerate(_label_keys(ds, column)):
+        if key is None:
+            raise DataError(f"{name} row {row} has no class label (--class_column {column!r}): label it or remove it")
+        if key not in index:
             raise DataError(
-                f"{name} row {row}: class label {value!r} is not one of the {len(names)} classes {names[:20]}; "
-                "fix the label or remove the row"
+                f"{name} row {row} has the class {key!r}, which is not one of the {len(names)} {classes} "
+                f"{names[:20]}: the model can only be given classes it learned from the train split"
             )
+        ids.append(index[key])
     return torch.tensor(ids, dtype=torch.long)
 
 

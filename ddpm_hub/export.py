@@ -358,8 +358,10 @@ def _write_pipeline(
 
     labels = {}
     if description.class_names is not None:
-        labels = {"id2label": dict(enumerate(description.class_names)),
-                  "cond_drop_prob": description.hparams.get("cond_drop_prob")}  # fmt: skip
+        cond_drop_prob = description.hparams.get("cond_drop_prob")
+        recommended = description.guidance_scale if cond_drop_prob != 0 else None
+        labels = {"id2label": dict(enumerate(description.class_names)), "cond_drop_prob": cond_drop_prob,
+                  "recommended_guidance_scale": recommended}  # fmt: skip
     DDPMPipeline(unet=unet, scheduler=scheduler, **labels).save_pretrained(staging)
     fault_point("export.staging.pipeline_saved")
     if grid is not None:

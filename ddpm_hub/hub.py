@@ -91,9 +91,9 @@ METRIC_DESCRIPTIONS = {
     "held_out_unconditional_bits_per_dim_stderr": "standard error of that estimate",
     "digits_class_accuracy": "fraction of guided samples that the digits classifier assigns to the requested class",
     "digits_fid": "FID in the features of ddpm-hub's digits classifier (not Inception FID), samples vs held-out",
-    "digits_kid": "KID in the same digits-classifier features",
+    "digits_kid": "KID in the same digits-classifier features (the raw value; papers often quote KID x 1000)",
     "fid": "FID (Inception-v3 features), samples vs held-out",
-    "kid": "KID (Inception-v3 features), samples vs held-out",
+    "kid": "KID (Inception-v3 features), samples vs held-out (the raw value; papers often quote KID x 1000)",
 }
 
 
@@ -103,7 +103,7 @@ DIGITS_SPACES = {"digits_mlp": "the shipped digits MLP's 64-d features",
 DIGITS_METRIC_DESCRIPTIONS = {
     "fid": "FID in {space} (not Inception FID), samples vs held-out: {how}",
     "fid_ci95": "half-width of the 95% t-interval of that FID over the {seeds} seeds",
-    "kid": "KID in {space}: {how}",
+    "kid": "KID in {space} (the raw value, not x 1000): {how}",
     "precision": "precision in {space} (k=3 nearest-neighbour manifolds): share of samples on the held-out images' "
     "manifold (fidelity); {how}",
     "recall": "recall in {space}: share of held-out images on the samples' manifold (diversity); {how}",
@@ -244,7 +244,7 @@ def render_model_card(
     learned_variance: bool | None = None,
     saved_scheduler: str = "DDPMScheduler",
     class_names: list[str] | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | None = None,
     dataset_type: str | None = None,
     dataset_name: str | None = None,
     eval_split: str | None = None,
@@ -253,7 +253,8 @@ def render_model_card(
     the model-index) and a body, from the `model_card.md` template, that states only what is true of this model
     (EMA, data, classes and guidance, licenses, usage). `learned_variance` defaults to what
     `hparams["variance_type"]` says; `saved_scheduler` is the class the folder stores; `class_names` makes it the
-    card of a class-conditional model sampled at `guidance_scale`. The model-index names the data by
+    card of a class-conditional model sampled at `guidance_scale` (None: no scale was measured, so none is
+    recommended). The model-index names the data by
     `dataset_type` (an id-like token; default the Hub `dataset_id`) and `dataset_name` (human; default the id or
     the description), and the metrics' split by `eval_split`."""
     if learned_variance is None:
@@ -288,7 +289,7 @@ def render_model_card(
         usage = _usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler)
     else:
         usage = _conditional_usage(repo_id, num_inference_steps, sampler, class_names,
-                                   guidance_scale if guidance else 1.0)  # fmt: skip
+                                   (guidance_scale or 1.0) if guidance else 1.0)  # fmt: skip
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -312,7 +313,8 @@ def render_model_card(
         class_names=class_names,
         class_list=", ".join(f"{i}: `{n}`" for i, n in enumerate(class_names or [])),
         guidance=guidance,
-        guidance_scale=guidance_scale,
+        guidance_scale=(guidance_scale or 1.0) if guidance else 1.0,
+        recommended=guidance and guidance_scale is not None,
         cond_drop_prob=cond_drop_prob,
         has_unconditional_bound=any("unconditional" in k for k in metrics),
         has_sample_metrics=any(k.endswith(("fid", "kid", "_accuracy")) for k in metrics),
@@ -412,4 +414,5 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         learned_variance=unet.out_channels == 2 * unet.in_channels,
         saved_scheduler=type(pipeline.scheduler).__name__,
         class_names=class_names,
+        guidance_scale=pipeline.config.get("recommended_guidance_scale"),
     )

@@ -13,6 +13,7 @@ from .faults import fault_point
 
 LOCK_NAME = ".ddpm_hub.lock"
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (fd, depth) held by this process
+_created: dict[Path, tuple[bool, bool]] = {}  # folder -> (this process made the folder, made its lock file)
 
 
 class OutputLockedError(RuntimeError):
@@ -38,6 +39,7 @@ def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
         fd, depth = _held[folder]
         _held[folder] = (fd, depth + 1)
         return True
+    made_folder = not folder.exists()
     if create:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,7 @@ def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
     elif not folder.is_dir():
         return False
     path = folder / LOCK_NAME
+    made_lock = not path.exists()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -65,12 +68,15 @@ def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} ({purpose})\n".encode())
     _held[folder] = (fd, 1)
+    _created[folder] = (made_folder and create, made_lock)
     fault_point("lock.acquired")
     return True
 
 
 def release(folder: str | Path) -> None:
-    """Undo one `acquire` of `folder` by this process; the lock is dropped with the last one."""
+    """Undo one `acquire` of `folder` by this process; the lock is dropped with the last one. A folder that this
+    process created and left with nothing but the lock file (a run refused before it wrote anything) is removed,
+    so that a failed start leaves no trace; otherwise the lock file stays (unlinking it would race)."""
     folder = Path(folder).resolve()
     if folder not in _held:
         return
@@ -78,7 +84,24 @@ def release(folder: str | Path) -> None:
     if depth > 1:
         _held[folder] = (fd, depth - 1)
         return
-    os.close(fd)  # closing the descriptor releases the flock; the file stays (unlinking it would race)
+    made_folder, made_lock = _created.pop(folder, (False, False))
+    unused = False
+    if made_lock:
+        try:
+            unused = [p.name for p in folder.iterdir()] == [LOCK_NAME]
+        except OSError:
+            unused = False
+    if unused:  # unlinked while still held: no other process can have locked this file
+        try:
+            (folder / LOCK_NAME).unlink()
+        except OSError:
+            unused = False
+    os.close(fd)  # closing the descriptor releases the flock
+    if unused and made_folder:
+        try:
+            folder.rmdir()
+        except OSError:  # something appeared meanwhile: leave the folder
+            pass
 
 
 class OutputLock:

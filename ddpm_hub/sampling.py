@@ -27,7 +27,9 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
 def with_sampler(pipeline, name: str):
     """A pipeline sharing `pipeline`'s UNet (and class names) whose scheduler is sampler `name` (the original is
     left as it was)."""
-    labels = {k: pipeline.config[k] for k in ("id2label", "cond_drop_prob") if k in pipeline.config}
+    from .pipelines.pipeline_class_conditional import LABEL_CONFIG
+
+    labels = {k: pipeline.config[k] for k in LABEL_CONFIG if k in pipeline.config}
     return type(pipeline)(unet=pipeline.unet, scheduler=build_scheduler(name, pipeline.scheduler.config), **labels)
 
 

@@ -75,18 +75,17 @@ def prepare_class_labels(
                 f"this model was trained without label dropout, so it has no unconditional mode: pass class_labels "
                 f"(ids 0..{num_classes - 1}{' or names ' + str(list(id2label.values())) if id2label else ''})"
             )
+        if guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs class_labels (guidance steers each image towards its class); "
+                "without class_labels the model samples unconditionally: drop guidance_scale or pass class_labels"
+            )
         return torch.full((batch_size,), num_classes, dtype=torch.long), batch_size, 1.0
     if guidance_scale != 1.0 and not null_label_trained:
         raise ValueError(
             "this model was trained without label dropout (no unconditional model): use guidance_scale=1"
         )
-    if isinstance(class_labels, torch.Tensor):
-        if class_labels.ndim > 1 or class_labels.is_floating_point():
-            raise ValueError(f"class_labels must be a 0-d or 1-d integer tensor, got {class_labels.dtype} "
-                             f"of shape {tuple(class_labels.shape)}")  # fmt: skip
-        class_labels = class_labels.tolist()
-    single = isinstance(class_labels, (int, str))
-    values = [class_labels] if single else list(class_labels)
+    values, single = _label_values(class_labels)
     if not values:
         raise ValueError("class_labels is empty: pass a class id or name, or a list of them")
     ids = []
@@ -96,13 +95,32 @@ def prepare_class_labels(
         elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < num_classes:
             ids.append(value)
         else:
-            raise ValueError(f"class label {value!r} is not a class id 0..{num_classes - 1} or a class name")
+            raise ValueError(f"class label {value!r} is not a class id 0..{num_classes - 1} (an integer) or a class "
+                             "name")  # fmt: skip
     if single:
         ids = ids * batch_size
     elif batch_size not in (1, len(ids)):
         raise ValueError(f"got {len(ids)} class_labels for batch_size {batch_size}: pass one label per image (or "
                          "one label for the whole batch)")  # fmt: skip
     return torch.tensor(ids, dtype=torch.long), len(ids), float(guidance_scale)
+
+
+def _label_values(class_labels: Any) -> tuple[list, bool]:
+    """(the labels as a list of Python ints/strings/other scalars, whether one label was given for the whole
+    batch): tensors and NumPy arrays or scalars (`digits.target`, `np.int64(3)`) become Python values."""
+    if isinstance(class_labels, (str, bytes)):
+        return [class_labels], True
+    ndim = getattr(class_labels, "ndim", None)
+    if ndim is not None and ndim > 1:
+        raise ValueError(f"class_labels must be one label or a 1-d sequence of labels, got shape "
+                         f"{tuple(class_labels.shape)}")  # fmt: skip
+    if hasattr(class_labels, "tolist"):  # torch tensors, NumPy arrays and NumPy scalars
+        class_labels = class_labels.tolist()
+    if isinstance(class_labels, (list, tuple)):
+        return [v.tolist() if hasattr(v, "tolist") else v for v in class_labels], False
+    if isinstance(class_labels, (str, int, float)) or not hasattr(class_labels, "__iter__"):
+        return [class_labels], True
+    return [v.tolist() if hasattr(v, "tolist") else v for v in class_labels], False
 
 
 def guided_model_output(
@@ -133,12 +151,23 @@ def scheduler_takes_variance(scheduler) -> bool:
     ).startswith("learned")
 
 
-def register_label_config(pipeline: DiffusionPipeline, id2label: dict | None, cond_drop_prob: float | None) -> None:
-    """Keep the class names and the label-dropout rate in the pipeline config (model_index.json), where
-    `from_pretrained` passes them back to `__init__`; unconditional pipelines store neither."""
+LABEL_CONFIG = ("id2label", "cond_drop_prob", "recommended_guidance_scale")
+
+
+def register_label_config(
+    pipeline: DiffusionPipeline,
+    id2label: dict | None,
+    cond_drop_prob: float | None,
+    recommended_guidance_scale: float | None = None,
+) -> None:
+    """Keep the class names, the label-dropout rate and the guidance scale the model was measured at in the
+    pipeline config (model_index.json), where `from_pretrained` passes them back to `__init__`; unconditional
+    pipelines store none of them."""
     if id2label is not None or cond_drop_prob is not None:
         id2label = None if id2label is None else {int(k): str(v) for k, v in id2label.items()}
         pipeline.register_to_config(id2label=id2label, cond_drop_prob=cond_drop_prob)
+        if recommended_guidance_scale is not None:
+            pipeline.register_to_config(recommended_guidance_scale=float(recommended_guidance_scale))
 
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):
@@ -148,10 +177,17 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "model_output"]
 
-    def __init__(self, unet: UNet2DModel, scheduler, id2label: dict | None = None, cond_drop_prob: float | None = None):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        id2label: dict | None = None,
+        cond_drop_prob: float | None = None,
+        recommended_guidance_scale: float | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        register_label_config(self, id2label, cond_drop_prob)
+        register_label_config(self, id2label, cond_drop_prob, recommended_guidance_scale)
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Class ids of class names (the names are `self.config.id2label`)."""

@@ -59,20 +59,26 @@ class DDPMPipeline(DiffusionPipeline):
     `__call__` takes diffusers' arguments (plus `class_labels`, `guidance_scale` as DiTPipeline); `bits_per_dim`
     evaluates the variational bound of uint8 images (given their labels, for a conditional model). `id2label` maps
     class ids to names (saved in model_index.json); `cond_drop_prob` is the label dropout the model was trained
-    with (0: it has no unconditional mode, so no guidance).
+    with (0: it has no unconditional mode, so no guidance); `recommended_guidance_scale` the scale its card's
+    samples and metrics use (the CLI's default).
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "model_output"]
 
     def __init__(
-        self, unet: UNet2DModel, scheduler, id2label: dict | None = None, cond_drop_prob: float | None = None
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        id2label: dict | None = None,
+        cond_drop_prob: float | None = None,
+        recommended_guidance_scale: float | None = None,
     ):
         super().__init__()
         if type(scheduler) is DiffusersDDPMScheduler:
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
         self.register_modules(unet=unet, scheduler=scheduler)
-        register_label_config(self, id2label, cond_drop_prob)
+        register_label_config(self, id2label, cond_drop_prob, recommended_guidance_scale)
         self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
         self.model_card_samples: bytes | None = None  # and the samples.png that card shows, when there is one
 
@@ -276,11 +282,10 @@ class DDPMPipeline(DiffusionPipeline):
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if class_labels is not None:
-            if isinstance(class_labels, (int, str)) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
-                raise ValueError("bits_per_dim takes one class label per image (a list or 1-d tensor)")
-            labels, n, _ = self._prepare_class_labels(class_labels, len(images), 1.0)
+            labels, n, _ = self._prepare_class_labels(class_labels, 1, 1.0)
             if n != len(images):
-                raise ValueError(f"got {n} class_labels for {len(images)} images: pass one label per image")
+                raise ValueError(f"got {n} class_labels for {len(images)} images: bits_per_dim takes one label per "
+                                 "image (a list, array or 1-d tensor)")  # fmt: skip
             kwargs["class_labels"] = labels
         scheduler = self.scheduler
         if not isinstance(scheduler, DDPMScheduler):

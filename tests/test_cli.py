@@ -169,7 +169,7 @@ def test_evaluate_digits_fid_reports_both_spaces_with_seed_intervals(trained, tm
     printed = capsys.readouterr().out
     table = printed[printed.index("| metric | digits_mlp | digits_conv |"):].strip().splitlines()
     labels = [row.split("|")[1].strip() for row in table[2:]]
-    assert labels == ["FID", "KID", "precision (k=3)", "recall (k=3)", "class-frequency error",
+    assert labels == ["FID", "KID (raw, not x 1000)", "precision (k=3)", "recall (k=3)", "class-frequency error",
                       "classifier score (max 10)"]  # fmt: skip
     assert "24 samples x 2 seed(s) against 40 real images" in printed
     assert all(row.count("+-") == 2 for row in table[2:])  # mean +- half-width in both spaces

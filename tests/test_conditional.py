@@ -91,14 +91,59 @@ def test_labels_and_class_names_come_from_the_data(tmp_path):
     with pytest.raises(DataError, match="--class_column 'kind' not found in the train split") as exc:
         class_names(train, "kind")
     assert "\n" not in str(exc.value)
-    with pytest.raises(DataError, match="held-out row 0: class label 'even' is not one of the 1 classes"):
+    with pytest.raises(DataError, match="held-out row 0 has the class 'even', which is not one of the 1 training"):
         encode_labels(held, "parity", ["odd"], "held-out")
     flat = tmp_path / "flat"
     _png(flat, "a.png", 1)
     _png(flat, "b.png", 2)
     train, _ = load_splits(DataConfig(train_data_dir=str(flat), cache_dir=str(tmp_path / "c3")))
-    with pytest.raises(DataError, match="one subfolder per class"):
+    with pytest.raises(DataError, match="two or more class subfolders"):
         class_names(train, "label")
+
+
+def test_held_out_labels_are_matched_to_the_training_classes_by_name(tmp_path, caplog):
+    """A held-out folder's own ClassLabel ids differ from the training folder's when its classes differ: labels are
+    matched by name; a class without training images is never a model class, and held-out images of it are a
+    one-line error; a column of images or a single class is refused."""
+    train_root, held_root = tmp_path / "train", tmp_path / "held"
+    for k, kind in enumerate(("cat", "dog", "fox")):
+        _png(train_root / kind, "0.png", 10 + k)
+        _png(train_root / kind, "1.png", 10 + k)
+    for kind in ("dog", "fox"):  # held-out ClassLabel: dog = 0, fox = 1; the training classes: dog = 1, fox = 2
+        _png(held_root / kind, "0.png", 0)
+    train, held = load_splits(DataConfig(train_data_dir=str(train_root), validation_data_dir=str(held_root),
+                                         cache_dir=str(tmp_path / "c1")))  # fmt: skip
+    names = class_names(train, "label")
+    assert names == ["cat", "dog", "fox"]
+    labels = encode_labels(held, "label", names, "held-out")
+    assert [names[i] for i in labels] == [row["image"]["path"].split("/")[-2] for row in held]
+    assert sorted(labels.tolist()) == [1, 2]
+    # a held-out class the model never saw: refused by name, in one line
+    _png(held_root / "owl", "0.png", 0)
+    _, held = load_splits(DataConfig(train_data_dir=str(train_root), validation_data_dir=str(held_root),
+                                     cache_dir=str(tmp_path / "c2")))  # fmt: skip
+    with pytest.raises(DataError, match="has the class 'owl', which is not one of the 3 training classes") as exc:
+        encode_labels(held, "label", names, "held-out")
+    assert "\n" not in str(exc.value)
+    # a class only in test/ (the folder's ClassLabel is the union over splits) is not a model class
+    root = tmp_path / "union"
+    for kind in ("cat", "dog"):
+        _png(root / "train" / kind, "0.png", 1)
+    for kind in ("cat", "dog", "owl"):
+        _png(root / "test" / kind, "0.png", 1)
+    train, held = load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "c3")))
+    with caplog.at_level("WARNING"):
+        names = class_names(train, "label")
+    assert names == ["cat", "dog"] and "['owl'] have no image in the train split" in caplog.text
+    with pytest.raises(DataError, match="class 'owl', which is not one of the 2 training classes"):
+        encode_labels(held, "label", names, "held-out")
+    # a column that holds no labels, and a single class
+    with pytest.raises(DataError, match="--class_column 'image' of the train split holds Image values, not class "
+                       "labels.*label columns: \\['label'\\]"):  # fmt: skip
+        class_names(load_digits_dataset()["train"], "image")
+    one = load_digits_dataset()["train"].filter(lambda row: row["label"] == 3)
+    with pytest.raises(DataError, match="has 1 class\\(es\\) \\['3'\\]: a class-conditional model needs at least 2"):
+        class_names(one, "label")
 
 
 def _synthetic_trainer(tmp_path, cond_drop_prob: float = 0.1, **options):
@@ -184,6 +229,52 @@ def trained_conditional(tmp_path_factory):
             "--checkpointing_steps", "3"]  # fmt: skip
     train_in_process(args)
     return out
+
+
+def test_trainer_refuses_conditional_options_it_would_ignore(tmp_path):
+    """Every class-conditional option given where it cannot act, and every non-finite scale, is refused before any
+    work, in one line."""
+    from ddpm_hub.config import ConfigError, parse_args
+
+    out = ["--output_dir", str(tmp_path / "out")]
+    cases = [
+        (["--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
+        (["--class_conditional", "--guidance_scale", "inf"], "--guidance_scale must be a finite number"),
+        (["--class_conditional", "--guidance_scale", "0"], "--guidance_scale must be > 0"),
+        (["--cond_drop_prob", "0.2"], "--cond_drop_prob is for class-conditional training: add --class_conditional"),
+        (["--class_column", "kind"], "--class_column is for class-conditional training"),
+        (["--guidance_scale", "3"], "--guidance_scale is for class-conditional training"),
+        (["--class_conditional", "--cond_drop_prob", "0", "--guidance_scale", "3"], "--cond_drop_prob 0 trains none"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(ConfigError, match=needle) as exc:
+            parse_args([*argv, *out])
+        assert "\n" not in str(exc.value), argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_refused_by_its_data_leaves_no_folder_behind(tmp_path, capsys):
+    """Data validation runs after the output folder is locked: a refused run removes the folder it made (and an
+    existing folder keeps no lock file), so a failed start leaves nothing to clean up."""
+    from ddpm_hub.training.train import main
+
+    from ddpm_hub.output_lock import LOCK_NAME
+
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for out in (fresh, existing):
+        argv = [*FAST_ARGS, "--class_conditional", "--class_column", "image", "--max_train_steps", "1",
+                "--output_dir", str(out)]  # fmt: skip
+        try:
+            assert main(argv) == 2
+        finally:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        assert "holds Image values, not class labels" in capsys.readouterr().err
+    assert not fresh.exists()
+    assert existing.is_dir() and not (existing / LOCK_NAME).exists()
 
 
 def test_conditional_exact_resume_with_accumulation_matches_uninterrupted_run(tmp_path):
@@ -311,13 +402,40 @@ def test_label_misuse_is_a_one_line_error_naming_what_is_allowed():
         (_pipeline(), {"class_labels": "zebra"}, r"choose from \['a', 'b', 'c'\]"),
         (_pipeline(), {"class_labels": 3}, "class id 0..2"),
         (_pipeline(), {"class_labels": [0, 1], "batch_size": 3}, "2 class_labels for batch_size 3"),
-        (_pipeline(), {"class_labels": torch.tensor([0.5])}, "integer tensor"),
+        (_pipeline(), {"class_labels": torch.tensor([0.5])}, r"class label 0.5 is not a class id 0..2 \(an integer\)"),
+        (_pipeline(), {"class_labels": 3.0}, r"class label 3.0 is not a class id 0..2 \(an integer\)"),
+        (_pipeline(), {"class_labels": np.array([[0, 1]])}, r"1-d sequence of labels, got shape \(1, 2\)"),
         (_pipeline(), {"class_labels": []}, "empty"),
+        (_pipeline(), {"guidance_scale": 3.0}, "guidance_scale=3.0 needs class_labels"),
+        (_pipeline(), {"class_labels": 1, "guidance_scale": float("nan")}, "finite number"),
     ]
     for pipeline, kwargs, needle in cases:
         with pytest.raises(ValueError, match=needle) as exc:
             pipeline(num_inference_steps=2, **kwargs)
         assert "\n" not in str(exc.value), kwargs
+
+
+def test_numpy_labels_are_the_same_labels():
+    """`digits.target`-style NumPy arrays and NumPy integers work as lists and ints do (the same images)."""
+    pipeline = _pipeline()
+
+    def sample(labels):
+        return pipeline(class_labels=labels, guidance_scale=2.0, num_inference_steps=3, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    reference = sample([2, 0, 1])
+    for labels in (np.array([2, 0, 1]), np.array([2, 0, 1], dtype=np.int32), [np.int64(2), np.int64(0), 1],
+                   torch.tensor([2, 0, 1]), ("c", "a", "b")):  # fmt: skip
+        np.testing.assert_array_equal(sample(labels), reference)
+    single = pipeline(class_labels=np.int64(1), batch_size=2, num_inference_steps=3, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    np.testing.assert_array_equal(single, pipeline(class_labels=1, batch_size=2, num_inference_steps=3,
+                                                   output_type="np", generator=torch.Generator().manual_seed(0)).images)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="got 1 class_labels for 3 images: bits_per_dim takes one label per image"):
+        pipeline.bits_per_dim(images, class_labels=1)
+    with pytest.raises(ValueError, match="got 2 class_labels for 3 images: bits_per_dim takes one label per image"):
+        pipeline.bits_per_dim(images, class_labels=[0, 1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -350,7 +468,7 @@ def test_bits_per_dim_given_labels_and_unconditional_match_an_oracle():
     # batched into pieces, each piece gets its own labels
     pieces = pipeline.bits_per_dim(images, class_labels=labels, noise=noise, batch_size=2, progress=False).total
     torch.testing.assert_close(pieces, expected_cond, rtol=1e-6, atol=0)  # other batch shapes: float rounding
-    with pytest.raises(ValueError, match="one class label per image"):
+    with pytest.raises(ValueError, match="bits_per_dim takes one label per image"):
         pipeline.bits_per_dim(images, class_labels=1)
 
 
@@ -404,6 +522,41 @@ def test_stock_diffusers_samples_a_conditional_pipeline_without_ddpm_hub(hub, tm
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def test_cli_repeated_classes_keep_every_file_and_the_default_scale_is_the_recommended_one(
+    trained_conditional, tmp_path, capsys
+):
+    from ddpm_hub.cli import main
+
+    out_dir = tmp_path / "samples"
+    assert main(["sample", "--model", str(trained_conditional), "--class_labels", "3", " 3", "--num_images", "2",
+                 "--steps", "2", "--out_dir", str(out_dir)]) == 0  # fmt: skip
+    assert sorted(p.name for p in out_dir.glob("*.png")) == [f"3_{i:04d}.png" for i in range(4)]  # none overwritten
+    assert "guidance scale 2 (the model's recommended scale)" in capsys.readouterr().out
+    index = json.loads((trained_conditional / "model_index.json").read_text())
+    assert index["recommended_guidance_scale"] == 2.0  # what the card recommends, stored for the CLI
+    assert main(["evaluate", "--model", str(trained_conditional), "--digits_fid", "--num_images", "8", "--steps",
+                 "2", "--out", str(tmp_path / "e.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "e.json").read_text())["guidance_scale"] == 2.0
+    assert main(["evaluate", "--model", str(trained_conditional), "--digits_fid", "--num_images", "8", "--steps",
+                 "2", "--guidance_scale", "1", "--out", str(tmp_path / "e1.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "e1.json").read_text())["guidance_scale"] == 1.0
+
+
+def test_cli_class_tokens_are_names_first_and_numbers_never_mean_two_classes():
+    from ddpm_hub.cli import UserError, class_ids
+
+    letters = _pipeline()  # names a, b, c: numbers are ids
+    assert class_ids(letters, ["b", "2", " c", "0"]) == [1, 2, 2, 0]
+    for token, needle in (("03", "ids 0..2"), ("3", "ids 0..2"), ("-1", "ids 0..2"), ("zebra", "'a', 'b', 'c'")):
+        with pytest.raises(UserError, match=needle):
+            class_ids(letters, [token])
+    numbers = _pipeline(id2label={0: "1", 1: "3", 2: "7"})  # names are numbers: a number is always a name
+    assert class_ids(numbers, ["1", "7", "3"]) == [0, 2, 1]
+    for token in ("0", "2"):  # valid ids, but not names: refused rather than read as a second meaning
+        with pytest.raises(UserError, match="numbers are names"):
+            class_ids(numbers, [token])
+
+
 def test_cli_samples_classes_by_name_or_id_and_evaluates_both_bounds(trained_conditional, trained, tmp_path,
                                                                       capsys):  # fmt: skip
     from ddpm_hub.cli import main
@@ -424,7 +577,13 @@ def test_cli_samples_classes_by_name_or_id_and_evaluates_both_bounds(trained_con
     for argv, needle in (
         (["sample", "--model", str(trained_conditional), "--class_labels", "zebra"], "is not a class of this model"),
         (["sample", "--model", str(trained), "--class_labels", "3"], "unconditional"),
-        (["sample", "--model", str(trained), "--guidance_scale", "3"], "needs --class_labels"),
+        (["sample", "--model", str(trained), "--guidance_scale", "3"], "is for class-conditional models; this one "
+         "is unconditional"),
+        (["sample", "--model", str(trained_conditional), "--guidance_scale", "3"], "needs --class_labels"),
+        (["sample", "--model", str(trained_conditional), "--class_labels", "12"], "numbers are names"),
+        (["sample", "--model", str(trained_conditional), "--class_labels", "03"], "is not a class of this model"),
+        (["evaluate", "--model", str(trained), "--bpd_estimate", "--guidance_scale", "2"], "this one is "
+         "unconditional"),
     ):
         assert main(argv) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' loading bar)

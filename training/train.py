@@ -596,8 +596,7 @@ class Trainer:
                 record = json.dumps(self.checkpoint_record(), indent=1, default=str)
                 Path(output_dir, ckpt.RUN_RECORD).write_text(record + "\n")
                 if self.data.class_names is not None:  # a checkpoint loads as a conditional pipeline with its names
-                    labels = {"id2label": dict(enumerate(self.data.class_names)),
-                              "cond_drop_prob": self.cfg.cond_drop_prob}  # fmt: skip
+                    labels = self.label_config()
                     Path(output_dir, ckpt.CLASS_LABELS_FILE).write_text(json.dumps(labels, indent=1) + "\n")
             # the model state itself is saved by these folders: keep accelerate from writing it twice
             while weights:
@@ -959,8 +958,13 @@ class Trainer:
         scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
         if self.data.class_names is None:
             return DDPMPipeline(unet=unet, scheduler=scheduler)
-        id2label = dict(enumerate(self.data.class_names))
-        return DDPMPipeline(unet=unet, scheduler=scheduler, id2label=id2label, cond_drop_prob=self.cfg.cond_drop_prob)
+        return DDPMPipeline(unet=unet, scheduler=scheduler, **self.label_config())
+
+    def label_config(self) -> dict[str, Any]:
+        """A conditional run's pipeline config: class names, label dropout and the guidance scale of its card."""
+        conditional = self.cfg.cond_drop_prob > 0
+        return {"id2label": dict(enumerate(self.data.class_names)), "cond_drop_prob": self.cfg.cond_drop_prob,
+                "recommended_guidance_scale": self.guidance_scale if conditional else None}  # fmt: skip
 
     def sample_grid(self):
         """A grid of EMA samples with the run's sampler at a fixed seed (the same noise at every evaluation)."""
