@@ -210,7 +210,7 @@ class RunConfig:
     )
     guidance_scale: float = opt(
         2.0, "classifier-free guidance scale of a class-conditional model's grids, quality metrics and card "
-        "snippet, the card's recommended scale (1: no guidance; 2: the lowest digits FID with >= 99%% of samples of "
+        "snippet, the card's recommended scale (1: no guidance; 2: the lowest digits FID with >= 99% of samples of "
         "the requested class, benchmarks/bench_guidance.py; 0 would ignore the label)",
         minimum=0, exclusive=True,
     )
@@ -608,14 +608,17 @@ def _check_output_dir(folder: str) -> None:
 CONDITIONAL_OPTIONS = ("class_column", "cond_drop_prob", "guidance_scale")
 
 
-def _check_conditional_options(c: TrainConfig) -> None:
-    """The class-conditional options are set only where they act: with --class_conditional (and guidance only
-    with label dropout), never silently ignored."""
-    changed = [n for n in CONDITIONAL_OPTIONS if getattr(c, n) != FIELDS[n].default]
-    if not c.class_conditional and changed:
-        raise ConfigError(f"--{changed[0]} is for class-conditional training: add --class_conditional, or drop "
-                          f"--{changed[0]}")  # fmt: skip
-    if c.class_conditional and c.cond_drop_prob == 0 and "guidance_scale" in changed:
+def _check_conditional_options(c: TrainConfig, given: set[str] | None = None) -> None:
+    """The class-conditional options are set only where they act: with --class_conditional (and a guidance scale
+    other than 1 only with label dropout), never silently ignored. `given`: the options the user set (command line
+    or config file); without it, those that differ from their defaults."""
+    if given is None:
+        given = {n for n in CONDITIONAL_OPTIONS if getattr(c, n) != FIELDS[n].default}
+    named = [n for n in CONDITIONAL_OPTIONS if n in given]
+    if not c.class_conditional and named:
+        raise ConfigError(f"--{named[0]} is for class-conditional training: add --class_conditional, or drop "
+                          f"--{named[0]}")  # fmt: skip
+    if c.class_conditional and c.cond_drop_prob == 0 and "guidance_scale" in named and c.guidance_scale != 1.0:
         raise ConfigError("--guidance_scale needs the unconditional model that label dropout trains, and "
                           "--cond_drop_prob 0 trains none: drop --guidance_scale or raise --cond_drop_prob")
 
@@ -762,6 +765,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     token = namespace.pop("hub_token", None)
     config = from_values(resolve_values(namespace, load_config_file(config_file) if config_file else {}))
     validate(config)
+    # the flags on the command line, and the config file's options that differ from their defaults (a file may
+    # list every option, as a dump of a run's config does)
+    given = set(namespace) | {n for n in CONDITIONAL_OPTIONS if getattr(config, n) != FIELDS[n].default}
+    _check_conditional_options(config, given)
     return config, token
 
 

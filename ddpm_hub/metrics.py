@@ -270,8 +270,9 @@ def sample_quality_report(
             "seeds": list(seeds), "k": k, "per_seed": per_seed, "summary": summary}  # fmt: skip
 
 
-METRIC_LABELS = {"fid": "FID", "kid": "KID (raw, not x 1000)", "precision": "precision (k={k})", "recall": "recall (k={k})",
-                 "class_error": "class-frequency error", "classifier_score": "classifier score (max 10)"}  # fmt: skip
+METRIC_LABELS = {"fid": "FID", "kid": "KID (raw, not x 1000)", "precision": "precision (k={k})",
+                 "recall": "recall (k={k})", "class_error": "class-frequency error",
+                 "classifier_score": "classifier score (max 10)"}  # fmt: skip
 
 
 def quality_table(report: dict[str, Any]) -> str:

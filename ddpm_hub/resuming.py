@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 FIXED_ON_RESUME = (
     "resolution", "channels", "unet_preset", "model_config_name_or_path", "pretrained_model_name_or_path",
     "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type",
-    "clip_sample", "use_ema", "timestep_sampling",
+    "clip_sample", "use_ema", "timestep_sampling", "class_conditional", "class_column",
 )  # fmt: skip
 # Options about this invocation, not about the run.
 NOT_COMPARED = ("resume_from_checkpoint", "overwrite_output_dir")
