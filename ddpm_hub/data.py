@@ -69,15 +69,24 @@ def _load_image_folder(root: str, argument: str, cache_dir: str | None):
     if not path.is_dir():
         raise DataError(f"--{argument} {path} is not a directory")
     extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
-    if not any(p.suffix.lower() in extensions for p in path.rglob("*") if p.is_file()):
+    images = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions]
+    if not images:
         raise DataError(f"--{argument} {path} contains no image files: put the training images there")
+    # datasets labels images by their subfolder only when there are two or more; one class subfolder (a held-out
+    # folder of one class, say) keeps its label too
+    parents = {p.parent for p in images}
+    names = {p.name.lower() for p in parents}
+    single_class = len(names) == 1 and path not in parents and not names & set(SPLIT_FOLDER_NAMES)
     try:
-        return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+        return datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir,
+                                     **({"drop_labels": False} if single_class else {}))  # fmt: skip
     except Exception as exc:
         raise DataError(f"--{argument} {path}: datasets could not load it as an imagefolder ({exc}); "
             "note that a metadata.jsonl must list every image of its folder") from exc
 
 
+# Folder names that datasets reads as splits, not classes.
+SPLIT_FOLDER_NAMES = ("train", "training", "test", "testing", "eval", "evaluation", "valid", "validation", "val", "dev")
 # Single data files that datasets' packaged builders read (the file's extension names the builder).
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

@@ -118,6 +118,11 @@ def test_held_out_labels_are_matched_to_the_training_classes_by_name(tmp_path, c
     labels = encode_labels(held, "label", names, "held-out")
     assert [names[i] for i in labels] == [row["image"]["path"].split("/")[-2] for row in held]
     assert sorted(labels.tolist()) == [1, 2]
+    one = tmp_path / "one"  # a held-out folder of a single class keeps its label (datasets drops a lone one)
+    _png(one / "fox", "0.png", 0)
+    _, held = load_splits(DataConfig(train_data_dir=str(train_root), validation_data_dir=str(one),
+                                     cache_dir=str(tmp_path / "c0")))  # fmt: skip
+    assert encode_labels(held, "label", names, "held-out").tolist() == [2]
     # a held-out class the model never saw: refused by name, in one line
     _png(held_root / "owl", "0.png", 0)
     _, held = load_splits(DataConfig(train_data_dir=str(train_root), validation_data_dir=str(held_root),
@@ -275,6 +280,36 @@ def test_a_run_refused_by_its_data_leaves_no_folder_behind(tmp_path, capsys):
         assert "holds Image values, not class labels" in capsys.readouterr().err
     assert not fresh.exists()
     assert existing.is_dir() and not (existing / LOCK_NAME).exists()
+
+
+def test_fine_tuning_follows_the_pretrained_class_ids_by_name(tmp_path):
+    from ddpm_hub.training.train import _pretrained_class_order, stored_class_names
+
+    from ddpm_hub.config import ConfigError
+
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"id2label": {"0": "zeta", "1": "alpha", "2": "mid"}}))
+    assert stored_class_names(folder) == ["zeta", "alpha", "mid"]
+    assert _pretrained_class_order(str(folder), ["alpha", "mid", "zeta"]) == ["zeta", "alpha", "mid"]
+    with pytest.raises(ConfigError, match=r"new: \['ant'\], missing: \['zeta'\]\): fine-tune on data with the same"):
+        _pretrained_class_order(str(folder), ["alpha", "ant", "mid"])
+    assert _pretrained_class_order(str(tmp_path), ["b", "a"]) == ["b", "a"]  # nothing stored: the data's order
+
+
+def test_a_conditional_checkpoint_resumes_only_as_a_conditional_run(trained_conditional, tmp_path):
+    """--class_conditional and --class_column cannot change on resume: a one-line error before any loading."""
+    from ddpm_hub.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_conditional / "checkpoints", run / "checkpoints")
+    args = [*FAST_ARGS, "--output_dir", str(run), "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+            "--variance_type", "learned_range", "--num_eval_images", "20", "--num_inference_steps", "4",
+            "--final_bpd", "estimate", "--eval_bpd_samples", "4", "--num_quality_samples", "40",
+            "--checkpointing_steps", "3"]  # fmt: skip
+    with pytest.raises(ConfigError, match="--class_conditional False differs from the checkpoint's run") as exc:
+        train_in_process(args)
+    assert "\n" not in str(exc.value)
 
 
 def test_conditional_exact_resume_with_accumulation_matches_uninterrupted_run(tmp_path):

@@ -201,6 +201,8 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     names, labels = None, None
     if cfg.class_conditional:
         names = class_names(train_ds, cfg.class_column)
+        if cfg.pretrained_model_name_or_path:
+            names = _pretrained_class_order(cfg.pretrained_model_name_or_path, names)
         labels = encode_labels(train_ds, cfg.class_column, names)
     progress = accelerator.is_local_main_process
     train = ImageDataset(train_ds, cfg.image_column, cfg.resolution, channels, name="train", labels=labels)
@@ -376,6 +378,45 @@ def resolve_unet_config(
             f"({origin}); use a multiple of {factor}"
         )
     return config, origin
+
+
+def stored_class_names(source: str | Path) -> list[str] | None:
+    """The class names (in id order) a pipeline folder, checkpoint or Hub repo stores (model_index.json's
+    `id2label`, a checkpoint's class_labels.json), None where it stores none."""
+    path = Path(source).expanduser()
+    candidates = [path / "model_index.json", path / ckpt.CLASS_LABELS_FILE] if path.is_dir() else []
+    if not path.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            candidates = [Path(hf_hub_download(str(source), "model_index.json"))]
+        except Exception:  # no model_index.json there: only the class count can be checked
+            return None
+    for file in candidates:
+        try:
+            id2label = json.loads(file.read_text()).get("id2label")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(id2label, dict) and id2label:
+            return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    return None
+
+
+def _pretrained_class_order(source: str, names: list[str]) -> list[str]:
+    """Fine-tuning keeps the pretrained model's class ids: the data's classes in the pretrained order (matched by
+    name), or ConfigError naming the classes that differ."""
+    stored = stored_class_names(source)
+    if stored is None:
+        return names
+    if set(stored) != set(names):
+        new, gone = sorted(set(names) - set(stored)), sorted(set(stored) - set(names))
+        raise ConfigError(
+            f"the pretrained model's classes {stored[:20]} differ from the data's {names[:20]} (new: {new[:10]}, "
+            f"missing: {gone[:10]}): fine-tune on data with the same class names"
+        )
+    if stored != names:
+        logger.info("class ids follow the pretrained model's order %s", stored[:20])
+    return stored
 
 
 def _check_pretrained_classes(embeds: int | None, num_classes: int | None) -> None:
@@ -759,6 +800,10 @@ class Trainer:
             check_resumed_options(state.get("config", {}), self.cfg.to_dict(), str(info.path))
         except ResumeOptionError as exc:
             raise ConfigError(str(exc)) from None
+        stored = stored_class_names(info.path)
+        if self.data.class_names is not None and stored is not None and stored != self.data.class_names:
+            raise ConfigError(f"{info.path} was trained on the classes {stored[:20]}, the data now has "
+                              f"{self.data.class_names[:20]}: resume on the same data")  # fmt: skip
         return state
 
     def _restore_own_state(self, info: ckpt.CheckpointInfo, state: dict) -> None:
