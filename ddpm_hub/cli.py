@@ -191,6 +191,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.out_dir:
         check_output_dir(args.out_dir, "--out_dir")
+        earlier = sorted(p.name for p in Path(args.out_dir).iterdir() if p.name == "samples.npz" or p.suffix == ".png")
+        if earlier:  # new files would overwrite some and sit beside others: a folder mixing two runs
+            raise UserError(f"--out_dir {args.out_dir} already holds samples ({', '.join(earlier[:3])}"
+                            f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
     if args.out or not args.out_dir:
         check_output_file(args.out or "grid.png", "--out", image=True)
     pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
@@ -200,6 +204,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ids = class_ids(pipeline, args.class_labels)
         labels, cols = torch.tensor(ids).repeat_interleave(args.num_images), args.num_images
         num_images = len(labels)
+    if labels is None and pipeline.config.get("cond_drop_prob") == 0:
+        raise UserError("this model was trained without label dropout, so it has no unconditional mode: pass "
+                        f"--class_labels (choose from {list((pipeline.id2label or {}).values())})")
     scale = guidance_for(pipeline, args, labels is not None)
     if labels is not None and pipeline.config.get("cond_drop_prob") != 0:
         stored = pipeline.config.get("recommended_guidance_scale")
@@ -249,6 +256,7 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     conditional model), matched to the model's classes by name."""
     from ddpm_hub.config import DataConfig
     from ddpm_hub.data import (
+        DataError,
         ImageDataset,
         encode_labels,
         is_saved_dataset,
@@ -267,7 +275,13 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     if id2label is None:
         return images, None
     names = [id2label[i] for i in sorted(id2label)]  # matched by name: the data's own ids may differ
-    labels = encode_labels(ds, args.class_column, names, args.split, classes="classes of this model")
+    try:
+        labels = encode_labels(ds, args.class_column, names, args.split, classes="classes of this model")
+    except DataError as exc:
+        if args.dataset != "digits":
+            raise
+        raise DataError(f"{exc} (evaluate used --dataset digits, the default: pass --dataset with the model's "
+                        "held-out data)") from None
     return images, labels[good]
 
 
@@ -382,9 +396,12 @@ def _check_digits_counts(num_real: int, num_samples: int) -> None:
 def _bits_per_dim(pipeline, images, labels, args: argparse.Namespace, mode: str):
     import torch
 
+    from ddpm_hub.pipelines.pipeline_class_conditional import ids_by_design
+
     g = torch.Generator().manual_seed(args.seed)  # the same noise for the conditional and unconditional bounds
-    return pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate",
-                                 class_labels=labels)  # fmt: skip
+    with ids_by_design():  # the labels here are class ids
+        return pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate",
+                                     class_labels=labels)  # fmt: skip
 
 
 def _bpd_results(out, mode: str, prefix: str = "") -> dict[str, float]:

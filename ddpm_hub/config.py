@@ -215,8 +215,9 @@ class RunConfig:
         minimum=0, exclusive=True,
     )
     num_quality_samples: int = opt(
-        300, "samples for the final FID/KID against the held-out split (digits-classifier features for the "
-        "embedded digits, Inception with torch-fidelity otherwise); 0: none", minimum=0,
+        300, "samples for the final FID/KID against the held-out split (the shipped digits classifiers' features for "
+        "1x8x8 images, the embedded digits or any other: a digits yardstick; Inception with torch-fidelity "
+        "otherwise); 0: none", minimum=0,
     )
     num_quality_seeds: int = opt(
         3, "seeds of the final sample-quality metric (num_quality_samples each; the digits get mean and 95% interval "
@@ -226,7 +227,7 @@ class RunConfig:
     eval_fid_steps: int | None = opt(
         None, "every N steps (and at the last), FID/KID of --eval_fid_samples EMA samples against the held-out split, "
         "with the run's sampler and a fixed seed (the same initial noise each time), logged to every tracker: "
-        "digits_conv_fid (the selection metric) and digits_mlp_fid etc. for the embedded digits, Inception fid/kid "
+        "digits_conv_fid (the selection metric) and digits_mlp_fid etc. for 1x8x8 images, Inception fid/kid "
         "(torch-fidelity) otherwise. One evaluation of the digits UNet, 300 samples, DPM-Solver++ 10 steps, "
         "takes about 2 s on one CPU thread (benchmarks/bench_eval_fid.py)", minimum=1,
     )

@@ -102,8 +102,11 @@ def held_out_bpd(
 def _bpd(pipeline, images, mode, batch_size, seed, num_samples, class_labels, prefix) -> dict[str, float]:
     g = torch.Generator().manual_seed(seed)
     estimate = mode == "estimate"
-    out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=estimate,
-                                num_samples=num_samples, class_labels=class_labels)  # fmt: skip
+    from .pipelines.pipeline_class_conditional import ids_by_design
+
+    with ids_by_design():  # the labels here are class ids
+        out = pipeline.bits_per_dim(images, batch_size=batch_size, generator=g, estimate=estimate,
+                                    num_samples=num_samples, class_labels=class_labels)  # fmt: skip
     if not estimate:
         return {f"{prefix}bits_per_dim": float(out.total.mean())}
     return {f"{prefix}bits_per_dim_estimate": float(out.total.mean()),

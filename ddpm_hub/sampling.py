@@ -45,6 +45,8 @@ def sample_uint8(
 ) -> torch.Tensor:
     """`num_images` samples as uint8 `[N, C, H, W]` (the rounding of the PIL output), drawn batch by batch from
     one seeded generator; of class `class_labels[i]` (int64 `[N]`) with `guidance_scale` for a conditional model."""
+    from .pipelines.pipeline_class_conditional import ids_by_design
+
     pipeline.set_progress_bar_config(disable=not progress)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     conditional = {}
@@ -53,7 +55,8 @@ def sample_uint8(
         n = min(batch_size, num_images - start)
         if class_labels is not None:
             conditional = {"class_labels": class_labels[start:start + n], "guidance_scale": guidance_scale}
-        images = pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
-                          output_type="pt", **conditional).images  # fmt: skip
+        with ids_by_design():  # the labels here are class ids
+            images = pipeline(batch_size=n, generator=generator, num_inference_steps=num_inference_steps,
+                              output_type="pt", **conditional).images  # fmt: skip
         out.append((images * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)

@@ -13,9 +13,12 @@ Conventions (diffusers' DiTPipeline): the UNet has `num_class_embeds = num_class
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,11 +37,13 @@ def num_classes_of(unet: UNet2DModel) -> int | None:
 def label_ids(names: Sequence[str], id2label: dict[Any, str] | None) -> list[int]:
     """Class ids of class names (as DiTPipeline's `get_label_ids`); ValueError naming the allowed names."""
     labels = {str(v).strip(): int(k) for k, v in (id2label or {}).items()}
-    unknown = [n for n in names if n not in labels]
+    if not labels:
+        raise ValueError(f"class name(s) {list(names)} given, but this pipeline stores no class names: pass class ids")
+    unknown = [n for n in names if str(n).strip() not in labels]
     if unknown:
-        allowed = sorted(labels, key=labels.get) if labels else "none: this pipeline stores no class names"
-        raise ValueError(f"unknown class name(s) {unknown}; choose from {allowed} or pass class ids")
-    return [labels[n] for n in names]
+        raise ValueError(f"unknown class name(s) {unknown}; choose from {sorted(labels, key=labels.get)} or pass "
+                         "class ids")  # fmt: skip
+    return [labels[str(n).strip()] for n in names]
 
 
 def prepare_class_labels(
@@ -97,6 +102,7 @@ def prepare_class_labels(
         else:
             raise ValueError(f"class label {value!r} is not a class id 0..{num_classes - 1} (an integer) or a class "
                              "name")  # fmt: skip
+    _warn_if_ids_look_like_names(values, id2label)
     if single:
         ids = ids * batch_size
     elif batch_size not in (1, len(ids)):
@@ -105,11 +111,54 @@ def prepare_class_labels(
     return torch.tensor(ids, dtype=torch.long), len(ids), float(guidance_scale)
 
 
+class ClassIdWarning(UserWarning):
+    """Integer class labels were read as class ids on a model whose class names are other numbers."""
+
+
+@contextlib.contextmanager
+def ids_by_design() -> Iterator[None]:
+    """A block whose integer labels are class ids by construction (the library's own calls): no ClassIdWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClassIdWarning)
+        yield
+
+
+def _warn_if_ids_look_like_names(values: list, id2label: dict[Any, str] | None) -> None:
+    """Integers are class ids (as in DiTPipeline). Where the class names are numbers that are not their ids (data
+    labelled 1, 2, 3 gives ids 0, 1, 2), an integer the user means as a name would silently pick another class:
+    warn, naming the way to ask by name."""
+    names = {int(k): str(v).strip() for k, v in (id2label or {}).items()}
+    numeric = [n for n in names.values() if n.lstrip("-").isdigit()]
+    if not numeric or all(names[i] == str(i) for i in names):
+        return
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if ints:
+        shown = ", ".join(f"id {i} is the class named '{names[i]}'" for i in sorted(set(ints))[:3] if i in names)
+        warnings.warn(ClassIdWarning(
+            f"class_labels {ints[:5]} are read as class ids ({shown}), and this model's class names are numbers: to "
+            f"ask for a class by its name pass the name as a string, e.g. class_labels={[str(i) for i in ints[:2]]!r}"
+        ), stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The `stacklevel` of the first frame outside this module's folder and torch (the user's call)."""
+    import os
+
+    skip = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1  # stacklevel 1 is the function that calls warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _label_values(class_labels: Any) -> tuple[list, bool]:
     """(the labels as a list of Python ints/strings/other scalars, whether one label was given for the whole
     batch): tensors and NumPy arrays or scalars (`digits.target`, `np.int64(3)`) become Python values."""
     if isinstance(class_labels, (str, bytes)):
         return [class_labels], True
+    if isinstance(class_labels, (set, frozenset, dict)):
+        raise ValueError("class_labels must be ordered (a list, tuple, tensor or array), got a "
+                         f"{type(class_labels).__name__}")
     ndim = getattr(class_labels, "ndim", None)
     if ndim is not None and ndim > 1:
         raise ValueError(f"class_labels must be one label or a 1-d sequence of labels, got shape "

@@ -281,6 +281,9 @@ class DDPMPipeline(DiffusionPipeline):
         without them its unconditional bound (the null label)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
+        if "guidance_scale" in kwargs:
+            raise ValueError("bits_per_dim takes no guidance_scale: the bound is that of the model given the labels "
+                             "(or, without them, of the unconditional model), not of a guided sampler")  # fmt: skip
         if class_labels is not None:
             labels, n, _ = self._prepare_class_labels(class_labels, 1, 1.0)
             if n != len(images):

@@ -441,6 +441,7 @@ def test_label_misuse_is_a_one_line_error_naming_what_is_allowed():
         (_pipeline(), {"class_labels": 3.0}, r"class label 3.0 is not a class id 0..2 \(an integer\)"),
         (_pipeline(), {"class_labels": np.array([[0, 1]])}, r"1-d sequence of labels, got shape \(1, 2\)"),
         (_pipeline(), {"class_labels": []}, "empty"),
+        (_pipeline(), {"class_labels": {0, 1}}, "must be ordered"),
         (_pipeline(), {"guidance_scale": 3.0}, "guidance_scale=3.0 needs class_labels"),
         (_pipeline(), {"class_labels": 1, "guidance_scale": float("nan")}, "finite number"),
     ]
@@ -448,6 +449,34 @@ def test_label_misuse_is_a_one_line_error_naming_what_is_allowed():
         with pytest.raises(ValueError, match=needle) as exc:
             pipeline(num_inference_steps=2, **kwargs)
         assert "\n" not in str(exc.value), kwargs
+
+
+def test_integer_labels_on_a_model_with_number_names_warn_and_names_do_not():
+    """Data labelled 1, 2, 3 gives class ids 0, 1, 2 named '1', '2', '3': an integer is an id (DiTPipeline's
+    convention), so a user who means a name is warned, at their own line; strings and the library's own id calls
+    (sample_uint8, the bound) are silent, and so are models whose names equal their ids (the digits)."""
+    import warnings
+
+    from ddpm_hub.pipelines.pipeline_class_conditional import ClassIdWarning
+
+    from ddpm_hub.sampling import sample_uint8
+
+    shifted = _pipeline(id2label={0: "1", 1: "2", 2: "3"})
+    with pytest.warns(ClassIdWarning, match=r"id 1 is the class named '2'.*class_labels=\['1'\]") as record:
+        shifted(class_labels=1, num_inference_steps=2)
+    assert record[0].filename == __file__
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    with pytest.warns(ClassIdWarning):
+        shifted.bits_per_dim(images, class_labels=[0, 2], estimate=True, num_samples=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClassIdWarning)
+        shifted(class_labels=["1", "3"], num_inference_steps=2)  # names: what the user means
+        sample_uint8(shifted, 2, 2, class_labels=torch.tensor([0, 2]))  # ids by construction
+        _pipeline(id2label={0: "0", 1: "1", 2: "2"})(class_labels=[1, 2], num_inference_steps=2)  # ids are names
+        _pipeline()(class_labels=[1, 2], num_inference_steps=2)  # names are not numbers
+    assert shifted.get_label_ids([" 2", "3 "]) == [1, 2]
+    with pytest.raises(ValueError, match="bits_per_dim takes no guidance_scale"):
+        shifted.bits_per_dim(images, class_labels=["1", "2"], guidance_scale=2.0)
 
 
 def test_numpy_labels_are_the_same_labels():
@@ -575,6 +604,45 @@ def test_cli_repeated_classes_keep_every_file_and_the_default_scale_is_the_recom
     assert main(["evaluate", "--model", str(trained_conditional), "--digits_fid", "--num_images", "8", "--steps",
                  "2", "--guidance_scale", "1", "--out", str(tmp_path / "e1.json")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "e1.json").read_text())["guidance_scale"] == 1.0
+
+
+def test_cli_sample_out_dir_never_mixes_two_runs(trained_conditional, tmp_path, capsys):
+    from ddpm_hub.cli import main
+
+    out_dir = tmp_path / "samples"
+    argv = ["sample", "--model", str(trained_conditional), "--class_labels", "3", "--num_images", "1", "--steps", "2",
+            "--out_dir", str(out_dir)]  # fmt: skip
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert main([*argv, "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --out_dir") and "already holds samples (3_0000.png, samples.npz)" in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before  # nothing overwritten
+
+
+def test_cli_messages_for_a_model_without_label_dropout_and_the_default_dataset(tmp_path, capsys):
+    from ddpm_hub.cli import main
+    from ddpm_hub.hub import render_model_card
+
+    folder = tmp_path / "no-dropout"
+    _pipeline(cond_drop_prob=0.0).save_pretrained(folder)  # classes a, b, c; no unconditional mode
+    for argv, needle in (
+        (["sample", "--model", str(folder), "--steps", "2"], "no unconditional mode: pass --class_labels (choose "
+         "from ['a', 'b', 'c'])"),
+        (["sample", "--model", str(folder), "--class_labels", "a", "--guidance_scale", "2", "--steps", "2"],
+         "trained without label dropout"),
+        (["evaluate", "--model", str(folder), "--bpd_estimate", "--num_images", "4"], "is not one of the 3 classes "
+         "of this model ['a', 'b', 'c']"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and needle in err, err
+    assert "(evaluate used --dataset digits, the default: pass --dataset" in err
+    card = str(render_model_card(hparams={"resolution": 8, "cond_drop_prob": 0.0}, metrics={}, repo_id="org/m",
+                                 num_parameters=1, channels=1, dataset_id=None, dataset_description="d",
+                                 class_names=["a", "b"], guidance_scale=1.0))  # fmt: skip
+    card = " ".join(card.split())
+    assert "given each row's class (the model takes no guidance)" in card and "Recommended" not in card
 
 
 def test_cli_class_tokens_are_names_first_and_numbers_never_mean_two_classes():
