@@ -58,20 +58,20 @@ def class_ids(pipeline, tokens: list[str]) -> list[int]:
     """Class ids of command-line labels (UserError naming the allowed ones). A token that is one of the model's
     class names is that class. Other tokens are read as class ids (0, 1, ...), unless the model's class names
     are numbers: a number then always means the class of that name, never an id, so `1` cannot mean two classes."""
-    from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
+    from ddpm_hub.pipelines.pipeline_class_conditional import is_number, num_classes_of
 
     num_classes = num_classes_of(pipeline.unet)
     if num_classes is None:
         raise UserError("--class_labels: this model is unconditional (no class embedding); drop --class_labels")
     id2label = pipeline.id2label or {}
     names = {str(v).strip(): k for k, v in id2label.items()}
-    numeric_names = any(_is_int(n) for n in names)
+    numeric_names = any(is_number(n) for n in names)
     ids = []
     for token in tokens:
         text = token.strip()
         if text in names:
             ids.append(names[text])
-        elif not numeric_names and _is_int(text) and str(int(text)) == text and 0 <= int(text) < num_classes:
+        elif not numeric_names and is_number(text) and str(int(text)) == text and 0 <= int(text) < num_classes:
             ids.append(int(text))
         else:
             if numeric_names:
@@ -82,14 +82,6 @@ def class_ids(pipeline, tokens: list[str]) -> list[int]:
                 allowed = f"ids 0..{num_classes - 1}"
             raise UserError(f"--class_labels {token!r} is not a class of this model; choose from {allowed}")
     return ids
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def guidance_for(pipeline, args: argparse.Namespace, labelled: bool) -> float:

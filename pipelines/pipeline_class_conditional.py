@@ -111,6 +111,15 @@ def prepare_class_labels(
     return torch.tensor(ids, dtype=torch.long), len(ids), float(guidance_scale)
 
 
+def is_number(name: str) -> bool:
+    """True for a class name that reads as an integer ('3', '-1', ' 12'): such names can be taken for ids."""
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
+
+
 class ClassIdWarning(UserWarning):
     """Integer class labels were read as class ids on a model whose class names are other numbers."""
 
@@ -128,8 +137,7 @@ def _warn_if_ids_look_like_names(values: list, id2label: dict[Any, str] | None) 
     labelled 1, 2, 3 gives ids 0, 1, 2), an integer the user means as a name would silently pick another class:
     warn, naming the way to ask by name."""
     names = {int(k): str(v).strip() for k, v in (id2label or {}).items()}
-    numeric = [n for n in names.values() if n.lstrip("-").isdigit()]
-    if not numeric or all(names[i] == str(i) for i in names):
+    if not any(is_number(n) for n in names.values()) or all(names[i] == str(i) for i in names):
         return
     ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
     if ints:
