@@ -214,9 +214,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         for image, name in zip(pils, _file_names(pipeline, labels, len(pils)), strict=True):
             image.save(out_dir / name)
-        extra = {} if labels is None else {"labels": labels.numpy()}
+        extra = {}
+        if labels is not None:  # the class ids, and the names they stand for (class_names[id])
+            from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
+
+            id2label = pipeline.id2label or {}
+            names = [id2label.get(i, str(i)) for i in range(num_classes_of(pipeline.unet))]
+            extra = {"labels": labels.numpy(), "class_names": np.array(names)}
         np.savez_compressed(out_dir / "samples.npz", arr_0=arrays, **extra)  # clean-fid's / openai's layout
-        print(f"wrote {len(pils)} PNGs and samples.npz (uint8 NHWC) to {out_dir}")
+        noun = "PNG" if len(pils) == 1 else "PNGs"
+        print(f"wrote {len(pils)} {noun} and samples.npz (uint8 NHWC) to {out_dir}")
     if args.out or not args.out_dir:
         path = Path(args.out or "grid.png")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +277,7 @@ def _load_eval_images(args: argparse.Namespace, channels: int, resolution: int, 
     try:
         labels = encode_labels(ds, args.class_column, names, args.split, classes="classes of this model")
     except DataError as exc:
-        if args.dataset != "digits":
+        if not getattr(args, "dataset_defaulted", False):
             raise
         raise DataError(f"{exc} (evaluate used --dataset digits, the default: pass --dataset with the model's "
                         "held-out data)") from None
@@ -304,6 +311,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     conditional = cfg.get("num_class_embeds") is not None
     scale = guidance_for(pipeline, args, conditional)
     id2label = (pipeline.id2label or {i: str(i) for i in range(cfg.num_class_embeds - 1)}) if conditional else None
+    if args.dataset is None:  # the default is the embedded digits: only a yardstick for models of their shape
+        if cfg.sample_size != 8 or cfg.in_channels != 1:
+            shape = f"{cfg.sample_size}x{cfg.sample_size}x{cfg.in_channels}"
+            raise UserError(f"evaluate: this model makes {shape} images and the default --dataset (digits) is "
+                            "8x8x1: pass --dataset with the model's held-out data (a Hub id or an image folder)")
+        args.dataset, args.dataset_defaulted = "digits", True
     images, labels = _load_eval_images(args, cfg.in_channels, cfg.sample_size, id2label)
     if args.digits_fid:
         _check_digits_counts(len(images), args.num_samples or len(images))
@@ -501,6 +514,14 @@ def _finite(text: str) -> float:
     return value
 
 
+def _scale(text: str) -> float:
+    """A guidance scale: a finite number >= 0 (0: unconditional, 1: no guidance)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: unconditional, 1: no guidance), got {text}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = _integer(text)
     if value < 0:
@@ -529,9 +550,10 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help=f"sampler (its usual step count): {names}")  # fmt: skip
     p.add_argument("--scheduler", dest="sampler", choices=sorted(OFFERED), action=_DeprecatedAlias,
                    help=argparse.SUPPRESS)  # fmt: skip
-    p.add_argument("--guidance_scale", type=_finite, default=None,
-                   help="classifier-free guidance of a class-conditional model given labels (1: none; default: the "
-                   "scale the model's card recommends, 1 if it has none)")  # fmt: skip
+    p.add_argument("--guidance_scale", type=_scale, default=None,
+                   help="classifier-free guidance of a class-conditional model given labels (0: unconditional, "
+                   "1: none, above 1: stronger; default: the scale the model's card recommends, 1 if it has "
+                   "none)")  # fmt: skip
     p.add_argument("--steps", type=_positive, default=None, help="denoising steps (default: the sampler's)")
     p.add_argument("--batch_size", type=_positive, default=256)
     p.add_argument("--compile", action="store_true",
@@ -558,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="bits/dim (full or estimate), FID/KID/IS against a data set")
     _model_args(e)
     _sampler_args(e)
-    e.add_argument("--dataset", default="digits", help="'digits', a Hub dataset id, or an image folder")
+    e.add_argument("--dataset", default=None,
+                   help="'digits', a Hub dataset id, or an image folder (default: digits, for 8x8 grayscale "
+                        "models only)")  # fmt: skip
     e.add_argument("--split", default="test")
     e.add_argument("--image_column", default="image")
     e.add_argument("--class_column", default="label",

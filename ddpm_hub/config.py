@@ -764,11 +764,15 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     namespace = vars(build_parser(shown, description).parse_args(argv))
     namespace.pop("config", None)
     token = namespace.pop("hub_token", None)
-    config = from_values(resolve_values(namespace, load_config_file(config_file) if config_file else {}))
+    file_values = load_config_file(config_file) if config_file else {}
+    config = from_values(resolve_values(namespace, file_values))
     validate(config)
-    # the flags on the command line, and the config file's options that differ from their defaults (a file may
-    # list every option, as a dump of a run's config does)
+    # the flags on the command line; a config file's conditional options when the file does not say
+    # `class_conditional` itself (a run's saved config lists every option, with class_conditional among them);
+    # and any conditional option that differs from its default
     given = set(namespace) | {n for n in CONDITIONAL_OPTIONS if getattr(config, n) != FIELDS[n].default}
+    if "class_conditional" not in file_values:
+        given |= set(file_values) & set(CONDITIONAL_OPTIONS)
     _check_conditional_options(config, given)
     return config, token
 

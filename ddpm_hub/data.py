@@ -207,9 +207,8 @@ def _check_label_column(ds, column: str, name: str) -> None:
     import datasets
 
     if column not in ds.column_names:
-        hint = (" (an image folder has a `label` column only when its images sit in two or more class subfolders: "
-                "datasets gives none for a single subfolder, and a conditional model needs at least 2 classes)"
-                if column == "label" else "")  # fmt: skip
+        hint = (" (an image folder has a `label` column when its images sit in class subfolders, FOLDER/CLASS/"
+                "IMAGE, not at its top level)" if column == "label" else "")  # fmt: skip
         raise DataError(
             f"--class_column {column!r} not found in the {name} split{hint}; columns: {ds.column_names}"
         )

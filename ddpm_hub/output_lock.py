@@ -13,7 +13,7 @@ from .faults import fault_point
 
 LOCK_NAME = ".ddpm_hub.lock"
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (fd, depth) held by this process
-_created: dict[Path, tuple[bool, bool]] = {}  # folder -> (this process made the folder, made its lock file)
+_created: dict[Path, bool] = {}  # folder -> this process made the folder
 
 
 class OutputLockedError(RuntimeError):
@@ -49,34 +49,49 @@ def acquire(folder: str | Path, purpose: str, create: bool = True) -> bool:
     elif not folder.is_dir():
         return False
     path = folder / LOCK_NAME
-    made_lock = not path.exists()
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        if isinstance(exc, PermissionError) and not create:
-            return False
-        raise OutputLockedError(f"{path}: the folder's lock file cannot be opened ({exc.strerror}): remove it if it "
-                                "is not a plain file, or choose another folder") from None  # fmt: skip
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputLockedError(
-            f"{folder} is in use by {_holder(path)} (another training, export or push into the same folder): wait "
-            "for it to finish or stop it, or choose another folder"
-        ) from None
+    for _ in range(100):  # a holder that releases unlinks the file: lock the file that the path names now
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if isinstance(exc, PermissionError) and not create:
+                return False
+            raise OutputLockedError(f"{path}: the folder's lock file cannot be opened ({exc.strerror}): remove it "
+                                    "if it is not a plain file, or choose another folder") from None  # fmt: skip
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"{folder} is in use by {_holder(path)} (another training, export or push into the same folder): "
+                "wait for it to finish or stop it, or choose another folder"
+            ) from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # unlinked by its last holder between our open and our lock: open the path again
+    else:
+        raise OutputLockedError(f"{path}: the lock file keeps changing: choose another folder")
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} ({purpose})\n".encode())
     _held[folder] = (fd, 1)
-    _created[folder] = (made_folder and create, made_lock)
+    _created[folder] = made_folder and create
     fault_point("lock.acquired")
     return True
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open descriptor `fd` is the file that `path` names now."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def release(folder: str | Path) -> None:
-    """Undo one `acquire` of `folder` by this process; the lock is dropped with the last one. A folder that this
-    process created and left with nothing but the lock file (a run refused before it wrote anything) is removed,
-    so that a failed start leaves no trace; otherwise the lock file stays (unlinking it would race)."""
+    """Undo one `acquire` of `folder` by this process; the lock is dropped with the last one, and its file removed
+    (while still held: every `acquire` checks that the file it locked is still the one at the path), so a run
+    leaves no lock file behind. A folder that this process created and left empty (a run refused before it wrote
+    anything) is removed too, so that a failed start leaves no trace."""
     folder = Path(folder).resolve()
     if folder not in _held:
         return
@@ -84,23 +99,17 @@ def release(folder: str | Path) -> None:
     if depth > 1:
         _held[folder] = (fd, depth - 1)
         return
-    made_folder, made_lock = _created.pop(folder, (False, False))
-    unused = False
-    if made_lock:
-        try:
-            unused = [p.name for p in folder.iterdir()] == [LOCK_NAME]
-        except OSError:
-            unused = False
-    if unused:  # unlinked while still held: no other process can have locked this file
+    made_folder = _created.pop(folder, False)
+    if _same_file(fd, folder / LOCK_NAME):
         try:
             (folder / LOCK_NAME).unlink()
-        except OSError:
-            unused = False
+        except OSError:  # a read-only folder: the file stays, harmlessly (the lock dies with the descriptor)
+            pass
     os.close(fd)  # closing the descriptor releases the flock
-    if unused and made_folder:
+    if made_folder:
         try:
-            folder.rmdir()
-        except OSError:  # something appeared meanwhile: leave the folder
+            folder.rmdir()  # only if empty
+        except OSError:  # the run wrote something: keep it
             pass
 
 

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 FIXED_ON_RESUME = (
     "resolution", "channels", "unet_preset", "model_config_name_or_path", "pretrained_model_name_or_path",
     "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type",
-    "clip_sample", "use_ema", "timestep_sampling", "class_conditional", "class_column",
+    "clip_sample", "use_ema", "timestep_sampling", "class_conditional", "class_column", "cond_drop_prob",
 )  # fmt: skip
 # Options about this invocation, not about the run.
 NOT_COMPARED = ("resume_from_checkpoint", "overwrite_output_dir")
@@ -24,10 +24,17 @@ class ResumeOptionError(ValueError):
 
 
 def option_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """option -> (value in the checkpoint's run, value now), for every option that differs."""
+    """option -> (value in the checkpoint's run, value now), for every option that differs. An option that the
+    checkpoint does not record (it predates the option) counts as its default there."""
+    from .config import FIELDS
+
     current = json.loads(json.dumps(current))  # compare as saved (tuples become lists)
     keys = sorted((set(saved) | set(current)) - set(NOT_COMPARED))
-    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+    def before(k: str) -> Any:
+        return saved[k] if k in saved or k not in FIELDS else json.loads(json.dumps(FIELDS[k].default))
+
+    return {k: (before(k), current.get(k)) for k in keys if before(k) != current.get(k)}
 
 
 def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
@@ -40,8 +47,9 @@ def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkp
         if name in differences:
             before, now = differences[name]
             raise ResumeOptionError(
-                f"--{name} {now} differs from the checkpoint's run ({before} in {checkpoint}) and cannot change in "
-                "the middle of a run: drop it to resume, or start a new run in another --output_dir"
+                f"--{name} is {now} here and was {before} in the checkpoint's run ({checkpoint}); it cannot change "
+                f"in the middle of a run: resume with the run's value (--{name} {before}), or start a new run in "
+                "another --output_dir"
             )
 
 

@@ -66,6 +66,9 @@ def prepare_class_labels(
         finite = False
     if not finite:
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if guidance_scale < 0:  # "away from the class": never what a sampler of a class wants
+        raise ValueError(f"guidance_scale must be >= 0 (0: unconditional, 1: no guidance, above 1: stronger), got "
+                         f"{guidance_scale}")  # fmt: skip
     num_classes = num_classes_of(unet)
     if num_classes is None:
         if class_labels is not None or guidance_scale != 1.0:

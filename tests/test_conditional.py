@@ -97,7 +97,7 @@ def test_labels_and_class_names_come_from_the_data(tmp_path):
     _png(flat, "a.png", 1)
     _png(flat, "b.png", 2)
     train, _ = load_splits(DataConfig(train_data_dir=str(flat), cache_dir=str(tmp_path / "c3")))
-    with pytest.raises(DataError, match="two or more class subfolders"):
+    with pytest.raises(DataError, match="class subfolders, FOLDER/CLASS/IMAGE, not at its top level"):
         class_names(train, "label")
 
 
@@ -307,7 +307,7 @@ def test_a_conditional_checkpoint_resumes_only_as_a_conditional_run(trained_cond
             "--variance_type", "learned_range", "--num_eval_images", "20", "--num_inference_steps", "4",
             "--final_bpd", "estimate", "--eval_bpd_samples", "4", "--num_quality_samples", "40",
             "--checkpointing_steps", "3"]  # fmt: skip
-    with pytest.raises(ConfigError, match="--class_conditional False differs from the checkpoint's run") as exc:
+    with pytest.raises(ConfigError, match="--class_conditional is False here and was True") as exc:
         train_in_process(args)
     assert "\n" not in str(exc.value)
 
@@ -670,6 +670,7 @@ def test_cli_samples_classes_by_name_or_id_and_evaluates_both_bounds(trained_con
     assert code == 0
     assert sorted(p.name for p in out_dir.glob("*.png")) == ["3_0000.png", "3_0001.png", "7_0000.png", "7_0001.png"]
     assert np.load(out_dir / "samples.npz")["labels"].tolist() == [3, 3, 7, 7]
+    assert np.load(out_dir / "samples.npz")["class_names"].tolist() == [str(i) for i in range(10)]  # by id
     assert Image.open(tmp_path / "g.png").size == (2 * 66 + 2, 2 * 66 + 2)  # one row per class
     capsys.readouterr()
     code = main(["evaluate", "--model", str(trained_conditional), "--bpd_estimate", "--num_images", "12",
@@ -691,3 +692,148 @@ def test_cli_samples_classes_by_name_or_id_and_evaluates_both_bounds(trained_con
         assert main(argv) == 2, argv
         last = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' loading bar)
         assert last.startswith("error: ") and needle in last, last
+
+
+def test_a_config_file_that_sets_conditional_options_without_class_conditional_is_refused(tmp_path):
+    """A hand-written config file naming a conditional option (even at its default) without `class_conditional` is
+    refused like the flag; a run's saved config, which lists every option with class_conditional among them, is
+    accepted as it is."""
+    from ddpm_hub.config import ConfigError, TrainConfig, parse_args
+
+    out = ["--output_dir", str(tmp_path / "out")]
+    for text, needle in (("cond_drop_prob: 0.1\n", "--cond_drop_prob is for class-conditional training"),
+                         ("data:\n  class_column: label\n", "--class_column is for class-conditional training"),
+                         ('{"guidance_scale": 2.0}', "--guidance_scale is for class-conditional training")):
+        path = tmp_path / ("c.json" if text.startswith("{") else "c.yaml")
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=needle):
+            parse_args(["--config", str(path), *out])
+    dump = TrainConfig().to_dict()  # every option, class_conditional false and the conditional defaults
+    assert dump["class_conditional"] is False and dump["cond_drop_prob"] == 0.1
+    dump["output_dir"] = str(tmp_path / "out")
+    (tmp_path / "dump.json").write_text(json.dumps(dump))
+    config, _ = parse_args(["--config", str(tmp_path / "dump.json")])
+    assert config.class_conditional is False
+    (tmp_path / "cond.yaml").write_text("class_conditional: true\ncond_drop_prob: 0.2\n")
+    assert parse_args(["--config", str(tmp_path / "cond.yaml"), *out])[0].cond_drop_prob == 0.2
+
+
+def test_evaluate_refuses_the_default_digits_for_a_model_of_another_shape(tmp_path, capsys):
+    """`evaluate` without --dataset uses the digits only for 8x8 grayscale models; any other shape is one line
+    asking for --dataset (never a bound of resized digits)."""
+    from ddpm_hub.cli import main
+
+    unet = create_unet("tiny", sample_size=16)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m16")
+    assert main(["evaluate", "--model", str(tmp_path / "m16"), "--bpd_estimate", "--num_images", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: evaluate: this model makes 16x16x1 images and the default --dataset (digits)")
+    assert "pass --dataset" in last
+
+
+def test_a_refused_run_leaves_no_lock_file_in_a_folder_it_did_not_make(tmp_path, capsys):
+    """A run refused after locking an existing folder that holds other files removes its lock file and nothing
+    else."""
+    from accelerate.state import AcceleratorState
+    from ddpm_hub.training.train import main
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    argv = [*FAST_ARGS, "--class_conditional", "--class_column", "image", "--max_train_steps", "1",
+            "--output_dir", str(existing)]  # fmt: skip
+    try:
+        assert main(argv) == 2
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "holds Image values" in capsys.readouterr().err
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+def test_a_lock_file_unlinked_by_its_last_holder_is_never_locked_again(tmp_path):
+    """Release removes the lock file while holding it; a process that opened the old file before that must not
+    take it for the lock: `acquire` locks only the file the path names now, so two writers never both hold."""
+    import fcntl
+    import os
+
+    from ddpm_hub.output_lock import LOCK_NAME, _same_file, acquire, release
+
+    folder = tmp_path / "run"
+    folder.mkdir()  # not made by acquire(), so release() keeps it
+    assert acquire(folder, "test")
+    stale = os.open(folder / LOCK_NAME, os.O_RDWR)  # a second writer, between its open and its lock
+    release(folder)
+    assert folder.is_dir() and not (folder / LOCK_NAME).exists()
+    try:
+        fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it locks the unlinked file...
+        assert not _same_file(stale, folder / LOCK_NAME)  # ...which acquire() detects, and opens the path again
+        assert acquire(folder, "test")  # a fresh file at the path: held by this process now
+        code = ("from ddpm_hub.output_lock import acquire, OutputLockedError\n"
+                f"try:\n    acquire({str(folder)!r}, 'other')\nexcept OutputLockedError as e:\n    print('locked')\n")
+        import subprocess
+        import sys
+
+        assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "locked\n"
+        release(folder)
+    finally:
+        os.close(stale)
+
+
+def test_resume_refusals_name_the_runs_value_and_older_checkpoints_resume(tmp_path):
+    """A fixed option that differs is refused with the run's value to resume with; label dropout is fixed (the
+    card's guidance depends on it); an option a checkpoint predates counts as its default there."""
+    from ddpm_hub.config import TrainConfig
+    from ddpm_hub.resuming import ResumeOptionError, check_resumed_options
+
+    saved = dict(TrainConfig().to_dict(), class_conditional=True)
+    for name, now, flag in (("class_conditional", False, "--class_conditional True"),
+                            ("cond_drop_prob", 0.0, "--cond_drop_prob 0.1")):
+        current = dict(saved, **{name: now})
+        with pytest.raises(ResumeOptionError, match=f"resume with the run's value \\({flag}\\)"):
+            check_resumed_options(saved, current, "ckpt")
+    old = {k: v for k, v in TrainConfig().to_dict().items()
+           if k not in ("class_conditional", "class_column", "cond_drop_prob", "guidance_scale")}
+    check_resumed_options(old, TrainConfig().to_dict(), "ckpt")  # predates the conditional options: resumes
+    with pytest.raises(ResumeOptionError, match="--class_conditional is True here and was False"):
+        check_resumed_options(old, saved, "ckpt")
+
+
+def test_guidance_scale_zero_is_unconditional_and_a_negative_one_is_refused(tmp_path, capsys):
+    """0 is the issue's 'unconditional' end of the scale (the output is the null label's); below 0 is refused by
+    the pipeline and the CLI in one line."""
+    from ddpm_hub.cli import main
+
+    pipeline = _pipeline()
+    zero = _images(pipeline, class_labels=[0, 1], guidance_scale=0.0)
+    null = _images(pipeline, class_labels=[2, 2], guidance_scale=1.0)  # not the null label: differs
+    assert not np.allclose(zero, null)
+    unconditional = _images(pipeline, batch_size=2)  # no labels: the null label
+    np.testing.assert_allclose(zero, unconditional, atol=1e-5)
+    with pytest.raises(ValueError, match="guidance_scale must be >= 0") as exc:
+        _images(pipeline, class_labels=[0], guidance_scale=-1.0)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(tmp_path), "--class_labels", "a", "--guidance_scale", "-2"])
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_the_card_names_a_validation_folder_as_the_metrics_split(tmp_path):
+    """Metrics measured on --validation_data_dir are of that folder, not of the training data's train split."""
+    import contextlib
+    import types
+
+    from ddpm_hub.training.train import prepare_data
+
+    from ddpm_hub.config import parse_args
+
+    for k, kind in enumerate(("cat", "dog")):
+        _png(tmp_path / "train" / kind, "0.png", 10 + k)
+        _png(tmp_path / "train" / kind, "1.png", 20 + k)
+        _png(tmp_path / "held-out images" / kind, "0.png", 30 + k)
+    cfg, _ = parse_args(["--train_data_dir", str(tmp_path / "train"), "--validation_data_dir",
+                         str(tmp_path / "held-out images"), "--resolution", "8", "--output_dir", str(tmp_path / "o"),
+                         "--train_batch_size", "2", "--max_train_steps", "1", "--cache_dir", str(tmp_path / "c")])
+    accelerator = types.SimpleNamespace(main_process_first=contextlib.nullcontext, is_local_main_process=False,
+                                        num_processes=1)  # fmt: skip
+    data = prepare_data(cfg, accelerator)
+    assert len(data.held_out) == 2 and data.eval_split == "validation folder held-out images"

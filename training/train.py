@@ -249,6 +249,8 @@ def prepare_data(cfg: TrainConfig, accelerator) -> Data:
     license_id = dataset_license(dataset_id, embedded=embedded)
     dataset_type, dataset_name = dataset_reference(cfg)
     eval_split = str(held_ds.split) if held_out is not None and getattr(held_ds, "split", None) else None
+    if held_out is not None and cfg.validation_data_dir is not None:  # a folder of its own, not a split of the data
+        eval_split = f"validation folder {Path(cfg.validation_data_dir).expanduser().resolve().name}"
     return Data(train_set, held_out, num_train, skipped, channels, description, dataset_id, license_id, names,
                 held_labels, dataset_type, dataset_name, eval_split)  # fmt: skip
 
