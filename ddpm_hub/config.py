@@ -626,6 +626,9 @@ def _check_conditional_options(c: TrainConfig, given: set[str] | None = None) ->
 
 def validate(c: TrainConfig) -> None:
     """Check every value; raise ConfigError naming the first bad argument."""
+    if c.guidance_scale == 0:  # valid when sampling (unconditional), not as the scale a card recommends
+        raise ConfigError("--guidance_scale must be > 0, got 0: it is the scale of the run's sample grids and metrics "
+                          "and the card's recommended one, and 0 ignores the label (1: no guidance)")
     for name in FIELDS:
         _check_field(name, getattr(c, name))
     if c.max_train_steps is None and c.num_epochs is None:

@@ -145,9 +145,12 @@ def _warn_if_ids_look_like_names(values: list, id2label: dict[Any, str] | None) 
     ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
     if ints:
         shown = ", ".join(f"id {i} is the class named '{names[i]}'" for i in sorted(set(ints))[:3] if i in names)
+        # the names the user may have meant, where they are names; else real names of this model
+        meant = [str(i) for i in ints if str(i) in names.values()][:2]
+        example = meant or [names[i] for i in sorted(names)][:2]
         warnings.warn(ClassIdWarning(
             f"class_labels {ints[:5]} are read as class ids ({shown}), and this model's class names are numbers: to "
-            f"ask for a class by its name pass the name as a string, e.g. class_labels={[str(i) for i in ints[:2]]!r}"
+            f"ask for a class by its name pass the name as a string, e.g. class_labels={example!r}"
         ), stacklevel=_caller_level())
 
 

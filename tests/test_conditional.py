@@ -468,6 +468,9 @@ def test_integer_labels_on_a_model_with_number_names_warn_and_names_do_not():
     with pytest.warns(ClassIdWarning, match=r"id 1 is the class named '2'.*class_labels=\['1'\]") as record:
         shifted(class_labels=1, num_inference_steps=2)
     assert record[0].filename == __file__
+    with pytest.warns(ClassIdWarning, match=r"e\.g\. class_labels=\['1', '2'\]"):  # '0' is no name: real names
+        shifted(class_labels=0, num_inference_steps=2)
+    shifted(class_labels=["1", "2"], num_inference_steps=2)  # the suggestion works
     images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     with pytest.warns(ClassIdWarning):
         shifted.bits_per_dim(images, class_labels=[0, 2], estimate=True, num_samples=2)

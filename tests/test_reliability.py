@@ -434,6 +434,11 @@ def test_a_new_run_into_another_runs_checkpoints_is_refused_and_overwrite_clears
     _make(out / "checkpoints", 40)  # an older run's
     with pytest.raises(ConfigError, match=r"holds another run's checkpoints \(checkpoint-40\).*--overwrite_output_dir"):
         _train(out, "--max_train_steps", "4")
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    with pytest.raises(Exception, match="no-images"):  # refused by its data: the old run's checkpoints stay
+        _train(out, "--max_train_steps", "4", "--overwrite_output_dir", "--train_data_dir", str(empty))
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-40"]
     _train(out, "--max_train_steps", "4", "--overwrite_output_dir")
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
     assert ckpt.resolve_latest(out / "checkpoints").step == 4  # a later `latest` resumes this run

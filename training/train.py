@@ -531,6 +531,7 @@ class Trainer:
         )
         if self.ema is not None:
             self.ema.to(acc.device)
+        self._clear_earlier_run()
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         image_every = cfg.save_images_epochs * self.updates_per_epoch if cfg.save_images_epochs else None
         # The periodic actions on sync steps: (every N steps, action). Logging also runs at the last step. The
@@ -571,8 +572,8 @@ class Trainer:
             )
 
     def _claim_output_dir(self) -> None:
-        """One writer per folder: lock it (main process), then clear what a crash left (and, for a new run with
-        --overwrite_output_dir, the old run's checkpoints) before anything is written."""
+        """One writer per folder: lock it (main process), then clear what a crash left before anything is written
+        (the old run's checkpoints go later, in `_clear_earlier_run`)."""
         if self.accelerator.is_main_process:
             try:
                 acquire(self.output_dir, "training")
@@ -580,11 +581,17 @@ class Trainer:
                 raise ConfigError(f"--output_dir: {exc}") from None
             ckpt.recover(self.checkpoint_root)
             recover_export(self.output_dir)
-            if self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
-                for old in ckpt.list_checkpoints(self.checkpoint_root):
-                    logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
-                    ckpt.remove_checkpoint(old)
-                ckpt.remove_best_pointer(self.checkpoint_root)
+        self.accelerator.wait_for_everyone()
+
+    def _clear_earlier_run(self) -> None:
+        """--overwrite_output_dir (new run): delete the earlier run's checkpoints, only once every check of this
+        run has passed (data, Hub access, model), so a refused run deletes nothing."""
+        new_run = self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None
+        if self.accelerator.is_main_process and new_run:
+            for old in ckpt.list_checkpoints(self.checkpoint_root):
+                logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
+                ckpt.remove_checkpoint(old)
+            ckpt.remove_best_pointer(self.checkpoint_root)
         self.accelerator.wait_for_everyone()
 
     def _check_quality_eval(self) -> str | None:
