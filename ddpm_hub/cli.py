@@ -216,11 +216,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             image.save(out_dir / name)
         extra = {}
         if labels is not None:  # the class ids, and the names they stand for (class_names[id])
-            from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
-
-            id2label = pipeline.id2label or {}
-            names = [id2label.get(i, str(i)) for i in range(num_classes_of(pipeline.unet))]
-            extra = {"labels": labels.numpy(), "class_names": np.array(names)}
+            extra = {"labels": labels.numpy(), "class_names": np.array(_class_names(pipeline))}
         np.savez_compressed(out_dir / "samples.npz", arr_0=arrays, **extra)  # clean-fid's / openai's layout
         noun = "PNG" if len(pils) == 1 else "PNGs"
         print(f"wrote {len(pils)} {noun} and samples.npz (uint8 NHWC) to {out_dir}")
@@ -231,6 +227,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         image_grid(pils, upscale=upscale, cols=cols).save(path)
         print(f"wrote {path}")
     return 0
+
+
+def _class_names(pipeline) -> list[str]:
+    """A conditional model's class names in id order (its ids as text where it stores no names)."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import num_classes_of
+
+    id2label = pipeline.id2label or {}
+    return [id2label.get(i, str(i)) for i in range(num_classes_of(pipeline.unet))]
 
 
 def _file_names(pipeline, labels, count: int) -> list[str]:
@@ -310,7 +314,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--digits_fid is for 8x8 grayscale digit models; use --fid/--kid for other data")
     conditional = cfg.get("num_class_embeds") is not None
     scale = guidance_for(pipeline, args, conditional)
-    id2label = (pipeline.id2label or {i: str(i) for i in range(cfg.num_class_embeds - 1)}) if conditional else None
+    id2label = dict(enumerate(_class_names(pipeline))) if conditional else None
     if args.dataset is None:  # the default is the embedded digits: only a yardstick for models of their shape
         if cfg.sample_size != 8 or cfg.in_channels != 1:
             shape = f"{cfg.sample_size}x{cfg.sample_size}x{cfg.in_channels}"

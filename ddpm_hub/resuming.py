@@ -29,12 +29,10 @@ def option_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     from .config import FIELDS
 
     current = json.loads(json.dumps(current))  # compare as saved (tuples become lists)
+    defaults = json.loads(json.dumps({k: FIELDS[k].default for k in current if k in FIELDS}))
+    saved = {**defaults, **saved}
     keys = sorted((set(saved) | set(current)) - set(NOT_COMPARED))
-
-    def before(k: str) -> Any:
-        return saved[k] if k in saved or k not in FIELDS else json.loads(json.dumps(FIELDS[k].default))
-
-    return {k: (before(k), current.get(k)) for k in keys if before(k) != current.get(k)}
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
 
 
 def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
