@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .faults import fault_point
+from .files import open_new
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def write_manifest(folder: Path, step: int, epoch: int) -> None:
     manifest = {"step": step, "epoch": epoch, "files": files}
     tmp = folder / (MANIFEST + ".tmp")
     fault_point("checkpoint.manifest.before_tmp")
-    with open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1)
+    with open_new(tmp) as fh:
+        fh.write(json.dumps(manifest, indent=1).encode())
         fh.flush()
         os.fsync(fh.fileno())
     fault_point("checkpoint.manifest.after_tmp")
@@ -272,8 +273,8 @@ def write_best_pointer(root: Path, best: dict) -> Path:
     root = Path(root)
     payload = {**best, "checkpoint": f"{PREFIX}{best['step']}"}
     tmp = root / (BEST_POINTER + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, sort_keys=True)
+    with open_new(tmp) as fh:  # a link planted at the path is replaced, never written through
+        fh.write(json.dumps(payload, indent=1, sort_keys=True).encode())
         fh.flush()
         os.fsync(fh.fileno())
     fault_point("checkpoint.best.pointer_tmp")
@@ -295,6 +296,39 @@ def remove_best_pointer(root: Path) -> None:
     """Delete `best.json` (and its temporary file): the run it described is gone."""
     (Path(root) / BEST_POINTER).unlink(missing_ok=True)
     (Path(root) / (BEST_POINTER + ".tmp")).unlink(missing_ok=True)
+
+
+REPLACED_MARKER = "REPLACED_BY_A_NEW_RUN"  # the checkpoints beside it are an earlier run's, condemned by a new one
+
+
+def mark_replaced(root: Path, by_pid: int) -> Path:
+    """Before an --overwrite_output_dir run checks anything: mark the earlier run's checkpoints under `root` as
+    replaced, so that a kill before they are deleted never lets `latest` resume them as if nothing had happened."""
+    path = Path(root) / REPLACED_MARKER
+    with open_new(path) as fh:
+        fh.write(f"an --overwrite_output_dir run (PID {by_pid}) is replacing the checkpoints here\n".encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(Path(root))
+    return path
+
+
+def replaced(root: Path) -> bool:
+    """Whether an --overwrite_output_dir start marked the checkpoints under `root` as replaced (`mark_replaced`)."""
+    return (Path(root) / REPLACED_MARKER).is_file()
+
+
+def unmark_replaced(root: Path, by_pid: int | None = None) -> None:
+    """Remove the mark: the earlier run's checkpoints are deleted, or (`by_pid`: only the mark of that process) the
+    new run was refused before it deleted anything, which leaves them as they were."""
+    path = Path(root) / REPLACED_MARKER
+    if by_pid is not None:
+        try:
+            if f"(PID {by_pid})" not in path.read_text():
+                return
+        except OSError:
+            return
+    path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     repo_id = resolve_repo_id(args.repo_id)  # NAME -> USER/NAME (whoami); checked before anything is written
     if checkpoint:  # a checkpoint is exported to a pipeline folder first
         run_folder = folder.parent.parent if folder.parent.name == "checkpoints" else folder
-        with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False):
+        with tempfile.TemporaryDirectory() as tmp, OutputLock(run_folder, "push", create=False, shared=True):
             pipeline = load_pipeline(str(folder), "ddpm", None, args.weights)
             export = Path(tmp) / folder.name
             pipeline.save_pretrained(export, repo_id=repo_id)

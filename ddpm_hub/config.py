@@ -195,6 +195,11 @@ class RunConfig:
         None, "'latest' (an error if checkpoints exist but none is valid), 'latest_or_new' (start afresh then), or "
         "a checkpoint folder; resumes exactly (optimizer, EMA, RNG, data position)"
     )
+    resume_changed_run: bool = opt(
+        False, "resume although --seed or the training data (--dataset_name, --dataset_config_name, "
+        "--train_data_dir, --split) differ from the checkpoint's run (refused otherwise: the resume would not be "
+        "exact, or the checkpoint belongs to another run)"
+    )
     save_images_steps: int = opt(500, "save a sample grid every N steps", minimum=1)
     save_images_epochs: int | None = opt(None, "save a sample grid every N epochs (instead of steps)", minimum=1)
     eval_steps: int = opt(500, "estimate held-out bits/dim every N steps", minimum=1)
@@ -722,6 +727,13 @@ def _optional(kind: type):
     return convert
 
 
+HUB_TOKEN_REFUSED = (
+    "--hub_token is not accepted: a token on a command line is visible to other users of the machine (ps), stays "
+    "in the shell's history and is printed by launchers when a run fails; set HF_TOKEN or run `hf auth login` "
+    "instead (and revoke a token that was typed on a command line)"
+)
+
+
 def build_parser(shown: dict[str, Any] | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """One flag per option (plus its diffusers aliases), grouped by section; `--help` shows `shown[name]`, the
     value a run would use (the preset's), and the choices. Only flags given on the command line are set."""
@@ -735,7 +747,7 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     parser.add_argument(
         "--preset", choices=sorted(TRAINING_PRESETS), help=f"named recipe (default: {shown.get('preset')})"
     )
-    parser.add_argument("--hub_token", help="Hub token (else HF_TOKEN or the saved login); never logged or saved")
+    parser.add_argument("--hub_token", help=argparse.SUPPRESS)  # refused with the reason (parse_args)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):
@@ -752,8 +764,9 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     return parser
 
 
-def parse_args(argv: list[str] | None = None, description: str | None = None) -> tuple[TrainConfig, str | None]:
-    """(validated TrainConfig, hub token or None) from command-line arguments."""
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """The validated TrainConfig of command-line arguments. A Hub token never comes from the command line (HF_TOKEN
+    or the saved login instead): `--hub_token` is refused, without repeating its value."""
     pre = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for name in ("config", "preset", "dataset_name", "train_data_dir"):
         pre.add_argument(f"--{name}")
@@ -766,7 +779,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         shown = resolve_values({})
     namespace = vars(build_parser(shown, description).parse_args(argv))
     namespace.pop("config", None)
-    token = namespace.pop("hub_token", None)
+    if "hub_token" in namespace:
+        raise ConfigError(HUB_TOKEN_REFUSED)
     file_values = load_config_file(config_file) if config_file else {}
     config = from_values(resolve_values(namespace, file_values))
     validate(config)
@@ -777,7 +791,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     if "class_conditional" not in file_values:
         given |= set(file_values) & set(CONDITIONAL_OPTIONS)
     _check_conditional_options(config, given)
-    return config, token
+    return config
 
 
 def downsampling_factor(unet_config: dict[str, Any]) -> int:

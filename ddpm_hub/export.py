@@ -380,10 +380,10 @@ def _write_pipeline(
 
 def publish(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
     """Push a model folder's pipeline files to the Hub (see `hub_push.push_pipeline_folder`), holding the folder's
-    lock so that no trainer writes into it meanwhile; returns the URL."""
+    shared (reader's) lock so that no trainer writes into it meanwhile; returns the URL."""
     from .hub_push import check_repo_id, push_pipeline_folder
     from .output_lock import OutputLock
 
     check_repo_id(repo_id)
-    with OutputLock(folder, "push", create=False):
+    with OutputLock(folder, "push", create=False, shared=True):
         return push_pipeline_folder(folder, repo_id, token=token, private=private)

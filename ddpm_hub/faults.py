@@ -3,8 +3,8 @@
 `fault_point("checkpoint.manifest.after_tmp")` does nothing unless the environment variable
 `DDPM_HUB_FAULT=NAME:ACTION[:N][,NAME:ACTION[:N]...]` names it: then, at its N-th pass (default 1), the process
 is killed (`kill`: SIGKILL to itself, no cleanup runs), raises (`raise`: OSError, `enospc`: OSError(ENOSPC), as a
-full disk would) or sends itself SIGTERM/SIGINT (`sigterm`, `sigint`) and goes on. Every point is declared in
-`POINTS`, so a test can cover all of them and a new one cannot be forgotten.
+full disk would) or sends itself SIGTERM/SIGINT/SIGHUP (`sigterm`, `sigint`, `sighup`) and goes on. Every point
+is declared in `POINTS`, so a test can cover all of them and a new one cannot be forgotten.
 """
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ POINTS: dict[str, str] = {
     "export.commit.index_removed": "the old model_index.json is gone, nothing moved in yet",
     "export.commit.before_index": "every file but model_index.json is in place",
     "export.commit.done": "the new pipeline is complete",
-    # the output-folder lock and clean stops
+    # the output-folder lock, a new run replacing an earlier one, and clean stops
     "lock.acquired": "the output folder's lock is held",
+    "overwrite.marked": "an --overwrite_output_dir run marked the earlier run's checkpoints, not yet deleted",
     "signal.checkpoint_saved": "the stop checkpoint after SIGTERM/SIGINT is written",
 }
 
 _counts: dict[str, int] = {}
 
 
-ACTIONS = ("kill", "raise", "enospc", "sigterm", "sigint")
+SIGNAL_ACTIONS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sighup": signal.SIGHUP}
+ACTIONS = ("kill", "raise", "enospc", *SIGNAL_ACTIONS)
 
 
 def _parse(spec: str) -> list[tuple[str, str, int]]:
@@ -77,8 +79,8 @@ def fault_point(name: str) -> None:
 
 
 def _act(name: str, action: str) -> None:
-    if action in ("sigterm", "sigint"):
-        os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGINT)
+    if action in SIGNAL_ACTIONS:
+        os.kill(os.getpid(), SIGNAL_ACTIONS[action])
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

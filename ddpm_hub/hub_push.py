@@ -196,12 +196,19 @@ def push_pipeline_folder(
 
 def pipeline_operations(folder: Path, repo_id: str) -> list:
     """The commit of a pipeline folder: the files of PIPELINE_PATTERNS, with README.md adapted to `repo_id`
-    (`hub.card_for_repo`: the usage snippet loads the repo; no picture without samples.png)."""
+    (`hub.card_for_repo`: the usage snippet loads the repo; no picture without samples.png). HubError for a
+    symbolic link among them (or a linked `unet/`, `scheduler/`): only regular files inside the folder go."""
     from huggingface_hub import CommitOperationAdd
 
     from .hub import card_for_repo
 
     paths = sorted({p for pattern in PIPELINE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    for path in paths:  # never upload what a link points to (a planted link to a secret would publish it)
+        rel = path.relative_to(folder)
+        link = next((p for p in (rel, *rel.parents) if p != Path(".") and (folder / p).is_symlink()), None)
+        if link is not None:
+            raise HubError(f"{folder / link} is a symbolic link: only regular files inside the folder are pushed; "
+                           "replace the link with the file itself (or remove it) and push again")  # fmt: skip
     operations = []
     for path in paths:
         name = path.relative_to(folder).as_posix()

@@ -15,8 +15,10 @@ FIXED_ON_RESUME = (
     "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type",
     "clip_sample", "use_ema", "timestep_sampling", "class_conditional", "class_column", "cond_drop_prob",
 )  # fmt: skip
+# Which run a checkpoint belongs to: changed only with --resume_changed_run (say, the same data moved elsewhere).
+RUN_IDENTITY = ("seed", "dataset_name", "dataset_config_name", "train_data_dir", "split")
 # Options about this invocation, not about the run.
-NOT_COMPARED = ("resume_from_checkpoint", "overwrite_output_dir")
+NOT_COMPARED = ("resume_from_checkpoint", "overwrite_output_dir", "resume_changed_run")
 
 
 class ResumeOptionError(ValueError):
@@ -36,7 +38,8 @@ def option_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
 
 
 def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
-    """Log one line per changed option; ResumeOptionError for the first one that cannot change mid-run."""
+    """Log one line per changed option; ResumeOptionError for the first one that cannot change mid-run, and for a
+    changed seed or data source unless `current` says `resume_changed_run`."""
     differences = option_differences(saved, current)
     for name, (before, now) in differences.items():
         effect = "cannot change on resume" if name in FIXED_ON_RESUME else "the new value is used from here on"
@@ -49,6 +52,13 @@ def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkp
                 f"in the middle of a run: resume with the run's value (--{name} {before}), or start a new run in "
                 "another --output_dir"
             )
+    changed_run = [name for name in RUN_IDENTITY if name in differences]
+    if changed_run and not current.get("resume_changed_run"):
+        was = ", ".join(f"--{n} {differences[n][0]!r} (now {differences[n][1]!r})" for n in changed_run)
+        raise ResumeOptionError(
+            f"{checkpoint} belongs to a run with {was}: resume with the run's values, pass --resume_changed_run to "
+            "continue it with the new ones (not an exact resume), or start a new run with --overwrite_output_dir"
+        )
 
 
 def apply_optimizer_options(optimizer, lr_scheduler, cfg) -> None:

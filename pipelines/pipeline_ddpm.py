@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.errors import HFValidationError
 
 from ddpm_hub import diffusion_math as dm
+from ddpm_hub.files import unlink_planted_links, write_atomic, write_text_atomic
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
@@ -42,6 +43,7 @@ from .pipeline_class_conditional import (
 # A class-conditional pipeline folder carries pipeline_class_conditional.py under this name, for stock diffusers'
 # `custom_pipeline="pipeline", trust_remote_code=True`.
 REMOTE_PIPELINE_FILE = "pipeline.py"
+SAVED_FILES = ("model_index.json", "README.md", "samples.png", REMOTE_PIPELINE_FILE, "unet", "scheduler")
 
 # What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
@@ -326,34 +328,37 @@ class DDPMPipeline(DiffusionPipeline):
                 push_kwargs.get("repo_id") or Path(save_directory).name, push_kwargs.get("token")
             )
         kwargs["safe_serialization"] = True
-        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         folder = Path(save_directory)
+        if folder.is_dir():  # links planted where the files go are replaced, never written through
+            inside = [f"{sub}/{p.name}" for sub in ("unet", "scheduler") for p in (folder / sub).glob("*")]
+            unlink_planted_links(folder, [*SAVED_FILES, *inside])
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         if self.unet.config.get("num_class_embeds") is not None:  # stock diffusers samples it with this code
             source = Path(__file__).with_name("pipeline_class_conditional.py")
-            (folder / REMOTE_PIPELINE_FILE).write_text(source.read_text())
+            write_text_atomic(folder / REMOTE_PIPELINE_FILE, source.read_text())
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = "DDPMPipeline"
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]  # our DDPMScheduler shares the name
         index["unet"] = ["diffusers", "UNet2DModel"]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
         scheduler_path = folder / "scheduler" / "scheduler_config.json"
         config = json.loads(scheduler_path.read_text())
         if config.get("variance_type") in STOCK_VARIANCE_TYPE:
             config["variance_type"] = STOCK_VARIANCE_TYPE[config["variance_type"]]
-            scheduler_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(scheduler_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         repo_id = push_kwargs.get("repo_id")
         if self.model_card_text is not None:  # the card this pipeline was loaded with, and its picture
             from ddpm_hub.hub import card_for_repo
 
             if self.model_card_samples is not None:
-                (folder / "samples.png").write_bytes(self.model_card_samples)
+                write_atomic(folder / "samples.png", lambda fh: fh.write(self.model_card_samples))
             card = card_for_repo(self.model_card_text, repo_id or str(folder), (folder / "samples.png").is_file())
-            (folder / "README.md").write_text(card)
+            write_text_atomic(folder / "README.md", card)
         else:
             from ddpm_hub.hub import pipeline_model_card
 
-            pipeline_model_card(self, repo_id=repo_id).save(folder / "README.md")
+            write_text_atomic(folder / "README.md", str(pipeline_model_card(self, repo_id=repo_id)))
         if push_to_hub:
             from ddpm_hub.hub_push import push_pipeline_folder
 

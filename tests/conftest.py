@@ -96,9 +96,9 @@ def train_in_process(args: list[str], trackers: list | None = None) -> dict:
 
     from ddpm_hub.config import parse_args
 
-    cfg, token = parse_args(args)
+    cfg = parse_args(args)
     try:
-        return train(cfg, hub_token=token, trackers=trackers)
+        return train(cfg, trackers=trackers)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()

@@ -131,7 +131,7 @@ def test_the_trainer_resolves_a_bare_hub_model_id_before_training(hub):
     from ddpm_hub.config import parse_args
 
     hub.state.token = FAKE_TOKEN
-    cfg, _ = parse_args(["--push_to_hub", "--hub_model_id", "my-ddpm"])
+    cfg = parse_args(["--push_to_hub", "--hub_model_id", "my-ddpm"])
     run = SimpleNamespace(cfg=cfg, hub_token=FAKE_TOKEN)  # what `_check_hub` reads of the trainer
     Trainer._check_hub(run)
     assert run.cfg.hub_model_id == "tester/my-ddpm" and "tester/my-ddpm" in hub.state.repos

@@ -191,20 +191,20 @@ class _Ranks:
 def _prepare(args: list[str], num_processes: int = 1):
     from ddpm_hub.training.train import prepare_data
 
-    cfg, _ = parse_args([*FAST_ARGS, "--resolution", "8", *args])
+    cfg = parse_args([*FAST_ARGS, "--resolution", "8", *args])
     return prepare_data(cfg, _Ranks(num_processes))
 
 
 def test_num_epochs_takes_effect_and_max_train_steps_none_is_accepted(tmp_path):
-    assert parse_args(["--num_epochs", "2"])[0].max_train_steps is None  # replaces the preset's step count
-    assert parse_args(["--num_epochs", "2", "--max_train_steps", "5"])[0].max_train_steps == 5  # same level: steps
-    cfg, _ = parse_args(["--max_train_steps", "none", "--num_epochs", "3"])
+    assert parse_args(["--num_epochs", "2"]).max_train_steps is None  # replaces the preset's step count
+    assert parse_args(["--num_epochs", "2", "--max_train_steps", "5"]).max_train_steps == 5  # same level: steps
+    cfg = parse_args(["--max_train_steps", "none", "--num_epochs", "3"])
     assert (cfg.max_train_steps, cfg.num_epochs) == (None, 3)
     config = tmp_path / "c.yaml"
     config.write_text("max_train_steps: 7\n")
-    assert parse_args(["--config", str(config), "--num_epochs", "2"])[0].max_train_steps is None  # CLI > file
+    assert parse_args(["--config", str(config), "--num_epochs", "2"]).max_train_steps is None  # CLI > file
     config.write_text("num_epochs: 2\n")
-    assert parse_args(["--config", str(config), "--max_train_steps", "4"])[0].max_train_steps == 4
+    assert parse_args(["--config", str(config), "--max_train_steps", "4"]).max_train_steps == 4
     with pytest.raises(ConfigError, match="give --max_train_steps or --num_epochs"):
         parse_args(["--max_train_steps", "none"])
     data = _folder(tmp_path / "imgs", {f"{i}.png": _gray(i) for i in range(16)})

@@ -229,10 +229,8 @@ def test_trainer_checks_credentials_before_training(hub, tmp_path):
         "--push_to_hub",
         "--hub_model_id",
         "org/ddpm",
-        "--hub_token",
-        FAKE_TOKEN,
     ]
-    proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0")
+    proc = run_train(args, tmp_path, HF_HUB_OFFLINE="0", HF_TOKEN=FAKE_TOKEN)
     assert proc.returncode == 2
     assert "not authorised" in proc.stderr
     assert FAKE_TOKEN not in proc.stdout + proc.stderr

@@ -264,6 +264,11 @@ def test_resume_lists_changed_options_and_refuses_the_fixed_ones(caplog):
     assert caplog.text.count("resume: --") == 1 and "--learning_rate was 0.001 in ck, now 0.0001" in caplog.text
     with pytest.raises(ResumeOptionError, match="--num_train_timesteps is 10 here and was"):
         check_resumed_options(saved, {**saved, "num_train_timesteps": 10, "seed": 1}, "ck")
+    # another seed or data source: another run's checkpoint (or an inexact resume), refused unless asked
+    for changed in ({"seed": 1}, {"train_data_dir": "other/"}, {"dataset_name": "cifar10"}):
+        with pytest.raises(ResumeOptionError, match="ck belongs to a run with --.* pass --resume_changed_run"):
+            check_resumed_options(saved, {**saved, **changed}, "ck")
+        check_resumed_options(saved, {**saved, **changed, "resume_changed_run": True}, "ck")
 
 
 def test_a_new_learning_rate_replaces_the_restored_schedules_base_rate():

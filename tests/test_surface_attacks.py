@@ -90,7 +90,7 @@ def test_train_refuses_an_unusable_output_dir_or_a_missing_local_model_before_wo
             parse_args(argv)
         assert needle in str(exc.value) and "\n" not in str(exc.value), (argv, str(exc.value))
     assert not (tmp_path / "run").exists()
-    config, _ = parse_args(["--output_dir", str(tmp_path / "new" / "run")])  # a folder that can be created is fine
+    config = parse_args(["--output_dir", str(tmp_path / "new" / "run")])  # a folder that can be created is fine
     assert config.output_dir == str(tmp_path / "new" / "run") and not (tmp_path / "new").exists()
 
 

@@ -67,7 +67,7 @@ def test_naming_only_the_variance_or_only_the_loss_makes_the_other_fit():
 
 
 def test_diffusers_flag_names_are_aliases_and_config_files_may_nest(tmp_path):
-    cfg, _ = parse_args(["--ddpm_num_steps", "50", "--ddpm_beta_schedule", "linear", "--ddpm_num_inference_steps",
+    cfg = parse_args(["--ddpm_num_steps", "50", "--ddpm_beta_schedule", "linear", "--ddpm_num_inference_steps",
                          "20", "--report_to", "none", "--use_ema", "false"])  # fmt: skip
     assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.num_inference_steps) == (50, "linear", 20)
     assert cfg.logger == "none" and cfg.use_ema is False and cfg.diffusion.num_train_timesteps == 50

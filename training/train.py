@@ -68,9 +68,11 @@ from ddpm_hub.export import (
     selection_metric,
     training_quality,
 )
+from ddpm_hub.faults import fault_point
+from ddpm_hub.files import linked_folders, save_image_atomic
 from ddpm_hub.losses import training_losses
 from ddpm_hub.models import count_parameters, unet_config
-from ddpm_hub.output_lock import OutputLockedError, acquire, release
+from ddpm_hub.output_lock import OutputLockedError, acquire, check_held, release
 from ddpm_hub.resuming import ResumeOptionError, apply_ema_options, apply_optimizer_options, check_resumed_options
 from ddpm_hub.sampling import with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
@@ -465,6 +467,7 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
+        self._new_run = cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None
         self._check_output_dir()
         self.accelerator = acc = make_accelerator(cfg, trackers)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -579,19 +582,26 @@ class Trainer:
                 acquire(self.output_dir, "training")
             except OutputLockedError as exc:
                 raise ConfigError(f"--output_dir: {exc}") from None
+            linked = linked_folders(self.output_dir, ("checkpoints", "samples", self.cfg.logging_dir))
+            if linked:  # the trainer writes only inside --output_dir
+                raise ConfigError(f"--output_dir: {linked[0]} is a symbolic link; the trainer never writes through "
+                                  "links: remove it (or make it a real folder), or choose another --output_dir")
             ckpt.recover(self.checkpoint_root)
             recover_export(self.output_dir)
+            if self._new_run and ckpt.list_checkpoints(self.checkpoint_root):  # deleted once every check passed
+                ckpt.mark_replaced(self.checkpoint_root, os.getpid())
+                fault_point("overwrite.marked")
         self.accelerator.wait_for_everyone()
 
     def _clear_earlier_run(self) -> None:
         """--overwrite_output_dir (new run): delete the earlier run's checkpoints, only once every check of this
         run has passed (data, Hub access, model), so a refused run deletes nothing."""
-        new_run = self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None
-        if self.accelerator.is_main_process and new_run:
+        if self.accelerator.is_main_process and self._new_run:
             for old in ckpt.list_checkpoints(self.checkpoint_root):
                 logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
                 ckpt.remove_checkpoint(old)
             ckpt.remove_best_pointer(self.checkpoint_root)
+            ckpt.unmark_replaced(self.checkpoint_root)
         self.accelerator.wait_for_everyone()
 
     def _check_quality_eval(self) -> str | None:
@@ -672,6 +682,8 @@ class Trainer:
         if self._saved_step == self.global_step:  # a new best already saved this step's checkpoint
             return self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
         self._assert_finite("saving a checkpoint")
+        if acc.is_main_process:
+            check_held(self.output_dir)  # never recreate a folder moved away mid-run
         staging = ckpt.staging_dir(self.checkpoint_root, self.global_step)
         try:
             if acc.is_main_process:
@@ -742,8 +754,6 @@ class Trainer:
     def _save_own_state(self, staging: Path) -> None:
         """Replace accelerate's pickled RNG file by a safetensors one, and write the trainer state (step, run
         config, timestep sampler) as JSON + safetensors: nothing of ours is ever unpickled on resume."""
-        from ddpm_hub.faults import fault_point
-
         acc = self.accelerator
         fault_point("checkpoint.state.saved")
         (staging / f"random_states_{acc.process_index}.pkl").unlink(missing_ok=True)
@@ -763,6 +773,15 @@ class Trainer:
         """Restore optimizer, LR schedule, EMA, RNG states, step and data position from a checkpoint."""
         target = self.cfg.resume_from_checkpoint
         if target is None:
+            return
+        if target in ("latest", "latest_or_new") and ckpt.replaced(self.checkpoint_root):
+            if target == "latest":
+                raise ConfigError(
+                    f"--resume_from_checkpoint latest: the checkpoints under {self.checkpoint_root} belong to an "
+                    "earlier run that an --overwrite_output_dir run was replacing when it was interrupted: run that "
+                    f"command again, or delete {self.checkpoint_root / ckpt.REPLACED_MARKER} to resume the earlier run"
+                )
+            self._start_afresh()  # latest_or_new: the replaced run is not resumed
             return
         if target in ("latest", "latest_or_new"):
             info = ckpt.resolve_latest(self.checkpoint_root, allow_new=target == "latest_or_new")
@@ -792,6 +811,7 @@ class Trainer:
                 logger.warning("--resume_from_checkpoint latest_or_new: deleting the rejected %s", rejected)
                 ckpt.remove_checkpoint(rejected)
             ckpt.remove_best_pointer(self.checkpoint_root)
+            ckpt.unmark_replaced(self.checkpoint_root)
         self.accelerator.wait_for_everyone()
         logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
 
@@ -918,19 +938,21 @@ class Trainer:
                    disable=not acc.is_local_main_process)  # fmt: skip
         self._clock = (time.perf_counter(), self.global_step)
         batches = self.batches()
-        while self.global_step < self.max_steps:
-            self._last_out = self.optimizer_step(batches)
-            bar.update(1)
-            last = self.global_step == self.max_steps
-            for every, action in self.periodic:
-                if self.global_step % every == 0 or (last and action in self.at_last_step):
-                    action()
-            if "loss" in (self.history[-1] if self.history else {}):
-                bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
-            if self.stop.agreed(acc):
-                bar.close()
-                self.stop_cleanly()
-        bar.close()
+        try:  # the bar ends its line before any message (an error, a stop) is printed
+            while self.global_step < self.max_steps:
+                self._last_out = self.optimizer_step(batches)
+                bar.update(1)
+                last = self.global_step == self.max_steps
+                for every, action in self.periodic:
+                    if self.global_step % every == 0 or (last and action in self.at_last_step):
+                        action()
+                if "loss" in (self.history[-1] if self.history else {}):
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.4f}")
+                if self.stop.agreed(acc):
+                    bar.close()
+                    self.stop_cleanly()
+        finally:
+            bar.close()
         self._assert_finite("saving the final pipeline")
         # The final step's checkpoint comes first: a crash or a signal during the (possibly long) final
         # evaluation and export then loses nothing, and a resume with `latest` evaluates and exports again.
@@ -952,9 +974,7 @@ class Trainer:
         return result
 
     def stop_cleanly(self) -> None:
-        """After SIGTERM/SIGINT: save a checkpoint of the step just finished (unless one exists) and stop."""
-        from ddpm_hub.faults import fault_point
-
+        """After SIGTERM/SIGINT/SIGHUP: save a checkpoint of the step just finished (unless one exists) and stop."""
         final = self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
         if self._saved_step != self.global_step:
             final = self.save_checkpoint()
@@ -1038,9 +1058,10 @@ class Trainer:
             return
         grid = self.sample_grid()
         self._last_grid = (self.global_step, grid)
+        check_held(self.output_dir)  # never recreate a folder moved away mid-run
         path = self.output_dir / "samples" / f"step-{self.global_step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        path.parent.mkdir(exist_ok=True)
+        save_image_atomic(grid, path)  # a link planted at the path is replaced, never written through
         array = np.asarray(grid.convert("RGB"))
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -1235,19 +1256,21 @@ def train(cfg: TrainConfig, hub_token: str | None = None, trackers: list | None 
         return Trainer(cfg, hub_token=hub_token, trackers=trackers, stop=stop).run()
     finally:
         stop.uninstall()
+        # a run refused before it deleted the earlier run's checkpoints leaves them as they were
+        ckpt.unmark_replaced(Path(cfg.output_dir) / "checkpoints", by_pid=os.getpid())
         release(cfg.output_dir)
 
 
-def main(argv: list[str] | None = None, parsed: tuple[TrainConfig, str | None] | None = None) -> int:
+def main(argv: list[str] | None = None, parsed: TrainConfig | None = None) -> int:
     """Entry point; returns a process exit code (2 for bad arguments or data, 1 for a failed run). `parsed`: the
     arguments already parsed (as the script does before importing torch)."""
     try:
-        cfg, token = parsed or parse_args(argv, description=__doc__)
-        train(cfg, hub_token=token)
+        cfg = parsed or parse_args(argv, description=__doc__)
+        train(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingError, ckpt.CheckpointError) as exc:
+    except (TrainingError, ckpt.CheckpointError, OutputLockedError) as exc:  # the last: a folder moved mid-run
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except StoppedBySignal as stop:
