@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -326,8 +326,19 @@ def detect_channels(ds, column: str, name: str = "train") -> int:
     return channels
 
 
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation says (a camera stores a portrait photo sideways), exactly as
+    datasets' `Image` feature decodes it; the turned image has no Orientation left, so turning is idempotent."""
+    if image.getexif().get(ExifTags.Base.Orientation) is None:
+        return image
+    upright = ImageOps.exif_transpose(image)
+    upright.format = image.format  # transposing drops it; to_model_image reads it (16-bit PNGs opened as I)
+    return upright
+
+
 def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
-    """Decode one undecoded `datasets.Image` value (`{"bytes", "path"}`), a path or an image; DataError if bad."""
+    """Decode one undecoded `datasets.Image` value (`{"bytes", "path"}`), a path or an image, turned upright by its
+    EXIF Orientation as datasets does; DataError if bad."""
     try:
         if isinstance(item, Image.Image):
             image = item
@@ -343,6 +354,7 @@ def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
         else:
             raise DataError(f"{where}: not an image value ({type(item).__name__})")
         image.load()
+        image = _exif_upright(image)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,44 @@ def test_channels_come_from_the_data(tmp_path):
     assert detect_channels(train, "image") == 3
     train, _ = load_splits(DataConfig(dataset_name="digits"))
     assert detect_channels(train, "image") == 1
+
+
+def _upright_jpeg_and_png(tmp_path):
+    """A 6-wide, 4-high RGB image saved as PNG and JPEG with EXIF Orientation 6 (stored sideways, shown turned
+    90 degrees clockwise), as a camera writes a portrait photo; (folder, pixels as stored)."""
+    root = tmp_path / "exif"
+    root.mkdir()
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(root / "a.png", exif=exif.tobytes())
+    Image.fromarray(stored).save(root / "b.jpg", exif=exif.tobytes(), quality=95)
+    return root, stored
+
+
+def test_exif_orientation_is_applied_as_datasets_does(tmp_path):
+    import datasets
+    from PIL import ImageOps
+
+    from ddpm_hub.data import decode_image, detect_channels
+
+    root, stored = _upright_jpeg_and_png(tmp_path)
+    upright = np.rot90(stored, k=-1)  # Orientation 6: turn 90 degrees clockwise, 4 wide x 6 high
+    jpeg = tmp_path / "exif" / "b.jpg"
+    jpeg_upright = np.rot90(np.asarray(Image.open(jpeg)), k=-1)  # the JPEG's own (lossy) pixels, turned
+    train, _ = load_splits(DataConfig(train_data_dir=str(root)))
+    paths = [train[i]["image"]["path"] for i in range(2)]
+    for path in paths:
+        expected = upright if path.endswith(".png") else jpeg_upright
+        feature = np.asarray(datasets.Image().decode_example({"path": path, "bytes": None}))
+        np.testing.assert_array_equal(feature, expected)  # datasets' own Image feature turns it so
+        data = Path(path).read_bytes()
+        for value in (path, {"path": path, "bytes": None}, {"path": None, "bytes": data}, Image.open(path)):
+            np.testing.assert_array_equal(np.asarray(decode_image(value, "row")), expected)
+        already = ImageOps.exif_transpose(Image.open(path))  # an image turned before (datasets decoded it)
+        np.testing.assert_array_equal(np.asarray(decode_image(already, "row")), expected)
+    images, good, skipped = validate_images(ImageDataset(train, "image", 4, 3), progress=False)
+    png = paths.index(str(root / "a.png"))
+    np.testing.assert_array_equal(images[png].numpy(), to_model_image(Image.fromarray(upright), 4, 3))
+    assert detect_channels(train, "image") == 3
+
