@@ -357,6 +357,11 @@ def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
         image = _exif_upright(image)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:  # not an OSError: it would escape as a traceback naming no file
+        raise DataError(
+            f"{where}: Pillow refuses to decode it as a possible decompression bomb ({exc}); downscale the image "
+            "(or, calling the API, raise PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot read the image ({type(exc).__name__}: {exc})") from exc
     if image.width == 0 or image.height == 0:

@@ -235,3 +235,32 @@ def test_exif_orientation_is_applied_as_datasets_does(tmp_path):
     np.testing.assert_array_equal(images[png].numpy(), to_model_image(Image.fromarray(upright), 4, 3))
     assert detect_channels(train, "image") == 3
 
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG of only IHDR and IEND chunks: its header claims `width` x `height` RGB pixels, it holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_named_and_skipped(tmp_path):
+    from ddpm_hub.data import decode_image, detect_channels
+
+    bomb = _png_header_only(14000, 14000)  # 196M pixels: over twice PIL.Image.MAX_IMAGE_PIXELS
+    root = _folder(tmp_path, {"ok.png": _rgb(), "bomb.png": bomb})
+    train, _ = load_splits(DataConfig(train_data_dir=str(root)))
+    assert detect_channels(train, "image") == 3  # the bomb's header is not counted, nor raised
+    ds = ImageDataset(train, "image", 8, 3)
+    with pytest.raises(DataError, match=r"bomb\.png.*decompression bomb.*MAX_IMAGE_PIXELS") as exc:
+        validate_images(ds, progress=False)
+    assert "--skip_bad_images" in str(exc.value) and "\n" not in str(exc.value)
+    images, good, skipped = validate_images(ds, skip_bad=True, progress=False)
+    assert images.shape == (1, 3, 8, 8) and skipped == 1 and len(good) == 1
+    with pytest.raises(DataError, match="row 3: .*decompression bomb"):
+        decode_image({"path": None, "bytes": bomb}, "row 3")
+
