@@ -264,3 +264,29 @@ def test_decompression_bomb_is_named_and_skipped(tmp_path):
     with pytest.raises(DataError, match="row 3: .*decompression bomb"):
         decode_image({"path": None, "bytes": bomb}, "row 3")
 
+
+def test_non_utf8_file_name_is_named(tmp_path):
+    import os
+
+    root = tmp_path / "classes"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _rgb(value=i).save(root / name / f"{i}.png")
+    try:
+        bad = os.path.join(os.fsencode(root / "cat"), b"bad\xff.png")
+        _rgb().save(bad, format="PNG")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    with open(os.path.join(os.fsencode(root / "dog"), b"notes\xff.txt"), "w") as f:
+        f.write("not an image: ignored, as by datasets' imagefolder")
+    with pytest.raises(DataError, match=r"cat/bad\\xff\.png.*not valid UTF-8.*rename") as exc:
+        load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    assert "\n" not in str(exc.value) and str(exc.value).isprintable()
+    os.remove(bad)
+    train, _ = load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    assert len(train) == 4
+    renamed = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"folder\xff"))  # the folder itself, named so
+    os.rename(root, renamed)
+    with pytest.raises(DataError, match=r"folder\\xff: the folder's path is not valid UTF-8"):
+        load_splits(DataConfig(train_data_dir=renamed, cache_dir=str(tmp_path / "cache")))
