@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     from .config import DataConfig
@@ -58,6 +58,20 @@ def load_digits_dataset():
     return datasets.DatasetDict({"train": split(~is_test, "train"), "test": split(is_test, "test")})
 
 
+def _is_utf8(name: str) -> bool:
+    """False for a name Python decoded from non-UTF-8 bytes (they become lone surrogates, surrogateescape)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: Path) -> str:
+    """A path for a message: bytes that are not UTF-8 shown as \\xNN escapes instead of unprintable surrogates."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _load_image_folder(root: str, argument: str, cache_dir: str | None):
     """An image folder through datasets' `imagefolder` builder: `train/`, `test/`, `validation/` subfolders become
     splits, `metadata.jsonl` adds columns, and files without an image extension are ignored, as everywhere in the
@@ -72,6 +86,18 @@ def _load_image_folder(root: str, argument: str, cache_dir: str | None):
     images = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions]
     if not images:
         raise DataError(f"--{argument} {path} contains no image files: put the training images there")
+    # datasets stores paths as UTF-8 and fails on any other name with "An error occurred while generating the
+    # dataset", naming no file; name them here (they cannot be skipped: the builder lists the folder itself)
+    if not _is_utf8(str(path.absolute())):  # datasets stores absolute paths
+        raise DataError(f"--{argument} {_printable(path.absolute())}: the folder's path is not valid UTF-8, which "
+                        "datasets cannot store: rename the folder (or the one it is in)")  # fmt: skip
+    undecodable = [p for p in images if not _is_utf8(str(p))]
+    if undecodable:
+        names = ", ".join(_printable(p.relative_to(path)) for p in undecodable[:3])
+        raise DataError(
+            f"--{argument} {_printable(path)}: {len(undecodable)} image file name(s), {names}"
+            f"{', ...' if len(undecodable) > 3 else ''}, are not valid UTF-8, which datasets cannot store: rename them"
+        )
     # datasets labels images by their subfolder only when there are two or more; one class subfolder (a held-out
     # folder of one class, say) keeps its label too
     parents = {p.parent for p in images}
@@ -326,8 +352,19 @@ def detect_channels(ds, column: str, name: str = "train") -> int:
     return channels
 
 
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF Orientation says (a camera stores a portrait photo sideways), exactly as
+    datasets' `Image` feature decodes it; the turned image has no Orientation left, so turning is idempotent."""
+    if image.getexif().get(ExifTags.Base.Orientation) is None:
+        return image
+    upright = ImageOps.exif_transpose(image)
+    upright.format = image.format  # transposing drops it; to_model_image reads it (16-bit PNGs opened as I)
+    return upright
+
+
 def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
-    """Decode one undecoded `datasets.Image` value (`{"bytes", "path"}`), a path or an image; DataError if bad."""
+    """Decode one undecoded `datasets.Image` value (`{"bytes", "path"}`), a path or an image, turned upright by its
+    EXIF Orientation as datasets does; DataError if bad."""
     try:
         if isinstance(item, Image.Image):
             image = item
@@ -343,8 +380,14 @@ def decode_image(item: dict | Image.Image | str, where: str) -> Image.Image:
         else:
             raise DataError(f"{where}: not an image value ({type(item).__name__})")
         image.load()
+        image = _exif_upright(image)
     except DataError:
         raise
+    except Image.DecompressionBombError as exc:  # not an OSError: it would escape as a traceback naming no file
+        raise DataError(
+            f"{where}: Pillow refuses to decode it as a possible decompression bomb ({exc}); downscale the image "
+            "(or, calling the API, raise PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{where}: cannot read the image ({type(exc).__name__}: {exc})") from exc
     if image.width == 0 or image.height == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,99 @@ def test_channels_come_from_the_data(tmp_path):
     assert detect_channels(train, "image") == 3
     train, _ = load_splits(DataConfig(dataset_name="digits"))
     assert detect_channels(train, "image") == 1
+
+
+def _upright_jpeg_and_png(tmp_path):
+    """A 6-wide, 4-high RGB image saved as PNG and JPEG with EXIF Orientation 6 (stored sideways, shown turned
+    90 degrees clockwise), as a camera writes a portrait photo; (folder, pixels as stored)."""
+    root = tmp_path / "exif"
+    root.mkdir()
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(root / "a.png", exif=exif.tobytes())
+    Image.fromarray(stored).save(root / "b.jpg", exif=exif.tobytes(), quality=95)
+    return root, stored
+
+
+def test_exif_orientation_is_applied_as_datasets_does(tmp_path):
+    import datasets
+    from PIL import ImageOps
+
+    from ddpm_hub.data import decode_image, detect_channels
+
+    root, stored = _upright_jpeg_and_png(tmp_path)
+    upright = np.rot90(stored, k=-1)  # Orientation 6: turn 90 degrees clockwise, 4 wide x 6 high
+    jpeg = tmp_path / "exif" / "b.jpg"
+    jpeg_upright = np.rot90(np.asarray(Image.open(jpeg)), k=-1)  # the JPEG's own (lossy) pixels, turned
+    train, _ = load_splits(DataConfig(train_data_dir=str(root)))
+    paths = [train[i]["image"]["path"] for i in range(2)]
+    for path in paths:
+        expected = upright if path.endswith(".png") else jpeg_upright
+        feature = np.asarray(datasets.Image().decode_example({"path": path, "bytes": None}))
+        np.testing.assert_array_equal(feature, expected)  # datasets' own Image feature turns it so
+        data = Path(path).read_bytes()
+        for value in (path, {"path": path, "bytes": None}, {"path": None, "bytes": data}, Image.open(path)):
+            np.testing.assert_array_equal(np.asarray(decode_image(value, "row")), expected)
+        already = ImageOps.exif_transpose(Image.open(path))  # an image turned before (datasets decoded it)
+        np.testing.assert_array_equal(np.asarray(decode_image(already, "row")), expected)
+    images, good, skipped = validate_images(ImageDataset(train, "image", 4, 3), progress=False)
+    png = paths.index(str(root / "a.png"))
+    np.testing.assert_array_equal(images[png].numpy(), to_model_image(Image.fromarray(upright), 4, 3))
+    assert detect_channels(train, "image") == 3
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG of only IHDR and IEND chunks: its header claims `width` x `height` RGB pixels, it holds none."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_named_and_skipped(tmp_path):
+    from ddpm_hub.data import decode_image, detect_channels
+
+    bomb = _png_header_only(14000, 14000)  # 196M pixels: over twice PIL.Image.MAX_IMAGE_PIXELS
+    root = _folder(tmp_path, {"ok.png": _rgb(), "bomb.png": bomb})
+    train, _ = load_splits(DataConfig(train_data_dir=str(root)))
+    assert detect_channels(train, "image") == 3  # the bomb's header is not counted, nor raised
+    ds = ImageDataset(train, "image", 8, 3)
+    with pytest.raises(DataError, match=r"bomb\.png.*decompression bomb.*MAX_IMAGE_PIXELS") as exc:
+        validate_images(ds, progress=False)
+    assert "--skip_bad_images" in str(exc.value) and "\n" not in str(exc.value)
+    images, good, skipped = validate_images(ds, skip_bad=True, progress=False)
+    assert images.shape == (1, 3, 8, 8) and skipped == 1 and len(good) == 1
+    with pytest.raises(DataError, match="row 3: .*decompression bomb"):
+        decode_image({"path": None, "bytes": bomb}, "row 3")
+
+
+def test_non_utf8_file_name_is_named(tmp_path):
+    import os
+
+    root = tmp_path / "classes"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            _rgb(value=i).save(root / name / f"{i}.png")
+    try:
+        bad = os.path.join(os.fsencode(root / "cat"), b"bad\xff.png")
+        _rgb().save(bad, format="PNG")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    with open(os.path.join(os.fsencode(root / "dog"), b"notes\xff.txt"), "w") as f:
+        f.write("not an image: ignored, as by datasets' imagefolder")
+    with pytest.raises(DataError, match=r"cat/bad\\xff\.png.*not valid UTF-8.*rename") as exc:
+        load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    assert "\n" not in str(exc.value) and str(exc.value).isprintable()
+    os.remove(bad)
+    train, _ = load_splits(DataConfig(train_data_dir=str(root), cache_dir=str(tmp_path / "cache")))
+    assert len(train) == 4
+    renamed = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"folder\xff"))  # the folder itself, named so
+    os.rename(root, renamed)
+    with pytest.raises(DataError, match=r"folder\\xff: the folder's path is not valid UTF-8"):
+        load_splits(DataConfig(train_data_dir=renamed, cache_dir=str(tmp_path / "cache")))
