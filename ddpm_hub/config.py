@@ -85,7 +85,7 @@ class DataConfig:
     cache_dir: str | None = opt(None, "where datasets caches downloads")
     resolution: int = opt(8, "images are resized (short side) and centre-cropped to this size", minimum=1)
     channels: int | None = opt(
-        None, "1 (grayscale) or 3 (RGB); default: from the data (the first image's mode)", choices=(1, 3)
+        None, "1 (grayscale) or 3 (RGB); default: from the data (the mode of most of its images)", choices=(1, 3)
     )
     random_flip: bool = opt(False, "flip training images horizontally with probability 1/2")
     skip_bad_images: bool = opt(False, "skip (and count) unreadable images instead of stopping with an error")

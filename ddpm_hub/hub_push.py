@@ -170,6 +170,7 @@ def push_pipeline_folder(
     if not any((folder / "unet").glob("*.safetensors")):
         raise HubError(f"{folder}/unet has no safetensors weights: only safetensors are pushed")
     repo_id = resolve_repo_id(repo_id, token, attempts)
+    operations = pipeline_operations(folder, repo_id)  # a planted link is refused before the Hub is changed
     api = HfApi(token=token)
     with_retries(
         lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
@@ -178,7 +179,6 @@ def push_pipeline_folder(
         attempts,
         base_delay,
     )
-    operations = pipeline_operations(folder, repo_id)
     info = with_retries(
         lambda: api.create_commit(
             repo_id=repo_id,

@@ -15,6 +15,7 @@ from conftest import FAST_ARGS, run_train, subprocess_env
 from hub_server import Fault
 
 from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
+from ddpm_hub.config import HUB_TOKEN_REFUSED
 from ddpm_hub.hub_push import HubError, check_push_access, push_pipeline_folder
 
 FAKE_TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
@@ -289,3 +290,43 @@ def test_real_hub_round_trip(trained, tmp_path):
     env.pop("HF_ENDPOINT", None)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_push_uploads_regular_files_only_and_refuses_a_link_naming_it(hub, trained, tmp_path):
+    """A planted link (to a password or token file) in a pushed folder is refused before anything is uploaded:
+    only regular files inside the folder go to the Hub, from the CLI and the API alike."""
+    import shutil
+
+    from ddpm_hub.cli import main as cli_main
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2")
+    for planted in ("metrics.json", "README.md", "unet/config.json", "unet"):
+        folder = tmp_path / planted.replace("/", "_")
+        shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints", "logs"))
+        target = folder / planted
+        if target.is_dir():
+            shutil.copytree(target, tmp_path / f"{planted}-elsewhere")
+            shutil.rmtree(target)
+            target.symlink_to(tmp_path / f"{planted}-elsewhere", target_is_directory=True)
+        else:
+            target.unlink()
+            target.symlink_to(secret)
+        with pytest.raises(HubError, match=f"{target} is a symbolic link: only regular files inside the folder"):
+            push_pipeline_folder(folder, "org/linked")
+        assert cli_main(["push", "--folder", str(folder), "--repo_id", "org/linked"]) == 2
+    assert "org/linked" not in hub.state.repos
+
+
+def test_hub_token_on_the_command_line_is_refused_without_repeating_it(tmp_path):
+    """A token on a command line shows in `ps`, shell history and a launcher's error output: --hub_token is refused
+    (HF_TOKEN or the saved login instead), and the refusal never repeats the value."""
+    from ddpm_hub.config import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match="--hub_token is not accepted.*set HF_TOKEN") as caught:
+        parse_args(["--hub_token", FAKE_TOKEN])
+    assert FAKE_TOKEN not in str(caught.value)
+    proc = run_train([*FAST_ARGS, "--output_dir", str(tmp_path / "run"), "--hub_token", FAKE_TOKEN], tmp_path)
+    assert proc.returncode == 2 and FAKE_TOKEN not in proc.stdout + proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {ConfigError(HUB_TOKEN_REFUSED)}"]
+    assert not (tmp_path / "run").exists()

@@ -294,3 +294,23 @@ def test_compiled_sampling_stays_within_float32_rounding():
     compiled = run()
     assert type(pipeline.unet).__name__ == "UNet2DModel"  # compiled in place: saving and configs unchanged
     np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_save_pretrained_replaces_planted_links_without_writing_through_them(tmp_path, trained):
+    """Links planted where save_pretrained writes (the card, the index, the weights, a whole subfolder) are
+    replaced by the saved files; their targets keep their bytes, and the folder loads as the same pipeline."""
+    pipeline = DDPMPipeline.from_pretrained(trained)
+    victim, elsewhere = tmp_path / "victim.txt", tmp_path / "elsewhere"
+    victim.write_text("precious")
+    elsewhere.mkdir()
+    folder = tmp_path / "saved"
+    (folder / "unet").mkdir(parents=True)
+    for name in ("README.md", "model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json"):
+        (folder / name).symlink_to(victim)
+    (folder / "scheduler").symlink_to(elsewhere, target_is_directory=True)
+    pipeline.save_pretrained(folder)
+    assert victim.read_text() == "precious" and list(elsewhere.iterdir()) == []
+    assert not [p for p in folder.rglob("*") if p.is_symlink()]
+    loaded = DDPMPipeline.from_pretrained(folder)
+    for a, b in zip(pipeline.unet.parameters(), loaded.unet.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -526,9 +526,9 @@ def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effe
 
 
 
-def test_every_test_the_readme_fault_table_names_exists():
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| fault | what happens | test |"):].split("\n\n")[0]
+def test_every_test_the_fault_table_names_exists():
+    page = (REPO / "docs" / "reliability.md").read_text()
+    table = page[page.index("| fault | what happens | test |"):].split("\n\n")[0]
     named = set(re.findall(r"`tests/(test_\w+\.py)::(test_\w+)`", table))
     defined = {(path.name, name) for path in (REPO / "tests").glob("test_*.py")
                for name in re.findall(r"def (test_\w+)", path.read_text())}  # fmt: skip
