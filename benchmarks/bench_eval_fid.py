@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/results/eval_fid.json")
     args = parser.parse_args()
-    from ddpm_hub.training.train import make_scheduler, resolve_unet_config
+    from ddpm_hub.training.components import make_scheduler, resolve_unet_config
     from diffusers import UNet2DModel
 
     from ddpm_hub import DDPMPipeline

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from .faults import fault_point
 from .files import open_new
+from .labels import CLASS_LABELS_FILE
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 RUN_RECORD = "training_run.json"  # what the model card of a checkpoint says (data, license, metrics so far)
 PREFIX = "checkpoint-"
-CLASS_LABELS_FILE = "class_labels.json"  # id2label, cond_drop_prob, guidance scale of a class-conditional run
 
 
 class CheckpointError(RuntimeError):

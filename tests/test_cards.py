@@ -126,7 +126,7 @@ def test_card_metadata_is_typed_and_round_trips_through_huggingface_hub():
 def test_the_trainer_resolves_a_bare_hub_model_id_before_training(hub):
     from types import SimpleNamespace
 
-    from ddpm_hub.training.train import Trainer
+    from ddpm_hub.training.trainer import Trainer
 
     from ddpm_hub.config import parse_args
 

@@ -189,7 +189,7 @@ class _Ranks:
 
 
 def _prepare(args: list[str], num_processes: int = 1):
-    from ddpm_hub.training.train import prepare_data
+    from ddpm_hub.training.training_data import prepare_data
 
     cfg = parse_args([*FAST_ARGS, "--resolution", "8", *args])
     return prepare_data(cfg, _Ranks(num_processes))

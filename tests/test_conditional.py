@@ -286,18 +286,17 @@ def test_a_run_refused_by_its_data_leaves_no_folder_behind(tmp_path, capsys):
 
 
 def test_fine_tuning_follows_the_pretrained_class_ids_by_name(tmp_path):
-    from ddpm_hub.training.train import _pretrained_class_order, stored_class_names
-
     from ddpm_hub.config import ConfigError
+    from ddpm_hub.labels import pretrained_class_order, stored_class_names
 
     folder = tmp_path / "pretrained"
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"id2label": {"0": "zeta", "1": "alpha", "2": "mid"}}))
     assert stored_class_names(folder) == ["zeta", "alpha", "mid"]
-    assert _pretrained_class_order(str(folder), ["alpha", "mid", "zeta"]) == ["zeta", "alpha", "mid"]
+    assert pretrained_class_order(str(folder), ["alpha", "mid", "zeta"]) == ["zeta", "alpha", "mid"]
     with pytest.raises(ConfigError, match=r"new: \['ant'\], missing: \['zeta'\]\): fine-tune on data with the same"):
-        _pretrained_class_order(str(folder), ["alpha", "ant", "mid"])
-    assert _pretrained_class_order(str(tmp_path), ["b", "a"]) == ["b", "a"]  # nothing stored: the data's order
+        pretrained_class_order(str(folder), ["alpha", "ant", "mid"])
+    assert pretrained_class_order(str(tmp_path), ["b", "a"]) == ["b", "a"]  # nothing stored: the data's order
 
 
 def test_a_conditional_checkpoint_resumes_only_as_a_conditional_run(trained_conditional, tmp_path):
@@ -780,7 +779,7 @@ def test_the_card_names_a_validation_folder_as_the_metrics_split(tmp_path):
     import contextlib
     import types
 
-    from ddpm_hub.training.train import prepare_data
+    from ddpm_hub.training.training_data import prepare_data
 
     from ddpm_hub.config import parse_args
 

@@ -50,7 +50,7 @@ class RecordingTracker(GeneralTracker):
 @pytest.fixture
 def scripted(monkeypatch):
     """Replace the evaluation by SCRIPTED[step] (recording its arguments), so that the best is known in advance."""
-    from ddpm_hub.training import train as train_module
+    from ddpm_hub.training import trainer as train_module
 
     calls: list[dict] = []
     current = {}

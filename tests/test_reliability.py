@@ -568,7 +568,7 @@ def test_a_checkpoints_ema_weights_load_silently_as_a_pipeline(short_run, capfd)
 
 
 def test_a_full_disk_during_the_final_export_is_one_line_and_a_resume_exports_again(tmp_path, monkeypatch):
-    from ddpm_hub.training.train import TrainingError
+    from ddpm_hub.training.errors import TrainingError
 
     from ddpm_hub import DDPMPipeline
 

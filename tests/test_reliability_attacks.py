@@ -264,7 +264,7 @@ def test_links_planted_in_the_output_folder_are_never_written_through(tmp_path, 
 
 
 def test_an_output_folder_renamed_mid_run_stops_the_run_instead_of_being_recreated(tmp_path, monkeypatch, capsys):
-    from ddpm_hub.training import train as train_module
+    from ddpm_hub.training import trainer as train_module
 
     out, moved = tmp_path / "run", tmp_path / "moved"
     log_metrics = train_module.Trainer.log_metrics

@@ -1,0 +1,149 @@
+"""The end of a run: the final evaluation of the exported weights, the pipeline folder with its card, and the
+push. A mixin of `Trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ddpm_hub import checkpoints as ckpt
+from ddpm_hub.export import (
+    ModelDescription,
+    ema_weights,
+    export_pipeline,
+    held_out_bpd,
+    publish,
+    sample_grid,
+    sample_quality,
+)
+from ddpm_hub.models import count_parameters
+from ddpm_hub.sampling import with_sampler
+
+from .errors import TrainingError
+
+logger = logging.getLogger("ddpm_hub.train")
+
+
+class FinishMixin:
+    """Final evaluation, export and push (main process)."""
+
+    def finish(self) -> dict[str, Any]:
+        """Export the EMA pipeline (safetensors), a sample grid, the held-out bits/dim and the model card; push."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        result: dict[str, Any] = {
+            "output_dir": str(self.output_dir),
+            "steps": self.global_step,
+            "num_processes": acc.num_processes,
+            "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision,
+            "cpu_threads": self.threads,
+            "ranks_identical": self._ranks_identical(),
+        }
+        if acc.is_main_process:
+            logger.info("final evaluation and export of step %d (a signal now stops them; a resume redoes them)",
+                        self.global_step)  # fmt: skip
+            pipeline, ema, weights_step = self.final_weights()
+            result["final_weights"] = {"step": weights_step, "best": self.best}
+            metrics: dict[str, float] = {}
+            grid = None
+            with ema_weights(pipeline.unet, ema):
+                if self.data.held_out is not None and cfg.final_bpd != "none":
+                    metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
+                                           cfg.seed, cfg.eval_bpd_samples, self.data.held_out_labels)  # fmt: skip
+                sampler = with_sampler(pipeline, cfg.sampler)
+                if self.data.held_out is not None and cfg.num_quality_samples:
+                    metrics.update(sample_quality(sampler, self.data.held_out, cfg.num_quality_samples,
+                                                  cfg.sampling_steps, cfg.seed, cfg.eval_batch_size * 4,
+                                                  cfg.num_quality_seeds, self.data.held_out_labels,
+                                                  self.guidance_scale))  # fmt: skip
+                if cfg.num_eval_images:
+                    step, grid = self._last_grid or (None, None)
+                    if step != weights_step:  # the same EMA weights and seed give the same grid: reuse it
+                        grid = sample_grid(sampler, cfg.num_eval_images, cfg.sampling_steps, cfg.seed,
+                                           cfg.eval_batch_size, self.guidance_scale)  # fmt: skip
+                description = self.model_description()
+                result.update(history=self.history)
+                self._export(pipeline, description, metrics, grid, result)
+            result["metrics"] = metrics
+            logger.info("saved the pipeline, samples.png and README.md to %s; metrics %s", self.output_dir, metrics)
+            if cfg.push_to_hub:
+                self.push()
+        acc.wait_for_everyone()
+        return result
+
+    def final_weights(self):
+        """(pipeline, EMA to swap in or None, step of its weights) to export: the last step's EMA weights, or with
+        --final_weights best the best checkpoint's (EMA, else raw) weights, exactly as saved."""
+        if self.cfg.final_weights != "best" or self.best is None:
+            if self.cfg.final_weights == "best":
+                logger.warning("--final_weights best: no evaluation gave a finite %s; exporting the last weights",
+                               self.quality_metric)  # fmt: skip
+            return self.ema_pipeline(), self.ema, self.global_step
+        from ddpm_hub.pipelines import DDPMPipeline
+
+        path = self.best_checkpoint()
+        try:
+            loaded = ckpt.load_checkpoint_pipeline(DDPMPipeline, path, "ema" if self.ema is not None else "raw")
+        except ckpt.CheckpointError as exc:
+            raise TrainingError(f"--final_weights best: cannot load the best checkpoint: {exc}") from None
+        logger.info("exporting the best checkpoint %s (%s %.4f)", path, self.best["metric"], self.best["value"])
+        return self.ema_pipeline(loaded.unet.to(self.accelerator.device)), None, self.best["step"]
+
+    def _export(self, pipeline, description: ModelDescription, metrics: dict, grid, result: dict) -> None:
+        from ddpm_hub.export import ExportError
+
+        try:
+            export_pipeline(self.output_dir, pipeline.unet, pipeline.scheduler, description, metrics, grid, result)
+        except ExportError as exc:
+            raise TrainingError(f"{exc}; the checkpoints are intact: rerun with --resume_from_checkpoint latest to "
+                                "export again") from None
+
+    def model_description(self) -> ModelDescription:
+        """What the model card says about this run's model besides its metrics."""
+        cfg = self.cfg
+        return ModelDescription(
+            hparams=cfg.to_dict(),
+            num_parameters=count_parameters(self.accelerator.unwrap_model(self.unet)),
+            channels=self.data.channels,
+            dataset_description=self.data.description,
+            dataset_id=self.data.dataset_id,
+            data_license=self.data.license,
+            repo_id=cfg.hub_model_id if cfg.push_to_hub else None,
+            ema=self.ema is not None,
+            sampler=cfg.sampler,
+            num_inference_steps=cfg.sampling_steps,
+            class_names=self.data.class_names,
+            guidance_scale=self.guidance_scale,
+            dataset_type=self.data.dataset_type,
+            dataset_name=self.data.dataset_name,
+            eval_split=self.data.eval_split,
+        )
+
+    def push(self) -> None:
+        from ddpm_hub.hub_push import HubError
+
+        try:
+            url = publish(self.output_dir, self.cfg.hub_model_id, token=self.hub_token,
+                          private=self.cfg.hub_private_repo)  # fmt: skip
+        except HubError as exc:
+            raise TrainingError(
+                f"{exc}. The trained pipeline is intact in {self.output_dir}; push it again with "
+                f"`python -m ddpm_hub push --folder {self.output_dir} --repo_id {self.cfg.hub_model_id}`"
+            ) from None
+        logger.info("pushed to %s", url)
+
+    def _ranks_identical(self) -> bool:
+        """Data parallelism must keep every rank's weights equal: compare a fingerprint of them across ranks."""
+        params = [p.detach().double().flatten() for p in self.accelerator.unwrap_model(self.unet).parameters()]
+        flat = torch.cat(params)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder(97)
+        fingerprint = torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max()]).float().unsqueeze(0)
+        gathered = self.accelerator.gather(fingerprint)
+        identical = bool((gathered == gathered[0]).all())
+        if not identical:
+            raise TrainingError(f"ranks' weights diverged at step {self.global_step}: {gathered.tolist()}")
+        return identical
