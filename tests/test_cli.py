@@ -264,12 +264,12 @@ def test_sample_disk_full_leaves_no_partial_file_and_names_the_path(trained, tmp
         monkeypatch.setattr(Image.Image, "save", failing_save)
         target = out_dir / "000002.png" if failing == "png" else grid
     assert main(argv) == 2
-    err = capsys.readouterr().err  # after the progress bars of loading and sampling: the error, on one line
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error:") and str(target) in last and "No space left" in last and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing == "grid" else ["samples"])
     if failing != "grid":
         assert sorted(p.name for p in out_dir.iterdir()) == []  # no PNG, no samples.npz, no staging, no lock file
+    err = capsys.readouterr().err  # after the progress bars of loading and sampling: the error, on one line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(target) in last and "No space left" in last and "Traceback" not in err
 
 
 def test_sample_never_writes_through_a_link_planted_at_a_target(trained, tmp_path, monkeypatch):
