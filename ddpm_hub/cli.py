@@ -180,6 +180,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_device(args.device)
     with contextlib.ExitStack() as stack:
         if args.out_dir:
+            if not os.path.lexists(args.out_dir):  # a run that fails or is refused leaves no empty folder behind
+                stack.callback(_remove_if_empty, Path(args.out_dir))
             check_output_dir(args.out_dir, "--out_dir")
             try:  # one run per folder, from this check to the last file: a second one is refused at once
                 stack.enter_context(OutputLock(args.out_dir, "sample"))
@@ -192,6 +194,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 raise UserError(f"--out_dir {args.out_dir} already holds samples ({', '.join(earlier[:3])}"
                                 f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
         return _sample(args)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only if empty (the lock's file is gone: the lock is released first)
+    except OSError:
+        pass
 
 
 def _sample(args: argparse.Namespace) -> int:
