@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,37 @@ def check_sampling(pipeline, args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from ddpm_hub.output_lock import OutputLock, OutputLockedError
+
+    check_device(args.device)
+    with contextlib.ExitStack() as stack:
+        if args.out_dir:
+            if not os.path.lexists(args.out_dir):  # a run that fails or is refused leaves no empty folder behind
+                stack.callback(_remove_if_empty, Path(args.out_dir))
+            check_output_dir(args.out_dir, "--out_dir")
+            try:  # one run per folder, from this check to the last file: a second one is refused at once
+                stack.enter_context(OutputLock(args.out_dir, "sample"))
+            except OutputLockedError as exc:
+                raise UserError(f"--out_dir {exc}") from None
+            remove_sample_staging(Path(args.out_dir))  # what a killed run left (no run can be writing it now)
+            earlier = sorted(p.name for p in Path(args.out_dir).iterdir()
+                             if p.name == "samples.npz" or p.suffix == ".png")  # fmt: skip
+            if earlier:  # new files would overwrite some and sit beside others: a folder mixing two runs
+                raise UserError(f"--out_dir {args.out_dir} already holds samples ({', '.join(earlier[:3])}"
+                                f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
+        return _sample(args)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only if empty (the lock's file is gone: the lock is released first)
+    except OSError:
+        pass
+
+
+def _sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
     from PIL import Image
@@ -180,13 +212,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import sample_uint8
 
-    check_device(args.device)
-    if args.out_dir:
-        check_output_dir(args.out_dir, "--out_dir")
-        earlier = sorted(p.name for p in Path(args.out_dir).iterdir() if p.name == "samples.npz" or p.suffix == ".png")
-        if earlier:  # new files would overwrite some and sit beside others: a folder mixing two runs
-            raise UserError(f"--out_dir {args.out_dir} already holds samples ({', '.join(earlier[:3])}"
-                            f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
     if args.out or not args.out_dir:
         check_output_file(args.out or "grid.png", "--out", image=True)
     pipeline = load_pipeline(args.model, args.sampler, args.device, args.weights, args.seed, args.compile)
@@ -211,22 +236,109 @@ def cmd_sample(args: argparse.Namespace) -> int:
     pils = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
     if args.out_dir:
         out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for image, name in zip(pils, _file_names(pipeline, labels, len(pils)), strict=True):
-            image.save(out_dir / name)
         extra = {}
         if labels is not None:  # the class ids, and the names they stand for (class_names[id])
             extra = {"labels": labels.numpy(), "class_names": np.array(_class_names(pipeline))}
-        np.savez_compressed(out_dir / "samples.npz", arr_0=arrays, **extra)  # clean-fid's / openai's layout
+        files = [(name, lambda fh, image=image: image.save(fh, format="PNG"))
+                 for image, name in zip(pils, _file_names(pipeline, labels, len(pils)), strict=True)]  # fmt: skip
+        files.append(("samples.npz", lambda fh: np.savez_compressed(fh, arr_0=arrays, **extra)))  # clean-fid's layout
+        write_sample_files(out_dir, files)
         noun = "PNG" if len(pils) == 1 else "PNGs"
         print(f"wrote {len(pils)} {noun} and samples.npz (uint8 NHWC) to {out_dir}")
     if args.out or not args.out_dir:
         path = Path(args.out or "grid.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
         upscale = args.upscale if args.upscale is not None else grid_upscale(pils[0].height)
-        image_grid(pils, upscale=upscale, cols=cols).save(path)
+        grid = image_grid(pils, upscale=upscale, cols=cols)
+        image_format = Image.registered_extensions()[path.suffix.lower()]
+        replace_file(path, lambda fh: grid.save(fh, format=image_format))
         print(f"wrote {path}")
     return 0
+
+
+# -- writing outputs: complete files or none, never through a link planted at the target ------------------------
+
+SAMPLE_STAGING = (".samples-", ".tmp")  # prefix and suffix of `sample --out_dir`'s staging folder inside the folder
+
+
+def _create(path: Path, write) -> None:
+    """Create the new file `path` (O_EXCL | O_NOFOLLOW: never an existing file, never through a link), fill it with
+    `write(fh)` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_error(path: Path, exc: OSError, folder: Path, kept: str) -> UserError:
+    """A failed write as one line naming the file (and a full disk as such)."""
+    from ddpm_hub.checkpoints import storage_hint
+
+    return UserError(f"could not write {path} ({exc.strerror or exc}){storage_hint(exc, folder)}; {kept}")
+
+
+def replace_file(path: Path, write) -> None:
+    """Write `path` through a temporary file beside it, moved over it with os.replace once complete: a link planted
+    at `path` is replaced, not written through, and a failure (a full disk: UserError naming `path`) leaves the
+    earlier file, or none, never half of one."""
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _create(tmp, write)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc, path.parent, f"{path} is left as it was") from None
+        raise
+
+
+def remove_sample_staging(out_dir: Path) -> None:
+    """Remove the staging folders that killed `sample --out_dir` runs left in `out_dir` (call with its lock held)."""
+    from ddpm_hub.checkpoints import remove_tree
+
+    for leftover in out_dir.glob(f"{SAMPLE_STAGING[0]}*{SAMPLE_STAGING[1]}"):
+        remove_tree(leftover, ignore_errors=True)
+
+
+def write_sample_files(out_dir: Path, files: list) -> None:
+    """Write `files` ((name, write(fh)) pairs, samples.npz last) into `out_dir` as a complete set or not at all:
+    each is written and fsynced in a fresh staging folder inside `out_dir`, then all are moved into place with
+    os.replace, samples.npz last, so that its presence means the set is complete. A link planted at a target is
+    replaced, never written through. A failure (a full disk) removes this run's files, staged and moved, and is a
+    UserError naming the file; a kill leaves at most complete PNGs without samples.npz, and a staging folder that
+    the next run into the folder removes."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    from ddpm_hub.checkpoints import fsync_dir
+
+    staging, moved, target = None, [], out_dir
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=SAMPLE_STAGING[0], suffix=SAMPLE_STAGING[1], dir=out_dir))
+        for name, write in files:
+            target = out_dir / name
+            _create(staging / name, write)
+        for name, _ in files:
+            target = out_dir / name
+            if name == files[-1][0]:  # the PNGs are in place (and their names durable) before samples.npz
+                fsync_dir(out_dir)
+            os.replace(staging / name, target)
+            moved.append(target)
+        fsync_dir(out_dir)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for path in reversed(moved):  # samples.npz, if it got there, first
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _write_error(target, exc, out_dir, f"no samples were kept in {out_dir}") from None
+        raise
+    with contextlib.suppress(OSError):  # empty now (a leftover would be removed by the next run into the folder)
+        staging.rmdir()
 
 
 def _class_names(pipeline) -> list[str]:

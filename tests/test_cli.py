@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 
+import pytest
 from PIL import Image
 
 from ddpm_hub.cli import main
@@ -194,3 +199,102 @@ def test_evaluate_digits_fid_needs_four_images(trained, capsys):
     assert main(["evaluate", "--model", str(trained), "--digits_fid", "--num_images", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --digits_fid needs at least 4 samples") and err.count("\n") == 1
+
+
+LOCK_HOLDER = """
+import sys
+from ddpm_hub.output_lock import OutputLock
+with OutputLock(sys.argv[1], "sample"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_sample_out_dir_is_refused_at_once_while_another_run_holds_the_folder(trained, tmp_path, capsys, monkeypatch):
+    from ddpm_hub import cli
+
+    out_dir = tmp_path / "samples"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    loaded, real = [], cli.load_pipeline
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = main(["sample", "--model", str(trained), "--num_images", "2", "--steps", "2", "--out_dir", str(out_dir)])
+        err = capsys.readouterr().err
+    finally:
+        holder.stdin.close()  # the holder releases the lock and returns
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+    assert code == 2 and err.startswith("error: --out_dir") and err.count("\n") == 1, err
+    assert f"PID {holder.pid} (sample)" in err
+    assert not loaded  # refused before the model is loaded, let alone sampled
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: the holder's folder left with it
+
+
+def _partial_then_disk_full(fp) -> None:
+    """Write the first bytes of a file, as a full disk would leave them, then fail as a full disk does."""
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "wb") as fh:
+            fh.write(b"\x89PNG partial")
+    else:
+        fp.write(b"\x89PNG partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing", ["png", "npz", "grid"])
+def test_sample_disk_full_leaves_no_partial_file_and_names_the_path(trained, tmp_path, capsys, monkeypatch, failing):
+    import numpy as np
+
+    out_dir, grid = tmp_path / "samples", tmp_path / "grid.png"
+    argv = ["sample", "--model", str(trained), "--num_images", "4", "--steps", "2"]
+    argv += ["--out", str(grid)] if failing == "grid" else ["--out_dir", str(out_dir)]
+    if failing == "npz":
+        monkeypatch.setattr(np, "savez_compressed", lambda fp, *a, **k: _partial_then_disk_full(fp))
+        target = out_dir / "samples.npz"
+    else:  # the third PNG, or the grid (the only image a run without --out_dir saves)
+        calls, save = [], Image.Image.save
+
+        def failing_save(self, fp, *args, **kwargs):
+            calls.append(fp)
+            if len(calls) == (3 if failing == "png" else 1):
+                _partial_then_disk_full(fp)
+            return save(self, fp, *args, **kwargs)
+
+        monkeypatch.setattr(Image.Image, "save", failing_save)
+        target = out_dir / "000002.png" if failing == "png" else grid
+    assert main(argv) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no PNG, samples.npz, staging, lock file or folder
+    err = capsys.readouterr().err  # after the progress bars of loading and sampling: the error, on one line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(target) in last and "No space left" in last and "Traceback" not in err
+
+
+def test_sample_never_writes_through_a_link_planted_at_a_target(trained, tmp_path, monkeypatch):
+    import numpy as np
+
+    from ddpm_hub import sampling
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out_dir, grid = tmp_path / "samples", tmp_path / "grid.png"
+    grid.symlink_to(victim)
+    real = sampling.sample_uint8
+
+    def plant_then_sample(*args, **kwargs):  # while the run samples: after its check that the folder holds none
+        for name in ("000000.png", "samples.npz"):
+            (out_dir / name).symlink_to(victim)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_uint8", plant_then_sample)
+    assert main(["sample", "--model", str(trained), "--num_images", "2", "--steps", "2", "--upscale", "1",
+                 "--out_dir", str(out_dir), "--out", str(grid)]) == 0  # fmt: skip
+    assert victim.read_bytes() == b"precious"
+    for path in (out_dir / "000000.png", out_dir / "samples.npz", grid):
+        assert not path.is_symlink(), path  # the link itself was replaced by the file
+    arrays = np.load(out_dir / "samples.npz")["arr_0"]
+    np.testing.assert_array_equal(np.asarray(Image.open(out_dir / "000000.png")), arrays[0, ..., 0])
+    assert Image.open(grid).size == (16, 8)
