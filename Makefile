@@ -10,8 +10,9 @@ install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
+# -q: a failed run's error stays one line (accelerate's launcher adds no traceback of its own); the exit status is 1.
 train: install
-	accelerate launch --num_processes 1 training/train.py --preset digits
+	accelerate launch -q --num_processes 1 training/train.py --preset digits
 
 lint: install
 	ruff check .

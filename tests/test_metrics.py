@@ -147,7 +147,7 @@ def test_mean_interval_matches_scipy():
 def test_shipped_digits_classifiers_accuracy_as_documented():
     from ddpm_hub.digits_features import SPACES, digits_arrays, held_out_accuracy, load_digits_classifier
 
-    documented = {"digits_mlp": 294 / 300, "digits_conv": 296 / 300}  # module docstring and README
+    documented = {"digits_mlp": 294 / 300, "digits_conv": 296 / 300}  # module docstring and docs/benchmarks.md
     for space in SPACES:
         assert held_out_accuracy(load_digits_classifier(space)) == pytest.approx(documented[space], abs=1e-6)
     x, _ = digits_arrays("test")
