@@ -28,7 +28,7 @@ def main() -> None:
     from ddpm_hub import DDPMPipeline
     from ddpm_hub.config import build_config
     from ddpm_hub.data import ImageDataset, load_digits_dataset, validate_images
-    from ddpm_hub.export import training_quality
+    from ddpm_hub.evaluation import training_quality
     from ddpm_hub.sampling import with_sampler
 
     cfg = build_config({"preset": "digits"})

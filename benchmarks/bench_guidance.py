@@ -170,7 +170,7 @@ def main() -> None:
         args.seeds = args.seeds[:2]
         args.figure = str(Path(tempfile.mkdtemp()) / "guidance.png")
     from ddpm_hub.choices import SAMPLERS
-    from ddpm_hub.export import ema_weights, held_out_bpd
+    from ddpm_hub.evaluation import ema_weights, held_out_bpd
     from ddpm_hub.sampling import with_sampler
 
     steps = SAMPLERS["dpm"].steps

@@ -98,7 +98,7 @@ def make_trainer(lever: dict, out_dir: str, max_steps: int):
 
 def evaluate(trainer, num_samples: int, sampler_steps: int) -> dict[str, float]:
     """Held-out bits/dim estimate and digits FID/KID of the EMA weights (default sampler, `sampler_steps`)."""
-    from ddpm_hub.export import ema_weights, held_out_bpd
+    from ddpm_hub.evaluation import ema_weights, held_out_bpd
     from ddpm_hub.metrics import digits_fid_kid, digits_quality
     from ddpm_hub.sampling import sample_uint8, with_sampler
 

@@ -553,7 +553,7 @@ def checkpoint_model_card(folder: Path, weights: str = "ema") -> str | None:
     checkpoint written without one (the pipeline's generic card is used then)."""
     from dataclasses import fields
 
-    from .export import ModelDescription, model_card
+    from .hub import ModelDescription, model_card
 
     try:
         record = json.loads((Path(folder) / RUN_RECORD).read_text())

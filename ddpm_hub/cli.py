@@ -208,9 +208,8 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ddpm_hub.export import grid_upscale
     from ddpm_hub.plots import image_grid
-    from ddpm_hub.sampling import sample_uint8
+    from ddpm_hub.sampling import grid_upscale, sample_uint8
 
     if args.out or not args.out_dir:
         check_output_file(args.out or "grid.png", "--out", image=True)
@@ -439,11 +438,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"num_images": len(images)}
     report = None
     if args.bpd or args.bpd_estimate:
+        from ddpm_hub.evaluation import bound
+
         mode = "estimate" if args.bpd_estimate else "full"
-        out = _bits_per_dim(pipeline, images, labels, args, mode)
+        out, unconditional = bound(pipeline, images, mode, args.batch_size, args.seed, class_labels=labels)
         results.update(_bpd_results(out, mode))
-        if labels is not None and pipeline.config.get("cond_drop_prob") != 0:  # also the null-label bound
-            unconditional = _bits_per_dim(pipeline, images, None, args, mode)
+        if unconditional is not None:  # also the null-label bound, from the same noise
             results.update(_bpd_results(unconditional, mode, "unconditional_"))
         if out.terms is not None and args.vlb_plot:
             from ddpm_hub.plots import vlb_terms_plot
@@ -451,13 +451,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             vlb_terms_plot(out.terms, args.vlb_plot)
     if {"fid", "kid", "digits_fid", "inception_score"} & set(wanted):
         from ddpm_hub import metrics
+        from ddpm_hub.evaluation import class_mix, inception_scores
         from ddpm_hub.sampling import sample_uint8
 
         num_samples = args.num_samples or len(images)
         seeds = list(range(args.seed, args.seed + args.num_seeds))
         sample_labels = None  # a conditional model asks for the held-out labels in turn (the same class mix)
         if labels is not None:
-            sample_labels = labels.repeat(-(-num_samples // len(labels)))[:num_samples]
+            sample_labels = class_mix(labels, num_samples)
             results["guidance_scale"] = scale
         results.update(sampler=args.sampler, steps=_steps(args), num_samples=num_samples)
         if args.digits_fid:
@@ -478,12 +479,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if {"fid", "kid", "inception_score"} & set(wanted):
             fake = sample_uint8(pipeline, num_samples, _steps(args), args.seed, args.batch_size, progress=True,
                                 class_labels=sample_labels, guidance_scale=scale)  # fmt: skip
-            if args.fid:
-                results["fid"] = metrics.frechet_inception_distance(images.split(args.batch_size), fake.split(256))
-            if args.kid:
-                results["kid"], results["kid_std"] = metrics.kernel_inception_distance([images], [fake])
-            if args.inception_score:
-                results["inception_score"], results["inception_score_std"] = metrics.inception_score(fake.split(256))
+            which = [name for name in ("fid", "kid", "inception_score") if getattr(args, name)]
+            scores = inception_scores(images, fake, which)
+            results.update(scores)
     shown = {k: v for k, v in results.items()
              if k in ("seeds", "digits_class_accuracy") or not k.startswith(("digits_", "seeds"))}  # fmt: skip
     print(json.dumps(shown, indent=1))
@@ -512,17 +510,6 @@ def _check_digits_counts(num_real: int, num_samples: int) -> None:
     if min(num_real, num_samples) < 4:
         raise UserError("--digits_fid needs at least 4 samples and 4 reference images (precision/recall use each "
                         "point's 3rd nearest neighbour): raise --num_images / --num_samples")  # fmt: skip
-
-
-def _bits_per_dim(pipeline, images, labels, args: argparse.Namespace, mode: str):
-    import torch
-
-    from ddpm_hub.pipelines.pipeline_class_conditional import ids_by_design
-
-    g = torch.Generator().manual_seed(args.seed)  # the same noise for the conditional and unconditional bounds
-    with ids_by_design():  # the labels here are class ids
-        return pipeline.bits_per_dim(images, batch_size=args.batch_size, generator=g, estimate=mode == "estimate",
-                                     class_labels=labels)  # fmt: skip
 
 
 def _bpd_results(out, mode: str, prefix: str = "") -> dict[str, float]:

@@ -7,6 +7,7 @@ here ever sees a token: cards are built from the config, which holds none.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -415,4 +416,53 @@ def pipeline_model_card(pipeline, repo_id: str | None = None) -> ModelCard:
         saved_scheduler=type(pipeline.scheduler).__name__,
         class_names=class_names,
         guidance_scale=pipeline.config.get("recommended_guidance_scale"),
+    )
+
+
+@dataclass
+class ModelDescription:
+    """What the model card says about a model besides its metrics: data, size and the training options."""
+
+    hparams: dict[str, Any]
+    num_parameters: int
+    channels: int
+    dataset_description: str
+    dataset_id: str | None = None
+    data_license: str | None = None
+    repo_id: str | None = None
+    ema: bool | None = None
+    sampler: str | None = None
+    num_inference_steps: int = 1000
+    class_names: list[str] | None = None
+    guidance_scale: float = 1.0
+    dataset_type: str | None = None  # the model-index's id-like token for data without a Hub id
+    dataset_name: str | None = None  # the model-index's human name of the data
+    eval_split: str | None = None  # the split the metrics were measured on
+
+
+def model_card(description: ModelDescription, metrics: dict[str, float], source: str, has_samples: bool,
+               model_name: str | None = None):
+    """The ModelCard of a model described by `description` whose usage snippet loads `source` (repo id or
+    folder)."""
+    from .hub import render_model_card
+
+    return render_model_card(
+        hparams=description.hparams,
+        metrics=metrics,
+        repo_id=source,
+        num_parameters=description.num_parameters,
+        channels=description.channels,
+        dataset_id=description.dataset_id,
+        dataset_description=description.dataset_description,
+        data_license=description.data_license,
+        num_inference_steps=description.num_inference_steps,
+        sampler=description.sampler,
+        ema=description.ema,
+        has_samples=has_samples,
+        model_name=model_name,
+        dataset_type=description.dataset_type,
+        dataset_name=description.dataset_name,
+        eval_split=description.eval_split,
+        class_names=description.class_names,
+        guidance_scale=description.guidance_scale,
     )

@@ -14,16 +14,17 @@ logger = logging.getLogger("ddpm_hub.train")
 CLASS_LABELS_FILE = "class_labels.json"  # id2label, cond_drop_prob, guidance scale of a class-conditional run
 
 
-def has_null_label(class_names: list[str] | None, cond_drop_prob: float | None) -> bool:
-    """Whether classifier-free guidance applies: a class-conditional model trained with label dropout (its null
-    label learned the unconditional model). `cond_drop_prob=None` is a folder saved before it was recorded: yes."""
-    return class_names is not None and cond_drop_prob != 0
+def has_null_label(conditional: bool, cond_drop_prob: float | None) -> bool:
+    """Whether classifier-free guidance (and the unconditional bound) applies: a class-conditional model trained
+    with label dropout, whose null label learned the unconditional model. `cond_drop_prob=None` is a folder saved
+    before it was recorded: yes."""
+    return conditional and cond_drop_prob != 0
 
 
 def label_config(class_names: list[str], cond_drop_prob: float, guidance_scale: float) -> dict[str, Any]:
     """A conditional pipeline's config: class names, label dropout and the guidance scale its card recommends (none
     without a null label)."""
-    guided = has_null_label(class_names, cond_drop_prob)
+    guided = has_null_label(True, cond_drop_prob)
     return {"id2label": dict(enumerate(class_names)), "cond_drop_prob": cond_drop_prob,
             "recommended_guidance_scale": guidance_scale if guided else None}  # fmt: skip
 

@@ -60,3 +60,38 @@ def sample_uint8(
                               output_type="pt", **conditional).images  # fmt: skip
         out.append((images * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
+
+
+def grid_upscale(resolution: int) -> int:
+    """How much to enlarge small images in a grid so that people can see them (8x8 digits -> 8x)."""
+    return max(1, 64 // resolution)
+
+
+def sample_grid(
+    pipeline, num_images: int, num_inference_steps: int, seed: int = 0, batch_size: int = 64,
+    guidance_scale: float = 1.0,
+):  # fmt: skip
+    """A grid (PIL) of `num_images` samples drawn with a fixed seed, so that grids of one run are comparable.
+    A class-conditional model gives one row per class (`ceil(num_images / classes)` images each, guided)."""
+    from .plots import image_grid
+
+    num_classes = pipeline.unet.config.get("num_class_embeds")
+    labels, cols = None, None
+    if num_classes is not None:
+        cols = max(1, -(-num_images // (num_classes - 1)))
+        labels = torch.arange(num_classes - 1).repeat_interleave(cols)
+        num_images = len(labels)
+    tiles = sample_tiles(pipeline, num_images, num_inference_steps, seed, batch_size, labels, guidance_scale)
+    return image_grid(tiles, upscale=grid_upscale(tiles[0].height), cols=cols)
+
+
+def sample_tiles(pipeline, num_images, num_inference_steps, seed=0, batch_size=64, class_labels=None,
+                 guidance_scale=1.0) -> list:  # fmt: skip
+    """`num_images` samples as PIL images (see `sampling.sample_uint8`)."""
+    from PIL import Image
+
+    from .sampling import sample_uint8
+
+    images = sample_uint8(pipeline, num_images, num_inference_steps, seed, batch_size, class_labels=class_labels,
+                          guidance_scale=guidance_scale).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    return [Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x) for x in images]

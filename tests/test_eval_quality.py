@@ -135,7 +135,7 @@ def test_real_evaluation_end_to_end_matches_an_independent_recomputation(tmp_pat
     from ddpm_hub.pipelines import DDPMPipeline
 
     from ddpm_hub.data import ImageDataset, load_digits_dataset, validate_images
-    from ddpm_hub.export import training_quality
+    from ddpm_hub.evaluation import training_quality
     from ddpm_hub.sampling import with_sampler
 
     out = tmp_path / "run"
@@ -162,7 +162,7 @@ def test_evaluation_is_seeded_the_same_initial_noise_every_time(tmp_path):
     from ddpm_hub.pipelines import DDPMPipeline
 
     from ddpm_hub.data import ImageDataset, load_digits_dataset, validate_images
-    from ddpm_hub.export import training_quality
+    from ddpm_hub.evaluation import training_quality
     from ddpm_hub.models import create_unet
     from ddpm_hub.sampling import with_sampler
     from ddpm_hub.scheduling_ddpm import DDPMScheduler

@@ -221,7 +221,7 @@ def test_training_export_quality_states_space_samples_seeds_and_spread():
     """The trainer's final metric (export.sample_quality) and the card row that describes each of its numbers."""
     from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
     from ddpm_hub.digits_features import SPACES, digits_arrays
-    from ddpm_hub.export import CARD_QUALITY_METRICS, sample_quality
+    from ddpm_hub.evaluation import CARD_QUALITY_METRICS, sample_quality
     from ddpm_hub.hub import render_model_card
 
     torch.manual_seed(0)
@@ -252,7 +252,7 @@ def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
     from conftest import FAST_ARGS, train_in_process
 
     from ddpm_hub.digits_features import SPACES
-    from ddpm_hub.export import CARD_QUALITY_METRICS
+    from ddpm_hub.evaluation import CARD_QUALITY_METRICS
 
     out = tmp_path / "run"
     result = train_in_process([*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "1", "--num_quality_samples",

@@ -42,3 +42,41 @@ def test_plain_install_imports_from_anywhere(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "DDPMPipeline"
+
+
+def test_no_module_of_the_package_imports_itself_through_others():
+    """No import circle anywhere in the package, counting imports inside functions: each module has one job and
+    depends only on modules below it (the layout docs/design.md describes)."""
+    import ast
+
+    packages = {"ddpm_hub": REPO / "ddpm_hub", "ddpm_hub.pipelines": REPO / "pipelines",
+                "ddpm_hub.training": REPO / "training"}  # fmt: skip
+    modules: dict[str, set[str]] = {}
+    for package, folder in packages.items():
+        for path in folder.glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                    module = ".".join([*base, *([node.module] if node.module else [])])
+                    found |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+                elif isinstance(node, ast.Import):
+                    found |= {alias.name for alias in node.names}
+            modules[name] = found
+    graph = {m: {d for d in deps if d in modules and d != m and d not in packages} for m, deps in modules.items()}
+
+    def reaches(start: str, target: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            node = todo.pop()
+            if node == target:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph[node])
+        return False
+
+    assert len(modules) > 30
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert circles == [], circles

@@ -15,9 +15,7 @@ from ddpm_hub import checkpoints as ckpt
 from ddpm_hub.config import (
     ConfigError,
 )
-from ddpm_hub.export import (
-    recover_export,
-)
+from ddpm_hub.export import recover_export
 from ddpm_hub.faults import fault_point
 from ddpm_hub.files import linked_folders
 from ddpm_hub.labels import stored_class_names

@@ -15,18 +15,11 @@ import torch
 from ddpm_hub.config import (
     ConfigError,
 )
-from ddpm_hub.export import (
-    check_training_quality,
-    ema_weights,
-    held_out_bpd,
-    sample_grid,
-    selection_metric,
-    training_quality,
-)
+from ddpm_hub.evaluation import check_training_quality, ema_weights, held_out_bpd, selection_metric, training_quality
 from ddpm_hub.files import save_image_atomic
 from ddpm_hub.labels import has_null_label, label_config
 from ddpm_hub.output_lock import check_held
-from ddpm_hub.sampling import with_sampler
+from ddpm_hub.sampling import sample_grid, with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
 logger = logging.getLogger("ddpm_hub.train")
@@ -81,7 +74,8 @@ class EvaluationMixin:
     @property
     def guidance_scale(self) -> float:
         """The guidance scale of grids and metrics: `--guidance_scale`, or 1 where there is no guidance."""
-        return self.cfg.guidance_scale if has_null_label(self.data.class_names, self.cfg.cond_drop_prob) else 1.0
+        guided = has_null_label(self.data.class_names is not None, self.cfg.cond_drop_prob)
+        return self.cfg.guidance_scale if guided else 1.0
 
     def log_samples(self) -> None:
         if not self.accelerator.is_main_process or self.cfg.num_eval_images == 0:

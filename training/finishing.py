@@ -10,17 +10,11 @@ from typing import Any
 import torch
 
 from ddpm_hub import checkpoints as ckpt
-from ddpm_hub.export import (
-    ModelDescription,
-    ema_weights,
-    export_pipeline,
-    held_out_bpd,
-    publish,
-    sample_grid,
-    sample_quality,
-)
+from ddpm_hub.evaluation import ema_weights, held_out_bpd, sample_quality
+from ddpm_hub.export import export_pipeline, publish
+from ddpm_hub.hub import ModelDescription
 from ddpm_hub.models import count_parameters
-from ddpm_hub.sampling import with_sampler
+from ddpm_hub.sampling import sample_grid, with_sampler
 
 from .errors import TrainingError
 
