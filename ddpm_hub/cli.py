@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
+from .labels import has_null_label
 
 DEFAULT_SAMPLER = "dpm"  # measured: docs/benchmarks.md, sample quality per sampler
 
@@ -100,7 +101,7 @@ def guidance_for(pipeline, args: argparse.Namespace, labelled: bool) -> float:
             raise UserError("--guidance_scale needs --class_labels: guidance steers each image towards its class, "
                             "and without labels the model samples unconditionally")  # fmt: skip
         return 1.0
-    if pipeline.config.get("cond_drop_prob") == 0:
+    if not has_null_label(True, pipeline.config.get("cond_drop_prob")):
         if given not in (None, 1.0):
             raise UserError("--guidance_scale: this model was trained without label dropout (no unconditional "
                             "model), so it takes no guidance; drop --guidance_scale")  # fmt: skip
@@ -220,11 +221,11 @@ def _sample(args: argparse.Namespace) -> int:
         ids = class_ids(pipeline, args.class_labels)
         labels, cols = torch.tensor(ids).repeat_interleave(args.num_images), args.num_images
         num_images = len(labels)
-    if labels is None and pipeline.config.get("cond_drop_prob") == 0:
+    if labels is None and not has_null_label(True, pipeline.config.get("cond_drop_prob")):
         raise UserError("this model was trained without label dropout, so it has no unconditional mode: pass "
                         f"--class_labels (choose from {list((pipeline.id2label or {}).values())})")
     scale = guidance_for(pipeline, args, labels is not None)
-    if labels is not None and pipeline.config.get("cond_drop_prob") != 0:
+    if has_null_label(labels is not None, pipeline.config.get("cond_drop_prob")):
         stored = pipeline.config.get("recommended_guidance_scale")
         why = "" if args.guidance_scale is not None else (" (the model's recommended scale)" if stored is not None
                                                            else " (the model stores no recommended scale)")

@@ -13,6 +13,7 @@ import torch
 
 from .faults import fault_point
 from .hub import ModelDescription, model_card
+from .labels import label_config
 
 EXPORT_STAGING = ".pipeline.tmp"
 # What an export writes; model_index.json, which makes a folder load as a pipeline, is moved in last.
@@ -104,10 +105,8 @@ def _write_pipeline(
 
     labels = {}
     if description.class_names is not None:
-        cond_drop_prob = description.hparams.get("cond_drop_prob")
-        recommended = description.guidance_scale if cond_drop_prob != 0 else None
-        labels = {"id2label": dict(enumerate(description.class_names)), "cond_drop_prob": cond_drop_prob,
-                  "recommended_guidance_scale": recommended}  # fmt: skip
+        labels = label_config(description.class_names, description.hparams.get("cond_drop_prob"),
+                              description.guidance_scale)  # fmt: skip
     DDPMPipeline(unet=unet, scheduler=scheduler, **labels).save_pretrained(staging)
     fault_point("export.staging.pipeline_saved")
     if grid is not None:

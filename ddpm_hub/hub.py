@@ -14,6 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .labels import has_null_label
+
 CARD_HPARAMS = (
     "preset",
     "unet_preset",
@@ -285,7 +287,7 @@ def render_model_card(
         shown.remove("num_epochs")  # the step count wins over epochs (config.py): show only what the run did
     rows = "\n".join(f"| {k} | {hparams[k]} |" for k in shown)
     cond_drop_prob = hparams.get("cond_drop_prob")
-    guidance = class_names is not None and cond_drop_prob != 0
+    guidance = has_null_label(class_names is not None, cond_drop_prob)
     if class_names is None:
         usage = _usage(repo_id, num_inference_steps, sampler, learned_variance, saved_scheduler)
     else:

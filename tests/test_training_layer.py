@@ -247,3 +247,27 @@ def test_no_unused_dependency():
         assert f"import {module}" in source or f"from {module}" in source, name
     assert os.environ.get("HF_ENDPOINT", "").startswith("http://127.0.0.1")
     assert torch.get_num_threads() >= 1
+
+
+def test_the_readmes_training_command_gives_a_one_line_error_and_never_the_token(tmp_path):
+    """`accelerate launch -q training/train.py` (the README's command) with a bad option, or with a token on the
+    command line: the trainer's one line ends the output, no launcher traceback, nothing repeats the command line."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import TRAIN, subprocess_env
+
+    token = "hf_SecretTokenThatMustNeverLeak42"
+    for args, expected in (
+        (["--learning_rate", "abc"], "error: argument --learning_rate: invalid float value: 'abc'"),
+        (["--hub_token", token], "error: --hub_token is not accepted: a token on a command line is visible"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", str(TRAIN), *args],
+                              cwd=tmp_path, env=subprocess_env(tmp_path, threads=1), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out and token not in out, out[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if re.match(r"(error|Error|\w+Error)\b", line)]
+        assert len(errors) == 1 and errors[0].startswith(expected), out[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == errors[0]
