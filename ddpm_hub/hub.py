@@ -364,7 +364,9 @@ def dataset_license(dataset_id: str | None, embedded: bool = False) -> str | Non
     return license_id[0] if isinstance(license_id, list) and license_id else license_id or None
 
 
-SNIPPET_SOURCE = re.compile(r'(DDPMPipeline\.from_pretrained\()"([^"]*)"(\))')
+# the source a card's usage snippet loads: ddpm_hub's pipeline, or stock diffusers' (a conditional model's
+# `custom_pipeline="pipeline"` follows)
+SNIPPET_SOURCE = re.compile(r'((?:DDPM|Diffusion)Pipeline\.from_pretrained\()"([^"]*)"([,)])')
 SAMPLES_LINE = "![samples](samples.png)"
 
 
@@ -378,12 +380,16 @@ def card_for_repo(text: str, source: str, has_samples: bool) -> str:
     if match is not None:
         old = match.group(2)
         body = SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}"{source}"{m.group(3)}', body)
-        title = re.compile(r"^# .*$", re.MULTILINE)
+        # the title and model name: the folder's name, with what it holds in brackets ("checkpoint-2 (EMA weights)")
+        named = re.compile(rf"^({re.escape(old)}|{re.escape(Path(old).name)})( \(.*\))?$")
+        title = re.compile(r"^# (.*)$", re.MULTILINE)
         first = title.search(body)
-        if first is not None and first.group(0) in (f"# {old}", f"# {Path(old).name}"):
-            body = title.sub(lambda m: f"# {source}", body, count=1)
-        if getattr(card.data, "model_name", None) in (old, Path(old).name):
-            card.data.model_name = source
+        if first is not None and named.match(first.group(1)):
+            body = title.sub(lambda m: f"# {named.sub(lambda n: source + (n.group(2) or ''), m.group(1))}", body,
+                             count=1)  # fmt: skip
+        model_name = getattr(card.data, "model_name", None)
+        if isinstance(model_name, str) and named.match(model_name):
+            card.data.model_name = named.sub(lambda n: source + (n.group(2) or ""), model_name)
     if not has_samples:
         body = body.replace(SAMPLES_LINE + "\n", "").replace(SAMPLES_LINE, "")
     card.text = body

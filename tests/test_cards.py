@@ -151,3 +151,33 @@ def test_the_card_says_how_long_the_run_trained_and_each_metric_row_stands_alone
     assert "| num_epochs | 5 |" in text_epochs and "max_train_steps" not in text_epochs
     row = next(line for line in text.splitlines() if line.startswith("| held_out_bits_per_dim_estimate"))
     assert "same" not in row and "held-out" in row, row  # no reference to a full-bound row that is absent
+
+
+def test_every_push_route_of_a_conditional_model_uploads_a_card_naming_the_repo(hub, tmp_path, monkeypatch):
+    """A class-conditional folder's card (stock diffusers through the repo's pipeline.py) names the pushed repo in
+    its usage snippet, its title and its model-index name on every push route, never the local folder."""
+    hub.state.token = FAKE_TOKEN
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    run = tmp_path / "cond"
+    args = [*FAST_ARGS, "--output_dir", str(run), "--max_train_steps", "2", "--checkpointing_steps", "2",
+            "--class_conditional", "--num_eval_images", "10", "--num_inference_steps", "2"]  # fmt: skip
+    proc = run_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'from_pretrained("{run}", custom_pipeline="pipeline"' in (run / "README.md").read_text()
+    pipeline = DDPMPipeline.from_pretrained(run)
+    pipeline.push_to_hub("cond-bare", token=FAKE_TOKEN)
+    pipeline.save_pretrained(tmp_path / "cond-named-after-folder", push_to_hub=True, token=FAKE_TOKEN)
+    pipeline.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="org/cond-via-save", token=FAKE_TOKEN)
+    assert cli(["push", "--folder", str(run), "--repo_id", "org/cond-via-cli"]) == 0
+    assert cli(["push", "--folder", str(run / "checkpoints" / "checkpoint-2"), "--repo_id", "org/cond-ckpt"]) == 0
+    for repo in ("tester/cond-bare", "tester/cond-named-after-folder", "org/cond-via-save", "org/cond-via-cli",
+                 "org/cond-ckpt"):  # fmt: skip
+        files = hub.state.repos[repo].head[1]
+        text = files["README.md"].decode()
+        assert f'DiffusionPipeline.from_pretrained("{repo}", custom_pipeline="pipeline"' in text, (repo, text)
+        assert str(run) not in text and str(tmp_path) not in text, repo
+        assert "pipeline.py" in files, repo
+        card = ModelCard.load(repo, token=FAKE_TOKEN)
+        suffix = " (EMA weights)" if repo == "org/cond-ckpt" else ""  # a checkpoint's card says what it holds
+        assert card.text.lstrip().startswith(f"# {repo}{suffix}\n"), (repo, card.text[:200])
+        assert card.data.model_name in (repo, repo + suffix), (repo, card.data.model_name)
