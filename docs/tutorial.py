@@ -383,9 +383,10 @@ print("vlb_terms_bpd == eq. (12) for both fixed variances")
 # one-step estimate of the whole bound with the gradient to the mean stopped: the mean channels are trained by
 # $L_\text{simple}$ exactly as in Algorithm 1, the variance channels by the bound. The paper's exponential moving
 # average of the weights (diffusers' `EMAModel`) is what we sample from. 800 steps of 64 images take about half a
-# minute on one CPU thread. `make train` (`accelerate launch training/train.py --preset digits`) runs the same
-# algorithm with a larger UNet, checkpoints and evaluation, and two changes that train faster on these small
-# images: the cosine schedule, and v-prediction (Salimans & Ho 2022) in place of $\boldsymbol\epsilon$.
+# minute on one CPU thread. `make train` (`accelerate launch -q training/train.py --preset digits`) runs Algorithm 1
+# exactly ($\boldsymbol\epsilon$-prediction, a fixed variance, $L_\text{simple}$) with a larger UNet, the cosine
+# schedule, checkpoints and evaluation; `--preset digits_fast` trains faster with v-prediction (Salimans & Ho 2022)
+# in place of $\boldsymbol\epsilon$ and a learned variance.
 
 # %% tags=["training"]
 STEPS, BATCH = 800, 64
@@ -572,7 +573,7 @@ show_grids(samples)
 # %% [markdown]
 # ## Where next
 #
-# - Train the real digits model: `make train` (or `accelerate launch training/train.py --preset digits`), then
+# - Train the real digits model: `make train` (or `accelerate launch -q training/train.py --preset digits`), then
 #   `python -m ddpm_hub sample --model outputs/ddpm-digits` and `python -m ddpm_hub evaluate --model
 #   outputs/ddpm-digits --bpd`.
 # - The same pieces at CIFAR-10 scale: `--preset cifar10` (the paper's 35.7M-parameter UNet).

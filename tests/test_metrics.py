@@ -262,3 +262,18 @@ def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
     card = (out / "README.md").read_text()
     assert "FID in the shipped digits CNN's 128-d features" in card
     assert "mean over 2 seeds of 8 samples (dpm, 2 steps)" in card
+
+
+def test_without_torch_fidelity_the_final_quality_warning_names_the_trainers_remedy(monkeypatch, caplog):
+    """RGB (non-digits) data without torch-fidelity: no FID/KID, and the warning says how to get them in terms of
+    the trainer (pip install torch-fidelity, or --num_quality_samples 0), not a flag of another command."""
+    import logging
+    import sys
+
+    from ddpm_hub.evaluation import sample_quality
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as if not installed
+    held_out = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    with caplog.at_level(logging.WARNING):
+        assert sample_quality(object(), held_out, num_samples=4, num_inference_steps=2) == {}
+    assert "pip install torch-fidelity" in caplog.text and "--digits_fid" not in caplog.text, caplog.text

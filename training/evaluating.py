@@ -28,6 +28,16 @@ logger = logging.getLogger("ddpm_hub.train")
 class EvaluationMixin:
     """The periodic evaluations of a run (main process)."""
 
+    def _warn_without_final_quality(self) -> None:
+        """Say before training (not after it) that the final FID/KID will be missing, and how to have it."""
+        held = self.data.held_out
+        if held is None or not self.cfg.num_quality_samples:
+            return
+        try:
+            check_training_quality(held)
+        except RuntimeError as exc:
+            logger.warning("no FID/KID at the end of this run: %s; or pass --num_quality_samples 0", exc)
+
     def _check_quality_eval(self) -> str | None:
         """The selection metric of --eval_fid_steps (None without it); ConfigError before training when the
         evaluation cannot run (no held-out images, or Inception features without torch-fidelity)."""

@@ -88,6 +88,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
 
         self.data = data if data is not None else prepare_data(cfg, acc)
         self.quality_metric, self.best = self._check_quality_eval(), None
+        self._warn_without_final_quality()
         base, origin = resolve_unet_config(cfg, self.data.channels, self.data.num_classes)
         logger.info("model: %s", origin)
         self.unet = make_unet(cfg, base)
