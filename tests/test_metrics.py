@@ -231,9 +231,11 @@ def test_training_export_quality_states_space_samples_seeds_and_spread():
     report = metrics.sample_quality_report(pipeline, real, num_samples=10, num_inference_steps=2, seeds=(4, 5, 6),
                                            batch_size=8)  # the same batches: the same noise
     expected = {f"{s}_{m}": report["summary"][f"{s}_{m}"]["mean"] for s in SPACES for m in CARD_QUALITY_METRICS}
-    expected |= {f"{s}_fid_ci95": report["summary"][f"{s}_fid"]["half_width"] for s in SPACES}
+    expected |= {f"{s}_{m}_ci95": report["summary"][f"{s}_{m}"]["half_width"] for s in SPACES for m in ("fid", "kid")}
     assert got == pytest.approx(expected)
-    assert "digits_conv_fid_ci95" not in sample_quality(pipeline, real, 10, 2, num_seeds=1)
+    one_seed = sample_quality(pipeline, real, 10, 2, num_seeds=1)
+    assert "digits_conv_fid_ci95" not in one_seed and "digits_conv_fid" in one_seed
+    assert not [key for key in one_seed if "kid" in key]  # KID is quoted only with its interval
 
     hparams = {"resolution": 8, "num_quality_samples": 10, "num_quality_seeds": 3}
     card = str(render_model_card(hparams=hparams, metrics=got, repo_id=None, num_parameters=1, channels=1,
@@ -245,7 +247,8 @@ def test_training_export_quality_states_space_samples_seeds_and_spread():
         assert ("CNN's 128-d" if key.startswith("digits_conv") else "MLP's 64-d") in row, row
         assert "mean over 3 seeds of 10 samples (dpm, 2 steps)" in row, row
     for space in SPACES:
-        assert f"± {got[space + '_fid_ci95']:.4f} (95% interval over seeds)" in rows[f"{space}_fid"]
+        for metric in ("fid", "kid"):
+            assert f"± {got[f'{space}_{metric}_ci95']:.4f} (95% interval over seeds)" in rows[f"{space}_{metric}"]
 
 
 def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
@@ -258,6 +261,7 @@ def test_trainer_exports_both_spaces_over_the_configured_seeds(tmp_path):
     result = train_in_process([*FAST_ARGS, "--output_dir", str(out), "--max_train_steps", "1", "--num_quality_samples",
                                "8", "--num_quality_seeds", "2", "--num_inference_steps", "2"])  # fmt: skip
     expected = {f"{s}_{m}" for s in SPACES for m in CARD_QUALITY_METRICS} | {f"{s}_fid_ci95" for s in SPACES}
+    expected |= {f"{s}_kid_ci95" for s in SPACES}
     assert expected <= set(result["metrics"])
     card = (out / "README.md").read_text()
     assert "FID in the shipped digits CNN's 128-d features" in card
