@@ -1,14 +1,16 @@
-"""Class labels and classifier-free guidance (Ho & Salimans 2022) for a class-conditional DDPM `UNet2DModel`.
+"""Class labels and classifier-free guidance (Ho & Salimans 2022) for a DDPM `UNet2DModel`, and the denoising loop.
 
-This module imports only torch and diffusers: ddpm_hub's `DDPMPipeline` uses its helpers, and a saved
-class-conditional pipeline carries a copy of this file as `pipeline.py`, so that stock diffusers loads and samples
-it without ddpm_hub:
+This module imports only torch and diffusers. `ClassConditionalDDPMPipeline.denoise` is ddpm_hub's one denoising
+loop: ddpm_hub's `DDPMPipeline` subclasses this pipeline and runs it, and a saved class-conditional pipeline
+carries a copy of this file as `pipeline.py`, so that stock diffusers loads and samples it without ddpm_hub, with
+the same code:
 
     DiffusionPipeline.from_pretrained(repo_or_folder, custom_pipeline="pipeline", trust_remote_code=True)
 
 Conventions (diffusers' DiTPipeline): the UNet has `num_class_embeds = num_classes + 1` and the last embedding row
 (`num_classes`) is the null, unconditional label; class names are the pipeline config's `id2label`, looked up by
-`get_label_ids`; the guided batch is `cat([x, x])` with labels `cat([labels, null])`, one UNet call.
+`get_label_ids`; the guided batch is `cat([x, x])` with labels `cat([labels, null])`, one UNet call. diffusers
+loads the one `DiffusionPipeline` subclass a custom pipeline file defines: keep it the only one here.
 """
 
 from __future__ import annotations
@@ -207,11 +209,23 @@ def guided_model_output(
 
 
 def scheduler_takes_variance(scheduler) -> bool:
-    """A DDPM scheduler configured for a learned variance reads the UNet's variance channels; every other
-    scheduler gets the mean channels only."""
-    return type(scheduler).__name__ == "DDPMScheduler" and str(
-        scheduler.config.get("variance_type", "fixed_small")
-    ).startswith("learned")
+    """Whether `scheduler.step` reads a learned-variance UNet's variance channels: only a DDPM scheduler (diffusers'
+    or ddpm_hub's, which share the class name, or a subclass of either) configured for a learned variance does."""
+    is_ddpm = any(cls.__name__ == "DDPMScheduler" for cls in type(scheduler).__mro__)
+    return is_ddpm and str(scheduler.config.get("variance_type", "fixed_small")).startswith("learned")
+
+
+def model_output_for_scheduler(scheduler, model_output: torch.Tensor, channels: int) -> torch.Tensor:
+    """The channels of a UNet output `[B, C or 2C, H, W]` that `scheduler.step` gets: all of them (the mean, then
+    the variance) where `scheduler_takes_variance`, else the C mean channels, so that a learned-variance model also
+    samples with a fixed variance, DDIM, DPM-Solver, ... Any other channel count is a ValueError naming both."""
+    out = model_output.shape[1]
+    if out not in (channels, 2 * channels):
+        raise ValueError(
+            f"the model output has {out} channels but the sample has {channels}; expected {channels} (or "
+            f"{2 * channels} for a learned-variance model)"
+        )
+    return model_output if scheduler_takes_variance(scheduler) else model_output[:, :channels]
 
 
 LABEL_CONFIG = ("id2label", "cond_drop_prob", "recommended_guidance_scale")
@@ -234,8 +248,9 @@ def register_label_config(
 
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):
-    """Class-conditional DDPM sampling with classifier-free guidance, for any compatible scheduler, in stock
-    diffusers (ddpm_hub's `DDPMPipeline` gives the same images and adds the likelihood)."""
+    """DDPM sampling (Algorithm 2 of Ho et al. 2020) for any compatible scheduler, unconditional or class-conditional
+    with classifier-free guidance, in stock diffusers. `denoise` is the loop; ddpm_hub's `DDPMPipeline` runs it too
+    and adds argument checks, intermediates, the likelihood, safetensors-only loading and saving with a card."""
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "model_output"]
@@ -252,9 +267,111 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         register_label_config(self, id2label, cond_drop_prob, recommended_guidance_scale)
 
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class id -> class name of a conditional model (None when no names were saved)."""
+        names = self.config.get("id2label")
+        return None if names is None else {int(k): v for k, v in names.items()}
+
     def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class ids of class names (the names are `self.config.id2label`)."""
-        return label_ids([label] if isinstance(label, str) else label, self.config.get("id2label"))
+        """Class ids of class names, as DiTPipeline's `get_label_ids` (the names are `self.config.id2label`)."""
+        return label_ids([label] if isinstance(label, str) else label, self.id2label)
+
+    def _prepare_class_labels(
+        self, class_labels: LabelsInput, batch_size: int, guidance_scale: float
+    ) -> tuple[torch.Tensor | None, int, float]:
+        """(class ids `[B]` or None, B, guidance scale to apply): see `prepare_class_labels`."""
+        null_trained = self.config.get("cond_drop_prob") != 0
+        return prepare_class_labels(class_labels, batch_size, guidance_scale, self.unet, self.id2label, null_trained)
+
+    def prepare_latents(
+        self, batch_size: int, num_inference_steps: int, generator: torch.Generator | list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """x_T `[B, C, H, W]`: N(0, I) noise in the UNet's dtype times the scheduler's `init_noise_sigma` (1 for
+        DDPM and DDIM, sigma_max for Euler, Heun, ...), after setting the scheduler's `num_inference_steps`."""
+        device = self._execution_device
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        if device.type == "mps":  # randn does not work reproducibly on mps
+            latents = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
+        else:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        """`eta` and `generator` for the scheduler's `step`, only where its signature takes them (diffusers'
+        pattern: UniPC, PNDM, LMS, Heun, DEIS and KDPM2 take no generator)."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+
+    def callback_tensor_names(self, callback_on_step_end: Callable | None, names: list[str] | None) -> list[str]:
+        """The tensors `callback_on_step_end` gets: those a diffusers `PipelineCallback` names itself, else `names`,
+        else `["latents"]`; ValueError for a name not in `_callback_tensor_inputs`."""
+        names = getattr(callback_on_step_end, "tensor_inputs", None) or names or ["latents"]
+        unknown = [k for k in names if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                             f"{self._callback_tensor_inputs}")  # fmt: skip
+        return names
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: Sequence | torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        step_hook: Callable | None = None,
+    ) -> torch.Tensor:
+        """The reverse chain from `latents` (x_t `[B, C, H, W]` at `timesteps[0]`, scaled as the scheduler expects)
+        through `timesteps` (default: all of the scheduler's, set by `set_timesteps`); returns the last x_{t-1}, in
+        [-1, 1] after a full chain.
+
+        `class_labels` are class ids `[B]` (see `prepare_class_labels`; None: an unconditional UNet) and
+        `guidance_scale` the classifier-free guidance scale. After each step, `callback_on_step_end(pipeline, i, t,
+        tensors)` may return a new `latents`; then `step_hook(i, t, latents, step_output)` returns the x_{t-1} to go
+        on from (None: unchanged): the place for a pipeline's own per-step work that the user's callback must not
+        undo (keeping RePaint's known pixels, recording intermediates). Editing pipelines start it from a noised
+        image at a later timestep (SDEdit) or run it over pieces of the schedule (RePaint's jumps back).
+        """
+        timesteps = self.scheduler.timesteps if timesteps is None else timesteps
+        channels = self.unet.config.in_channels
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        tensor_names = self.callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            # 1. predict the noise eps_theta(x_t, t[, y]), guided: eps_uncond + s * (eps_cond - eps_uncond)
+            model_output = guided_model_output(self.unet, model_input, t, class_labels, guidance_scale)
+            model_output = model_output_for_scheduler(self.scheduler, model_output, channels)
+            # 2. x_t -> x_{t-1}
+            step_output = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)
+            latents = step_output.prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "model_output": model_output}
+                returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_names}) or {}
+                latents = returned.pop("latents", latents)
+            if step_hook is not None:
+                hooked = step_hook(i, t, latents, step_output)
+                latents = latents if hooked is None else hooked
+        return latents
+
+    @staticmethod
+    def postprocess(image: torch.Tensor, output_type: str | None = "pil") -> Any:
+        """[-1, 1] NCHW -> [0, 1]: the NCHW tensor for "pt", a PIL list for "pil", else the NHWC NumPy array ("np";
+        "latent" and None too), exactly as diffusers' DDPMPipeline does."""
+        image = (image / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return image
+        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type != "pil":
+            return array
+        return DiffusionPipeline.numpy_to_pil(array)
 
     @torch.inference_mode()
     def __call__(
@@ -262,7 +379,7 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 1000,
-        output_type: str = "pil",
+        output_type: str | None = "pil",
         return_dict: bool = True,
         eta: float = 0.0,
         callback_on_step_end: Callable | None = None,
@@ -271,35 +388,13 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample images of `class_labels` (ids or names) with guidance `guidance_scale` (1: no guidance)."""
-        labels, batch_size, scale = prepare_class_labels(
-            class_labels, batch_size, guidance_scale, self.unet, self.config.get("id2label"),
-            self.config.get("cond_drop_prob") != 0,
+        labels, batch_size, guidance_scale = self._prepare_class_labels(class_labels, batch_size, guidance_scale)
+        latents = self.prepare_latents(batch_size, num_inference_steps, generator)
+        latents = self.denoise(
+            latents, class_labels=labels, guidance_scale=guidance_scale, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )  # fmt: skip
-        device, channels = self._execution_device, self.unet.config.in_channels
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        latents = randn_tensor((batch_size, channels, *size), generator=generator, device=device,
-                               dtype=self.unet.dtype)  # fmt: skip
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
-        tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None) or callback_on_step_end_tensor_inputs
-        tensor_inputs = tensor_inputs or ["latents"]  # diffusers' PipelineCallback objects name their own
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            model_output = guided_model_output(self.unet, model_input, t, labels, scale)
-            if not scheduler_takes_variance(self.scheduler):
-                model_output = model_output[:, :channels]
-            latents = self.scheduler.step(model_output, t, latents, **extra).prev_sample
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "model_output": model_output}
-                returned = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs}) or {}
-                latents = returned.pop("latents", latents)
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=image) if return_dict else (image,)

@@ -2,15 +2,17 @@
 
 The denoising loop is diffusers' canonical one (initial noise times `init_noise_sigma`, `scale_model_input` each
 step, `eta`/`generator` passed only to a `step` that takes them), so DDIM, DPM-Solver, UniPC, Euler, Heun, ... give
-the images they give in diffusers. Saved folders are plain diffusers repos (`model_index.json` names only diffusers
-classes, the swapped-in scheduler's own class included), so stock diffusers loads them without ddpm_hub; every
-way of saving or pushing writes our model card. Weights load from safetensors only, and a training
-`checkpoint-N` folder loads as a pipeline too (EMA weights by default).
+the images they give in diffusers. It is written once, in `ClassConditionalDDPMPipeline.denoise`
+(pipeline_class_conditional.py, torch and diffusers only: the `pipeline.py` a saved class-conditional folder carries
+for stock diffusers); `DDPMPipeline` subclasses that pipeline and adds argument checks, intermediates, the
+deprecated `callback`, the likelihood, safetensors-only loading and saving with our card. Saved folders are plain
+diffusers repos (`model_index.json` names only diffusers classes, the swapped-in scheduler's own class included), so
+stock diffusers loads them without ddpm_hub; every way of saving or pushing writes our model card. Weights load from
+safetensors only, and a training `checkpoint-N` folder loads as a pipeline too (EMA weights by default).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import tempfile
@@ -21,24 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler as DiffusersDDPMScheduler
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import ImagePipelineOutput, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import deprecate
-from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.errors import HFValidationError
 
-from ddpm_hub import diffusion_math as dm
 from ddpm_hub.files import unlink_planted_links, write_atomic, write_text_atomic
 from ddpm_hub.likelihood import BitsPerDim, bits_per_dim, bits_per_dim_estimate
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
-from .pipeline_class_conditional import (
-    LabelsInput,
-    guided_model_output,
-    label_ids,
-    prepare_class_labels,
-    register_label_config,
-)
+from .pipeline_class_conditional import ClassConditionalDDPMPipeline, LabelsInput
 
 # A class-conditional pipeline folder carries pipeline_class_conditional.py under this name, for stock diffusers'
 # `custom_pipeline="pipeline", trust_remote_code=True`.
@@ -54,19 +48,17 @@ STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", None)
 
 
-class DDPMPipeline(DiffusionPipeline):
+class DDPMPipeline(ClassConditionalDDPMPipeline):
     """Image generation with a DDPM UNet and any compatible scheduler (DDPM, DDIM, DPM-Solver, ...),
     unconditional or class-conditional with classifier-free guidance.
 
-    `__call__` takes diffusers' arguments (plus `class_labels`, `guidance_scale` as DiTPipeline); `bits_per_dim`
-    evaluates the variational bound of uint8 images (given their labels, for a conditional model). `id2label` maps
-    class ids to names (saved in model_index.json); `cond_drop_prob` is the label dropout the model was trained
-    with (0: it has no unconditional mode, so no guidance); `recommended_guidance_scale` the scale its card's
-    samples and metrics use (the CLI's default).
+    `__call__` takes diffusers' arguments (plus `class_labels`, `guidance_scale` as DiTPipeline) and runs the
+    denoising loop it inherits (`denoise`, the one stock diffusers runs from a saved folder's `pipeline.py`);
+    `bits_per_dim` evaluates the variational bound of uint8 images (given their labels, for a conditional model).
+    `id2label` maps class ids to names (saved in model_index.json); `cond_drop_prob` is the label dropout the model
+    was trained with (0: it has no unconditional mode, so no guidance); `recommended_guidance_scale` the scale its
+    card's samples and metrics use (the CLI's default).
     """
-
-    model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs = ["latents", "model_output"]
 
     def __init__(
         self,
@@ -76,57 +68,11 @@ class DDPMPipeline(DiffusionPipeline):
         cond_drop_prob: float | None = None,
         recommended_guidance_scale: float | None = None,
     ):
-        super().__init__()
         if type(scheduler) is DiffusersDDPMScheduler:
             scheduler = DDPMScheduler.from_config(scheduler.config)  # same config, our maths
-        self.register_modules(unet=unet, scheduler=scheduler)
-        register_label_config(self, id2label, cond_drop_prob, recommended_guidance_scale)
+        super().__init__(unet, scheduler, id2label, cond_drop_prob, recommended_guidance_scale)
         self.model_card_text: str | None = None  # the card of the folder this pipeline came from, kept on save
         self.model_card_samples: bytes | None = None  # and the samples.png that card shows, when there is one
-
-    @property
-    def id2label(self) -> dict[int, str] | None:
-        """Class id -> class name of a conditional model (None when no names were saved)."""
-        names = self.config.get("id2label")
-        return None if names is None else {int(k): v for k, v in names.items()}
-
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Class ids of class names, as DiTPipeline's `get_label_ids`."""
-        return label_ids([label] if isinstance(label, str) else label, self.id2label)
-
-    def _prepare_class_labels(
-        self, class_labels: LabelsInput, batch_size: int, guidance_scale: float
-    ) -> tuple[torch.Tensor | None, int, float]:
-        """(class ids `[B]` or None, B, guidance scale to apply): see `prepare_class_labels`."""
-        null_trained = self.config.get("cond_drop_prob") != 0
-        return prepare_class_labels(class_labels, batch_size, guidance_scale, self.unet, self.id2label, null_trained)
-
-    def _guided_model_output(
-        self, model_input: torch.Tensor, t, class_labels: torch.Tensor | None, guidance_scale: float
-    ) -> torch.Tensor:
-        """The UNet output, guided on the mean channels when `guidance_scale != 1` (one call of batch 2B)."""
-        return guided_model_output(self.unet, model_input, t, class_labels, guidance_scale)
-
-    def _model_output_for_scheduler(self, model_output: torch.Tensor, channels: int) -> torch.Tensor:
-        """Learned-variance (2C) outputs go whole to a DDPM scheduler configured for a learned variance; every
-        other scheduler gets the mean channels only (see `diffusion_math.split_model_output`)."""
-        variance_type = str(self.scheduler.config.get("variance_type", "fixed_small"))
-        if isinstance(self.scheduler, (DDPMScheduler, DiffusersDDPMScheduler)) and variance_type in (
-            dm.LEARNED_VARIANCE_TYPES
-        ):
-            return model_output
-        return dm.split_model_output(model_output, channels, "fixed_small")[0]
-
-    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        """`eta` and `generator` for the scheduler's `step`, only where its signature takes them (diffusers'
-        pattern: UniPC, PNDM, LMS, Heun, DEIS and KDPM2 take no generator)."""
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        extra: dict[str, Any] = {}
-        if "eta" in accepted:
-            extra["eta"] = eta
-        if "generator" in accepted:
-            extra["generator"] = generator
-        return extra
 
     def check_inputs(
         self,
@@ -190,51 +136,26 @@ class DDPMPipeline(DiffusionPipeline):
         labels, batch_size, guidance_scale = self._prepare_class_labels(class_labels, batch_size, guidance_scale)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}: pass one per image")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        unknown = [k for k in tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
-                f"{self._callback_tensor_inputs}"
-            )
-
-        device = self._execution_device
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        channels = self.unet.config.in_channels
-        shape = (batch_size, channels, *size)
-        if device.type == "mps":  # randn does not work reproducibly on mps
-            latents = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
-        else:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma  # 1.0 for DDPM/DDIM; sigma_max for Euler, Heun, ...
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        tensor_names = self.callback_tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         xs: list[torch.Tensor] = []
         x0s: list[torch.Tensor] = []
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            # 1. predict the noise eps_theta(x_t, t[, y]), guided: eps_uncond + s * (eps_cond - eps_uncond)
-            model_output = self._guided_model_output(model_input, t, labels, guidance_scale)
-            model_output = self._model_output_for_scheduler(model_output, channels)
-            out = self.scheduler.step(model_output, t, latents, **extra_step_kwargs)  # 2. x_t -> x_{t-1}
-            latents = out.prev_sample
-            pred_x0 = getattr(out, "pred_original_sample", None)
+
+        def record(i: int, t, latents: torch.Tensor, step_output) -> None:
+            """x_{t-1} and predicted x_0 of each step, and the deprecated `callback` (what stock diffusers lacks)."""
+            pred_x0 = getattr(step_output, "pred_original_sample", None)
             if return_intermediates:
-                xs.append(latents.cpu())
+                xs.append(step_output.prev_sample.cpu())
                 if pred_x0 is not None:
                     x0s.append(pred_x0.cpu())
-            if callback_on_step_end is not None:
-                local = {"latents": latents, "model_output": model_output}
-                callback_kwargs = {k: local[k] for k in tensor_inputs}
-                returned = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = returned.pop("latents", latents)
             if callback is not None and i % callback_steps == 0:
                 callback(i, int(t), {"sample": latents, "pred_original_sample": pred_x0})
 
+        latents = self.prepare_latents(batch_size, num_inference_steps, generator)
+        latents = self.denoise(
+            latents, class_labels=labels, guidance_scale=guidance_scale, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_names,
+            step_hook=record if return_intermediates or callback is not None else None,
+        )  # fmt: skip
         images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -243,17 +164,6 @@ class DDPMPipeline(DiffusionPipeline):
         if return_intermediates:
             output["intermediates"] = {"samples": xs, "pred_original_samples": x0s}
         return output
-
-    @staticmethod
-    def postprocess(image: torch.Tensor, output_type: str = "pil") -> Any:
-        """[-1, 1] NCHW -> [0, 1] in the requested format, exactly as diffusers' DDPMPipeline does."""
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return image
-        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type != "pil":  # "np", and "latent"/None as stock diffusers' DDPMPipeline treats them
-            return array
-        return DiffusionPipeline.numpy_to_pil(array)
 
     def model_fn(
         self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None

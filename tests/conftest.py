@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 # The Hub endpoint must be set before huggingface_hub is first imported: point every Hub call of the test
@@ -82,6 +85,61 @@ def run_train(
         text=True,
         timeout=timeout,
     )
+
+
+def pipeline_call_kwargs(call: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline call described in JSON as its keyword arguments: `seed` (0 by default) becomes a CPU generator and
+    a string `callback_on_step_end` the function of that name in `namespace`. The stock diffusers subprocess of
+    `stock_diffusers_images` runs this very function, so both sides of a comparison make the same call."""
+    import torch
+
+    kwargs = dict(call)
+    kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("seed", 0))
+    if isinstance(kwargs.get("callback_on_step_end"), str):
+        kwargs["callback_on_step_end"] = namespace[kwargs["callback_on_step_end"]]
+    return kwargs
+
+
+def stock_diffusers_images(
+    cases: dict[str, tuple[str, dict[str, Any]]],
+    tmp_path: Path,
+    load: dict[str, Any] | None = None,
+    setup: str = "",
+    **env: str,
+) -> dict[str, Any]:
+    """Sample each case `key: (source, call)` with stock diffusers, in one subprocess where `import ddpm_hub` fails:
+    `DiffusionPipeline.from_pretrained(source, **load)` (a folder or a Hub id), then
+    `pipeline(**pipeline_call_kwargs(call))`. `setup` is Python source run first (the callbacks that calls name);
+    what it puts in the `RECORD` dict during a case is kept under `key_<name>`. Returns per key the images, the
+    pipeline's class under `key_pipeline` ("module.Class") and the scheduler's under `key_scheduler`. The
+    subprocess uses this process's torch thread count: CPU float results depend on it, and compare bit for bit."""
+    lines = [
+        "from __future__ import annotations",
+        "import json, sys",
+        'sys.modules["ddpm_hub"] = None  # stock diffusers: ddpm_hub cannot be imported',
+        "import numpy as np, torch, diffusers",
+        "from typing import Any",
+        inspect.getsource(pipeline_call_kwargs),
+        "RECORD = {}",
+        setup,
+        f"cases = json.loads({json.dumps(json.dumps(cases))})",
+        f"load = json.loads({json.dumps(json.dumps(load or {}))})",
+        "out = {}",
+        "for key, (source, call) in cases.items():",
+        "    p = diffusers.DiffusionPipeline.from_pretrained(source, **load)",
+        "    p.set_progress_bar_config(disable=True)",
+        "    out[key] = p(**pipeline_call_kwargs(call, globals())).images",
+        '    out[key + "_pipeline"] = np.array(f"{type(p).__module__}.{type(p).__name__}")',
+        '    out[key + "_scheduler"] = np.array(type(p.scheduler).__name__)',
+        '    out.update({f"{key}_{name}": np.array(value) for name, value in RECORD.items()})',
+        "    RECORD.clear()",
+        f"np.savez({str(tmp_path / 'stock.npz')!r}, **out)",
+    ]
+    env = subprocess_env(tmp_path, threads=torch.get_num_threads(), **env)
+    proc = subprocess.run([sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(tmp_path / "stock.npz"))
 
 
 def read_metrics(output_dir: Path) -> dict:

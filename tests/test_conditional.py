@@ -8,12 +8,20 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_ARGS, REPO, read_metrics, run_train, subprocess_env, train_in_process
+from conftest import (
+    FAST_ARGS,
+    REPO,
+    pipeline_call_kwargs,
+    read_metrics,
+    run_train,
+    stock_diffusers_images,
+    subprocess_env,
+    train_in_process,
+)
 from PIL import Image
 
 from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
@@ -546,43 +554,85 @@ def test_bits_per_dim_given_labels_and_unconditional_match_an_oracle():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_stock_diffusers_samples_a_conditional_pipeline_without_ddpm_hub(hub, tmp_path):
+# What the step-end callback of the stock comparison does, defined once for both processes: it records the channels
+# of the model output the scheduler got and moves x_t by the model output after step 1 (so the images depend on it).
+STOCK_SETUP = """
+def step_end(pipe, i, t, tensors):
+    latents, model_output = tensors["latents"], tensors["model_output"]
+    RECORD.setdefault("channels", []).append(model_output.shape[1])
+    return {"latents": latents - 0.1 * model_output[:, : latents.shape[1]]} if i == 1 else {}
+"""
+GUIDED = {"class_labels": ["c", 0], "guidance_scale": 2.5, "num_inference_steps": 4, "output_type": "np"}
+GUIDED_WITH_CALLBACK = {**GUIDED, "callback_on_step_end": "step_end",
+                        "callback_on_step_end_tensor_inputs": ["latents", "model_output"]}  # fmt: skip
+VARIANCES = {"fixed": "fixed_small", "learned_range": "learned_range"}
+
+
+def _scheduler_cases():
     import diffusers
 
-    hub.state.token = FAKE_TOKEN
-    pipelines = {
-        "learned_ddpm": _pipeline(learned=True),
-        "learned_dpm": _pipeline(learned=True, scheduler=diffusers.DPMSolverMultistepScheduler.from_config(
-            DDPMScheduler(num_train_timesteps=100, variance_type="learned_range").config)),
-    }  # fmt: skip
-    sources = {}
-    for key, pipeline in pipelines.items():
-        pipeline.save_pretrained(tmp_path / key)
-        sources[key] = str(tmp_path / key)
-    pipelines["learned_ddpm"].push_to_hub("org/conditional", token=FAKE_TOKEN)
-    sources["hub"] = "org/conditional"
-    assert "pipeline.py" in hub.state.repos["org/conditional"].head[1]
-    script = textwrap.dedent(f"""
-        import sys, json
-        sys.modules["ddpm_hub"] = None
-        import numpy as np, torch, diffusers
-        out = {{}}
-        for key, source in json.loads({json.dumps(json.dumps(sources))}).items():
-            p = diffusers.DiffusionPipeline.from_pretrained(source, custom_pipeline="pipeline", trust_remote_code=True)
-            assert type(p).__name__ == "ClassConditionalDDPMPipeline", type(p)
-            out[key] = p(class_labels=["c", 0], guidance_scale=2.5, generator=torch.Generator().manual_seed(0),
-                         num_inference_steps=6, output_type="np").images
-        np.savez({str(tmp_path / "stock.npz")!r}, **out)
-    """)
-    env = subprocess_env(tmp_path, HF_TOKEN=FAKE_TOKEN, HF_HUB_OFFLINE="0")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stock = dict(np.load(tmp_path / "stock.npz"))
-    for key in sources:
-        ours = _images(DDPMPipeline.from_pretrained(sources[key]) if key != "hub" else pipelines["learned_ddpm"],
-                       class_labels=["c", 0], guidance_scale=2.5, num_inference_steps=6)  # fmt: skip
-        np.testing.assert_allclose(stock[key], ours, rtol=0, atol=1e-6, err_msg=key)
-    card = hub.state.repos["org/conditional"].head[1]["README.md"].decode()
+    for variance in VARIANCES:
+        for name in diffusers.DDPMScheduler._compatibles:
+            yield pytest.param(name, variance, id=f"{name}-{variance}")
+
+
+@pytest.fixture(scope="module")
+def stock_samples(tmp_path_factory, _hub_server):
+    """A conditional pipeline folder for every scheduler of `DDPMScheduler._compatibles`, fixed and learned variance,
+    and one pushed to the Hub, each sampled (guided, with a step-end callback) by stock diffusers with the folder's
+    pipeline.py in one subprocess: (folders, stock results, the Hub repo's files)."""
+    import diffusers
+
+    tmp_path = tmp_path_factory.mktemp("stock")
+    folders, cases = {}, {}
+    for param in _scheduler_cases():
+        name, variance = param.values
+        config = DDPMScheduler(num_train_timesteps=100, variance_type=VARIANCES[variance]).config
+        extra = {"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}  # its own Brownian noise seed
+        scheduler = getattr(diffusers, name).from_config(config, **extra)
+        folders[param.id] = tmp_path / param.id
+        _pipeline(learned=variance != "fixed", scheduler=scheduler).save_pretrained(folders[param.id])
+        cases[param.id] = (str(folders[param.id]), GUIDED_WITH_CALLBACK)
+    _hub_server.reset()
+    _hub_server.state.token = FAKE_TOKEN
+    try:
+        _pipeline(learned=True).push_to_hub("org/conditional", token=FAKE_TOKEN)
+        cases["hub"] = ("org/conditional", GUIDED)
+        stock = stock_diffusers_images(cases, tmp_path, load={"custom_pipeline": "pipeline", "trust_remote_code": True},
+                                       setup=STOCK_SETUP, HF_TOKEN=FAKE_TOKEN, HF_HUB_OFFLINE="0")  # fmt: skip
+        return folders, stock, dict(_hub_server.state.repos["org/conditional"].head[1])
+    finally:
+        _hub_server.reset()
+
+
+@pytest.mark.parametrize("name,variance", list(_scheduler_cases()))
+def test_stock_diffusers_samples_a_saved_conditional_folder_as_ours(stock_samples, name, variance):
+    """Stock diffusers, with the folder's pipeline.py (our denoising loop) and without ddpm_hub, gives ddpm_hub's
+    images bit for bit, guided and with a step-end callback that changes x_t, for every compatible scheduler;
+    its callback saw the channels ours saw (2C for a learned-variance DDPM scheduler only)."""
+    folders, stock, _ = stock_samples
+    key = f"{name}-{variance}"
+    assert str(stock[key + "_pipeline"]).endswith(".ClassConditionalDDPMPipeline")
+    assert str(stock[key + "_scheduler"]) == name
+    namespace = {"RECORD": {}}
+    exec(STOCK_SETUP, namespace)
+    pipeline = DDPMPipeline.from_pretrained(folders[key])
+    pipeline.set_progress_bar_config(disable=True)
+    ours = pipeline(**pipeline_call_kwargs(GUIDED_WITH_CALLBACK, namespace)).images
+    np.testing.assert_array_equal(stock[key], ours)
+    channels = 2 if name == "DDPMScheduler" and variance != "fixed" else 1
+    steps = len(pipeline.scheduler.timesteps)  # 4, or more for PNDM's Runge-Kutta and Heun's, KDPM2's two stages
+    assert stock[key + "_channels"].tolist() == namespace["RECORD"]["channels"] == [channels] * steps
+
+
+def test_stock_diffusers_samples_a_conditional_hub_repo_as_ours(stock_samples):
+    _, stock, files = stock_samples
+    assert "pipeline.py" in files and str(stock["hub_pipeline"]).endswith(".ClassConditionalDDPMPipeline")
+    source = REPO / "pipelines" / "pipeline_class_conditional.py"
+    assert files["pipeline.py"].decode() == source.read_text()  # the file DDPMPipeline's loop is defined in
+    ours = _pipeline(learned=True)(**pipeline_call_kwargs(GUIDED, {})).images
+    np.testing.assert_array_equal(stock["hub"], ours)
+    card = files["README.md"].decode()
     assert 'from_pretrained("org/conditional", custom_pipeline="pipeline", trust_remote_code=True)' in card
 
 

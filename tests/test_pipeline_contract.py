@@ -8,13 +8,12 @@ import inspect
 import json
 import subprocess
 import sys
-import textwrap
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import stock_diffusers_images, subprocess_env
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
@@ -140,26 +139,62 @@ def test_callback_on_step_end_as_diffusers_defines_it():
         pipeline(num_inference_steps=2, callback=lambda i, t, d: None, callback_steps=1)
 
 
-def _stock_images(sources: dict[str, str], tmp_path, **env) -> dict[str, np.ndarray]:
-    """Load each source with stock diffusers in a process where ddpm_hub cannot be imported; sample each."""
-    script = textwrap.dedent(f"""
-        import sys, json
-        sys.modules["ddpm_hub"] = None
-        import numpy as np, torch, diffusers
-        out = {{}}
-        for key, source in json.loads({json.dumps(json.dumps(sources))}).items():
-            p = diffusers.DiffusionPipeline.from_pretrained(source)
-            assert type(p).__module__.startswith("diffusers."), type(p)
-            x = p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
-                  output_type="np").images
-            out[key] = x
-            out[key + "_scheduler"] = np.array(type(p.scheduler).__name__)
-        np.savez({str(tmp_path / "stock.npz")!r}, **out)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path, **env), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(tmp_path / "stock.npz"))
+def test_one_rule_for_the_channels_a_scheduler_gets():
+    """Only a DDPM scheduler (diffusers', ours, or a subclass) set to a learned variance gets a learned-variance
+    UNet's 2C output channels; every other scheduler gets the C mean channels; other channel counts are refused."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import model_output_for_scheduler
+
+    class SubclassedDDPM(diffusers.DDPMScheduler):
+        pass
+
+    output = torch.randn(2, 6, 4, 4)
+    for scheduler, channels in [
+        (DDPMScheduler(variance_type="learned_range"), 6),
+        (diffusers.DDPMScheduler(variance_type="learned_range"), 6),
+        (SubclassedDDPM(variance_type="learned_range"), 6),
+        (DDPMScheduler(variance_type="fixed_small"), 3),
+        (diffusers.DDIMScheduler.from_config(DDPMScheduler(variance_type="learned_range").config), 3),
+        (diffusers.DPMSolverMultistepScheduler(variance_type="learned_range"), 3),
+    ]:
+        kept = model_output_for_scheduler(scheduler, output, 3)
+        assert torch.equal(kept, output[:, :channels]), type(scheduler)
+    assert model_output_for_scheduler(diffusers.DDIMScheduler(), output[:, :3], 3).shape[1] == 3
+    with pytest.raises(ValueError, match="the model output has 4 channels but the sample has 3"):
+        model_output_for_scheduler(diffusers.DDIMScheduler(), output[:, :4], 3)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DPMSolverMultistepScheduler"])
+def test_denoise_is_the_loop_of_call_and_runs_in_pieces_with_a_step_hook(name):
+    """`denoise` (the loop that stock diffusers runs from a saved pipeline.py) gives `__call__`'s images, also run
+    over the schedule in two pieces (what editing pipelines do: SDEdit's tail, RePaint's jumps); `step_hook` sees
+    every step after the user's callback and its returned x_{t-1} is what the chain goes on from."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import ClassConditionalDDPMPipeline
+
+    assert DDPMPipeline.denoise is ClassConditionalDDPMPipeline.denoise
+    pipeline = DDPMPipeline(unet=_unet(learned=True), scheduler=getattr(diffusers, name).from_config(
+        DDPMScheduler(num_train_timesteps=100, variance_type="learned_range").config))  # fmt: skip
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
+                        output_type="pt").images  # fmt: skip
+
+    def chain(pieces: int, step_hook=None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1)
+        latents = pipeline.prepare_latents(2, STEPS, generator)
+        for timesteps in pipeline.scheduler.timesteps.chunk(pieces):
+            latents = pipeline.denoise(latents, timesteps, generator=generator, step_hook=step_hook)
+        return pipeline.postprocess(latents, "pt")
+
+    assert torch.equal(chain(1), expected) and torch.equal(chain(2), expected)
+    seen = []
+
+    def step_hook(i, t, latents, step_output):
+        seen.append(int(t))
+        assert torch.equal(latents, step_output.prev_sample)
+        return torch.zeros_like(latents) if int(t) == int(pipeline.scheduler.timesteps[-1]) else None
+
+    zeros = chain(2, step_hook)
+    assert seen == pipeline.scheduler.timesteps.tolist()
+    assert torch.equal(zeros, torch.full_like(zeros, 0.5))  # the hook's x_0 = 0 is the image
 
 
 def _ours(pipeline) -> np.ndarray:
@@ -200,7 +235,8 @@ def test_every_save_and_push_path_loads_in_stock_diffusers_to_the_same_images(hu
         assert cli(["push", "--folder", str(checkpoint), "--repo_id", "org/via-checkpoint"]) == 0
     finally:
         os.environ.pop("HF_TOKEN")
-    stock = _stock_images(sources, tmp_path, **env)
+    call = {"batch_size": 2, "seed": 0, "num_inference_steps": 10, "output_type": "np"}
+    stock = stock_diffusers_images({key: (source, call) for key, source in sources.items()}, tmp_path, **env)
 
     expected = {key: _ours(p) for key, p in pipelines.items()}
     expected.update(hub_save=expected["fixed_small"], hub_push=expected["ddim_swapped"])
@@ -209,6 +245,7 @@ def test_every_save_and_push_path_loads_in_stock_diffusers_to_the_same_images(hu
     for key, images in expected.items():
         atol = 1e-6 if key == "fixed_large_log" else 0  # sqrt(beta) vs exp(0.5 log beta): float rounding only
         np.testing.assert_allclose(stock[key], images, rtol=0, atol=atol, err_msg=key)
+    assert all(str(stock[key + "_pipeline"]).startswith("diffusers.") for key in sources)  # diffusers' own class
     assert str(stock["ddim_swapped_scheduler"]) == "DDIMScheduler" == str(stock["hub_push_scheduler"])
     assert str(stock["dpm_swapped_scheduler"]) == "DPMSolverMultistepScheduler"
     saved = json.loads((tmp_path / "fixed_large_log" / "scheduler" / "scheduler_config.json").read_text())
