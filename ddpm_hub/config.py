@@ -688,16 +688,38 @@ def _looks_local(value: str) -> bool:
     return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
 
 
+def _probe(option: str, value: str, test: typing.Callable[[str], Any]) -> Any:
+    """`test(value)`, a look at the path `value` of `--option`; a path the system cannot look up at all (a name too
+    long, `~nosuchuser`) is a one-line ConfigError naming it, not a traceback."""
+    try:
+        return test(value)
+    except (OSError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"--{option} {show_text(value)}: not a usable path ({reason})") from None
+
+
+def _is_dir(value: str) -> bool:
+    return Path(value).is_dir()
+
+
+def _exists(value: str) -> bool:
+    return Path(value).expanduser().exists()
+
+
 def _check_output_dir(folder: str) -> None:
     """--output_dir is a folder or can become one, and its nearest existing folder is writable (nothing created)."""
     import tempfile
 
-    path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
+    def nearest_existing(folder: str) -> tuple[Path, bool]:
+        path = Path(folder).expanduser()
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        return existing, existing == path
+
+    existing, exists = _probe("output_dir", folder, nearest_existing)
+    if exists and not existing.is_dir():
         raise ConfigError(f"--output_dir {show_text(folder)} is a file: give a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"--output_dir {show_text(folder)}: {show_text(existing)} is a file, so the folder cannot "
                           "be created")  # fmt: skip
@@ -775,10 +797,10 @@ def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> N
         raise ConfigError("--preset celebahq256 needs data: pass --dataset_name ID or --train_data_dir DIR")
     for name in ("train_data_dir", "validation_data_dir"):
         value = getattr(c, name)
-        if value is not None and not Path(value).is_dir():
+        if value is not None and not _probe(name, value, _is_dir):
             raise ConfigError(f"--{name} {show_text(value)}: no such directory")
     if c.resume_from_checkpoint not in (None, "latest", "latest_or_new"):
-        if not Path(c.resume_from_checkpoint).is_dir():
+        if not _probe("resume_from_checkpoint", c.resume_from_checkpoint, _is_dir):
             raise ConfigError(f"--resume_from_checkpoint {show_text(c.resume_from_checkpoint)}: no such checkpoint "
                               "directory")  # fmt: skip
     if c.keep_best_checkpoint and c.eval_fid_steps is None:
@@ -791,7 +813,7 @@ def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> N
     _check_output_dir(c.output_dir)
     for name in ("pretrained_model_name_or_path", "model_config_name_or_path"):
         value = getattr(c, name)
-        if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
+        if value is not None and _looks_local(value) and not _probe(name, value, _exists):
             raise ConfigError(f"--{name} {show_text(value)}: no such local file or folder (a Hub id looks like "
                               "ORG/NAME)")  # fmt: skip
     if c.push_to_hub and not c.hub_model_id:

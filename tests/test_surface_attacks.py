@@ -217,3 +217,17 @@ def test_a_huge_or_deeply_nested_config_value_is_one_short_line(tmp_path, name, 
     assert "\n" not in message and len(message) < 300 + len(str(path)) and needle in message, message
     assert str(path) in message or name == "preset.yaml", message  # an unknown preset is named, not its source
 
+
+@pytest.mark.parametrize("option", ["output_dir", "train_data_dir", "resume_from_checkpoint",
+                                    "pretrained_model_name_or_path"])  # fmt: skip
+def test_a_path_the_system_cannot_look_up_is_one_line_naming_the_option(option):
+    from ddpm_hub.config import ConfigError, build_config
+
+    value = "./" + "x" * 5000  # longer than any file name may be
+    with pytest.raises(ConfigError) as exc:
+        build_config({option: value})
+    message = str(exc.value)
+    assert message.startswith(f"--{option} ./xxx") and "not a usable path" in message, message
+    assert "\n" not in message and len(message) < 300, message
+    with pytest.raises(ConfigError, match="--output_dir ~nosuchuser_ddpm/run: not a usable path"):
+        build_config({"output_dir": "~nosuchuser_ddpm/run"})
