@@ -16,7 +16,8 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .faults import fault_point
@@ -34,6 +35,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the folder or file."""
 
 
+class CheckpointVanishedError(CheckpointError):
+    """A checkpoint folder (or a file its manifest lists) that disappeared while it was being loaded: a running
+    trainer pruned it, or someone deleted it; nothing is wrong with the checkpoint format."""
+
+
 @dataclass
 class CheckpointInfo:
     """A checkpoint folder and what its manifest says."""
@@ -41,6 +47,7 @@ class CheckpointInfo:
     path: Path
     step: int
     epoch: int
+    files: frozenset[str] = field(default_factory=frozenset)  # the files the manifest lists (relative paths)
 
 
 def _sha256(path: Path) -> str:
@@ -92,6 +99,8 @@ def verify(folder: Path) -> CheckpointInfo:
     """Check a checkpoint against its manifest; CheckpointError naming the bad file otherwise."""
     folder = Path(folder)
     manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST}; the checkpoint was not completely written")
     try:
@@ -116,13 +125,63 @@ def verify(folder: Path) -> CheckpointInfo:
     for path in _files(folder):
         if str(path.relative_to(folder)) not in files:
             raise CheckpointError(f"{path}: not in the manifest of checkpoint {folder} (added after it was written)")
-    return CheckpointInfo(path=folder, step=step, epoch=epoch)
+    return CheckpointInfo(path=folder, step=step, epoch=epoch, files=frozenset(files))
 
 
 def _named_step(folder: Path) -> int | None:
     """N of a folder named `checkpoint-N`, else None (a checkpoint copied under another name is allowed)."""
     suffix = folder.name[len(PREFIX):] if folder.name.startswith(PREFIX) else ""
     return int(suffix) if suffix.isdigit() else None
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of `folder`, None when it is not there: a folder renamed away (pruning renames before it
+    deletes) or replaced by another of the same name has another identity."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def vanished(folder: Path, what: Path | None = None) -> CheckpointVanishedError:
+    """The error for checkpoint `folder` (or its file `what`) that disappeared while it was being loaded."""
+    return CheckpointVanishedError(
+        f"{what or folder} disappeared while loading (removed by a running trainer's pruning of old checkpoints?): "
+        "load a newer checkpoint or the final pipeline"
+    )
+
+
+@contextmanager
+def loading(folder: Path):
+    """Run a load of checkpoint `folder`; it yields a set to which the load adds the files the manifest lists
+    (`CheckpointInfo.files`, once verified). An error raised once the folder had gone (or been replaced by another
+    of its name) since the load began, or a file-not-found of a listed file (it existed when the checkpoint was
+    verified), is a CheckpointVanishedError: a checkpoint pruned by a running trainer mid-load is not a damaged,
+    incomplete or older one. A load that ends after the folder went is one too, as what it read last (the card,
+    the class names) may be missing. A folder not there when the load began, or a file missing from the start
+    (say, an older version's checkpoint), keeps its own message."""
+    folder = Path(folder)
+    start = _identity(folder)
+    listed: set[str] = set()
+    try:
+        yield listed
+    except CheckpointVanishedError:
+        raise
+    except Exception as exc:
+        if start is not None and _identity(folder) != start:
+            raise vanished(folder) from exc
+        missing = getattr(exc, "filename", None) if isinstance(exc, FileNotFoundError) else None
+        if missing is not None and start is not None:
+            try:
+                name = str(Path(os.fsdecode(missing)).relative_to(folder))
+            except ValueError:
+                name = None
+            if name in listed:
+                raise vanished(folder, folder / name) from exc
+        raise
+    if start is not None and _identity(folder) != start:
+        raise vanished(folder)
 
 
 def _manifest_step(path: Path) -> int | None:
@@ -420,6 +479,8 @@ def read_trainer_state(info: CheckpointInfo) -> dict:
         state = json.loads(path.read_text())
         step, epoch = int(state["step"]), int(state["epoch"])
     except FileNotFoundError:
+        if TRAINER_STATE in info.files:  # it was there when the checkpoint was verified
+            raise vanished(info.path, path) from None
         raise CheckpointError(f"{path}: missing (a checkpoint from an older version?); cannot resume from it") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable ({exc})") from None
@@ -526,25 +587,28 @@ def load_checkpoint_pipeline(pipeline_cls, folder: Path, weights: str = "ema"):
 
     if weights not in CHECKPOINT_WEIGHTS:
         raise ValueError(f"weights must be one of {sorted(CHECKPOINT_WEIGHTS)}, got {weights!r}")
-    verify(folder)
-    subfolder = CHECKPOINT_WEIGHTS[weights]
-    if not (folder / subfolder).is_dir():
+    folder = Path(folder)
+    with loading(folder) as listed:  # pruned by a running trainer mid-load: said so, not "older version"
+        listed.update(verify(folder).files)
+        subfolder = CHECKPOINT_WEIGHTS[weights]
+        if not (folder / subfolder).is_dir():
+            if weights == "ema":
+                raise CheckpointError(f"{folder} has no EMA weights (trained with --use_ema false): use weights='raw'")
+            raise CheckpointError(f"{folder}/{subfolder} is missing")
+        diagnose_weights(folder / subfolder)
         if weights == "ema":
-            raise CheckpointError(f"{folder} has no EMA weights (trained with --use_ema false): use weights='raw'")
-        raise CheckpointError(f"{folder}/{subfolder} is missing")
-    diagnose_weights(folder / subfolder)
-    if weights == "ema":
-        unet, _ = load_ema_unet(folder / subfolder)
-    else:
-        unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder))
-    labels_file = folder / CLASS_LABELS_FILE  # a class-conditional run's class names and label dropout
-    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
-    from .pipelines.pipeline_class_conditional import LABEL_CONFIG
+            unet, _ = load_ema_unet(folder / subfolder)
+        else:  # local only: a folder gone mid-load must not become a Hub lookup
+            unet = UNet2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(checkpoint_scheduler_dir(folder), local_files_only=True)
+        labels_file = folder / CLASS_LABELS_FILE  # a class-conditional run's class names and label dropout
+        listed_labels = CLASS_LABELS_FILE in listed
+        labels = json.loads(labels_file.read_text()) if listed_labels or labels_file.is_file() else {}
+        from .pipelines.pipeline_class_conditional import LABEL_CONFIG
 
-    labels = {k: v for k, v in labels.items() if k in LABEL_CONFIG} if isinstance(labels, dict) else {}
-    pipeline = pipeline_cls(unet=unet, scheduler=scheduler, **labels)
-    pipeline.model_card_text = checkpoint_model_card(folder, weights)
+        labels = {k: v for k, v in labels.items() if k in LABEL_CONFIG} if isinstance(labels, dict) else {}
+        pipeline = pipeline_cls(unet=unet, scheduler=scheduler, **labels)
+        pipeline.model_card_text = checkpoint_model_card(folder, weights)
     return pipeline
 
 
@@ -578,7 +642,7 @@ def load_ema_unet(folder: Path):
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    config = dict(UNet2DModel.load_config(str(folder)))
+    config = dict(UNet2DModel.load_config(str(folder), local_files_only=True))
     accepted = set(inspect.signature(UNet2DModel.__init__).parameters)
     ema_settings = {k: config.pop(k) for k in list(config) if not k.startswith("_") and k not in accepted}
     unet = UNet2DModel.from_config(config)

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +44,35 @@ PRESET_FOR_RESOLUTION = {8: "digits", 32: "cifar10", 256: "celebahq256"}
 
 class ConfigError(ValueError):
     """An invalid training argument; the message names it and says what is allowed."""
+
+
+SHOWN_CHARS = 80  # at most this much of a user's value goes into a message
+SHOWN_PATH_CHARS = 200  # a path, or a parse error's own text, may take more
+MAX_CONFIG_BYTES = 1 << 20  # a config file of options is a few kilobytes; a bigger one is refused unread
+MAX_CONFIG_NESTING = 32  # a YAML config's values need two levels (section, option)
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, SHOWN_CHARS, SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def show_value(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """The repr of a user's value for a one-line message, at most `limit` characters (cut with '...'): bounded work
+    however big or deeply nested the value is (a config file's value may be anything YAML or JSON can hold)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a repr that fails (too deep, say) still names the type
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_text(text: Any, limit: int = SHOWN_PATH_CHARS) -> str:
+    """A user's path or name for a one-line message: as written when it is printable and at most `limit`
+    characters, else its repr, cut with '...'."""
+    text = str(text) if isinstance(text, (str, Path)) else show_value(text, limit)
+    if not text.isprintable():
+        text = repr(text[: 4 * limit])[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def opt(
@@ -445,36 +475,102 @@ def _flatten(values: dict[str, Any], origin: str) -> dict[str, Any]:
             for sub_key, sub_value in value.items():
                 name = ALIASES.get(sub_key, sub_key)
                 if FIELD_SECTION.get(name) != key:
-                    raise ConfigError(f"{origin}: {sub_key!r} is not an option of section {key!r}")
+                    raise ConfigError(f"{origin}: {show_value(sub_key)} is not an option of section {key!r}")
                 flat[name] = sub_value
             continue
         name = ALIASES.get(key, key)
         if name != "preset" and name not in FIELDS:
-            raise ConfigError(f"{origin}: unknown option {key!r}; see train.py --help for the names")
+            raise ConfigError(f"{origin}: unknown option {show_value(key)}; see train.py --help for the names")
         flat[name] = value
     return flat
 
 
+def _yaml_without_aliases(text: str, origin: str) -> Any:
+    """`yaml.safe_load`, refusing anchors and aliases (a config file has no need for them, and nested aliases, the
+    "billion laughs", make a few hundred bytes into a value of billions of items) and values nested deeper than
+    MAX_CONFIG_NESTING (PyYAML's scanner takes time quadratic in the depth of `[[[...]]]`)."""
+    import yaml
+
+    def refuse(problem: str, mark) -> typing.NoReturn:
+        raise ConfigError(f"{origin}: line {mark.line + 1}: {problem}")
+
+    class Loader(yaml.SafeLoader):
+        keys: tuple[str, ...] = ()  # the mapping keys above the node being composed
+        depth = 0  # the nodes above it
+
+        def fetch_flow_collection_start(self, TokenClass):
+            if self.flow_level >= MAX_CONFIG_NESTING:
+                refuse(f"values nested more than {MAX_CONFIG_NESTING} levels deep", self.get_mark())
+            super().fetch_flow_collection_start(TokenClass)
+
+        def compose_node(self, parent, index):
+            keys = self.keys + ((str(index.value),) if isinstance(index, yaml.ScalarNode) else ())
+            event = self.peek_event()
+            alias = isinstance(event, yaml.AliasEvent)
+            if alias or getattr(event, "anchor", None) is not None:
+                option = keys[1] if len(keys) > 1 and keys[0] in SECTIONS else keys[0] if keys else ""
+                refuse(f"{'option ' + show_text(option, SHOWN_CHARS) if option else 'the file'} uses a YAML "
+                       f"{'alias' if alias else 'anchor'} ({'*' if alias else '&'}{show_text(event.anchor, 40)}); "
+                       "anchors and aliases are not allowed in a config file: write the value out",
+                       event.start_mark)  # fmt: skip
+            if self.depth > MAX_CONFIG_NESTING:
+                refuse(f"values nested more than {MAX_CONFIG_NESTING} levels deep", event.start_mark)
+            outer, self.keys = self.keys, keys
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.keys = outer
+                self.depth -= 1
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def config_origin(path: str | Path) -> str:
+    """How messages name a config file: `--config PATH`."""
+    return f"--config {show_text(path)}"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file (flat or nested by section) into flat option -> value."""
+    """Read a YAML or JSON config file (flat or nested by section) into flat option -> value. Files over
+    MAX_CONFIG_BYTES and YAML anchors/aliases are refused; every error is one line naming the file."""
     path = Path(path)
+    origin = config_origin(path)
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text()
+        raise ConfigError(f"{origin}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{origin}: larger than {MAX_CONFIG_BYTES >> 20} MB; a config file of options is a few "
+                          "kilobytes (is it the right file?)")  # fmt: skip
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{origin}: not UTF-8 text (byte {exc.start}); is it the right file?") from None
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _yaml_without_aliases(text, origin)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"{origin}: cannot parse (values nested too deeply)") from None
     except Exception as exc:
-        raise ConfigError(f"--config {path}: cannot parse ({exc})") from exc
+        detail = " ".join(str(exc).split())  # YAML's messages span lines (the problem, then where it is)
+        raise ConfigError(f"{origin}: cannot parse ({show_text(detail)})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
-    return _flatten(values, f"--config {path}")
+        raise ConfigError(f"{origin}: expected a mapping of option names to values, got {show_value(values)}")
+    return _flatten(values, origin)
 
 
 def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -488,8 +584,8 @@ def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = Non
         preset = "digits"
     values = {name: f.default for name, f in FIELDS.items()}
     if preset is not None:
-        if preset not in TRAINING_PRESETS:
-            raise ConfigError(f"--preset {preset!r} is unknown; choose one of {sorted(TRAINING_PRESETS)}")
+        if not isinstance(preset, str) or preset not in TRAINING_PRESETS:
+            raise ConfigError(f"--preset {show_value(preset)} is unknown; choose one of {sorted(TRAINING_PRESETS)}")
         values.update(TRAINING_PRESETS[preset])
     values.update(file_values)
     values.update(cli)
@@ -543,8 +639,13 @@ def build_config(cli: dict[str, Any], config_file: str | None = None) -> TrainCo
     """Merge defaults < preset < config file < CLI values, then validate."""
     file_values = load_config_file(config_file) if config_file else {}
     config = from_values(resolve_values(cli, file_values))
-    validate(config)
+    validate(config, _from_file(config_file, file_values, _flatten(cli, "arguments")))
     return config
+
+
+def _from_file(config_file: str | None, file_values: dict[str, Any], cli: dict[str, Any]) -> tuple[str, set[str]]:
+    """(how messages name the config file, the options whose values come from it: not overridden on the CLI)."""
+    return (config_origin(config_file) if config_file else "", set(file_values) - set(cli))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -569,22 +670,22 @@ def _check_field(name: str, value: Any) -> None:
             raise ConfigError(f"--{name} needs a value")
         return
     if kind is bool and not isinstance(value, bool):
-        raise ConfigError(f"--{name} must be true or false, got {value!r}")
+        raise ConfigError(f"--{name} must be true or false, got {show_value(value)}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"--{name} must be an integer, got {value!r}")
+        raise ConfigError(f"--{name} must be an integer, got {show_value(value)}")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"--{name} must be a number, got {value!r}")
+        raise ConfigError(f"--{name} must be a number, got {show_value(value)}")
     if kind is float and not math.isfinite(value):
-        raise ConfigError(f"--{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"--{name} must be a finite number, got {show_value(value)}")
     if kind is str and not isinstance(value, str):
-        raise ConfigError(f"--{name} must be a string, got {value!r}")
+        raise ConfigError(f"--{name} must be a string, got {show_value(value)}")
     meta = f.metadata
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"--{name} {value!r} is not valid; choose one of {list(meta['choices'])}")
+        raise ConfigError(f"--{name} {show_value(value)} is not valid; choose one of {list(meta['choices'])}")
     low = meta["minimum"]
     if low is not None and (value < low or (meta["exclusive"] and value == low)):
         relation = ">" if meta["exclusive"] else ">="
-        raise ConfigError(f"--{name} must be {relation} {low}, got {value!r}")
+        raise ConfigError(f"--{name} must be {relation} {low}, got {show_value(value)}")
 
 
 def _looks_local(value: str) -> bool:
@@ -592,23 +693,47 @@ def _looks_local(value: str) -> bool:
     return Path(value).is_absolute() or value.startswith((".", "~")) or value.count("/") > 1
 
 
+def _probe(option: str, value: str, test: typing.Callable[[str], Any]) -> Any:
+    """`test(value)`, a look at the path `value` of `--option`; a path the system cannot look up at all (a name too
+    long, `~nosuchuser`) is a one-line ConfigError naming it, not a traceback."""
+    try:
+        return test(value)
+    except (OSError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"--{option} {show_text(value)}: not a usable path ({reason})") from None
+
+
+def _is_dir(value: str) -> bool:
+    return Path(value).is_dir()
+
+
+def _exists(value: str) -> bool:
+    return Path(value).expanduser().exists()
+
+
 def _check_output_dir(folder: str) -> None:
     """--output_dir is a folder or can become one, and its nearest existing folder is writable (nothing created)."""
     import tempfile
 
-    path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--output_dir {folder} is a file: give a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    def nearest_existing(folder: str) -> tuple[Path, bool]:
+        path = Path(folder).expanduser()
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        return existing, existing == path
+
+    existing, exists = _probe("output_dir", folder, nearest_existing)
+    if exists and not existing.is_dir():
+        raise ConfigError(f"--output_dir {show_text(folder)} is a file: give a folder")
     if not existing.is_dir():
-        raise ConfigError(f"--output_dir {folder}: {existing} is a file, so the folder cannot be created")
+        raise ConfigError(f"--output_dir {show_text(folder)}: {show_text(existing)} is a file, so the folder cannot "
+                          "be created")  # fmt: skip
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise ConfigError(f"--output_dir {folder}: cannot write in {existing} ({exc.strerror or exc})") from None
+        raise ConfigError(f"--output_dir {show_text(folder)}: cannot write in {show_text(existing)} "
+                          f"({exc.strerror or exc})") from None  # fmt: skip
 
 
 CONDITIONAL_OPTIONS = ("class_column", "cond_drop_prob", "guidance_scale")
@@ -629,13 +754,19 @@ def _check_conditional_options(c: TrainConfig, given: set[str] | None = None) ->
                           "--cond_drop_prob 0 trains none: drop --guidance_scale or raise --cond_drop_prob")
 
 
-def validate(c: TrainConfig) -> None:
-    """Check every value; raise ConfigError naming the first bad argument."""
+def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> None:
+    """Check every value; raise ConfigError naming the first bad argument. `from_file`: (the config file's name in
+    messages, the options whose values it gave), so that a bad value read from the file names the file too."""
     if c.guidance_scale == 0:  # valid when sampling (unconditional), not as the scale a card recommends
         raise ConfigError("--guidance_scale must be > 0, got 0: it is the scale of the run's sample grids and metrics "
                           "and the card's recommended one, and 0 ignores the label (1: no guidance)")
     for name in FIELDS:
-        _check_field(name, getattr(c, name))
+        try:
+            _check_field(name, getattr(c, name))
+        except ConfigError as exc:
+            if name in from_file[1]:
+                raise ConfigError(f"{from_file[0]}: {exc}") from None
+            raise
     if c.max_train_steps is None and c.num_epochs is None:
         raise ConfigError("give --max_train_steps or --num_epochs (both are unset)")
     if c.num_inference_steps is not None and c.num_inference_steps > c.num_train_timesteps:
@@ -671,11 +802,12 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("--preset celebahq256 needs data: pass --dataset_name ID or --train_data_dir DIR")
     for name in ("train_data_dir", "validation_data_dir"):
         value = getattr(c, name)
-        if value is not None and not Path(value).is_dir():
-            raise ConfigError(f"--{name} {value}: no such directory")
+        if value is not None and not _probe(name, value, _is_dir):
+            raise ConfigError(f"--{name} {show_text(value)}: no such directory")
     if c.resume_from_checkpoint not in (None, "latest", "latest_or_new"):
-        if not Path(c.resume_from_checkpoint).is_dir():
-            raise ConfigError(f"--resume_from_checkpoint {c.resume_from_checkpoint}: no such checkpoint directory")
+        if not _probe("resume_from_checkpoint", c.resume_from_checkpoint, _is_dir):
+            raise ConfigError(f"--resume_from_checkpoint {show_text(c.resume_from_checkpoint)}: no such checkpoint "
+                              "directory")  # fmt: skip
     if c.keep_best_checkpoint and c.eval_fid_steps is None:
         raise ConfigError("--keep_best_checkpoint needs --eval_fid_steps N (the evaluation that picks the best)")
     if c.final_weights == "best" and not c.keep_best_checkpoint:
@@ -686,8 +818,9 @@ def validate(c: TrainConfig) -> None:
     _check_output_dir(c.output_dir)
     for name in ("pretrained_model_name_or_path", "model_config_name_or_path"):
         value = getattr(c, name)
-        if value is not None and _looks_local(value) and not Path(value).expanduser().exists():
-            raise ConfigError(f"--{name} {value}: no such local file or folder (a Hub id looks like ORG/NAME)")
+        if value is not None and _looks_local(value) and not _probe(name, value, _exists):
+            raise ConfigError(f"--{name} {show_text(value)}: no such local file or folder (a Hub id looks like "
+                              "ORG/NAME)")  # fmt: skip
     if c.push_to_hub and not c.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id ORG/NAME (or NAME, in your own namespace)")
 
@@ -754,7 +887,9 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
             kind, optional = _base_type(FIELD_TYPES[f.name])
             meta = f.metadata
             flags = [f"--{f.name}", *(f"--{a}" for a in meta["aliases"])]
-            help_text = f"{meta['help']} (default: {shown.get(f.name)})".replace("%", "%%")  # argparse formats help
+            default = shown.get(f.name)  # a config file's value may be big or deeply nested: shown cut
+            default = default if isinstance(default, (str, int, float, type(None))) else show_value(default)
+            help_text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse formats help
             if kind is bool:
                 group.add_argument(*flags, dest=f.name, type=parse_bool, nargs="?", const=True, metavar="BOOL",
                                    help=help_text)  # fmt: skip
@@ -783,7 +918,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         raise ConfigError(HUB_TOKEN_REFUSED)
     file_values = load_config_file(config_file) if config_file else {}
     config = from_values(resolve_values(namespace, file_values))
-    validate(config)
+    validate(config, _from_file(config_file, file_values, namespace))
     # the flags on the command line; a config file's conditional options when the file does not say
     # `class_conditional` itself (a run's saved config lists every option, with class_conditional among them);
     # and any conditional option that differs from its default

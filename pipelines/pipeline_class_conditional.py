@@ -231,6 +231,20 @@ def model_output_for_scheduler(scheduler, model_output: torch.Tensor, channels: 
 LABEL_CONFIG = ("id2label", "cond_drop_prob", "recommended_guidance_scale")
 
 
+def check_scheduler(scheduler) -> None:
+    """ValueError for a scheduler that cannot sample a DDPM UNet, naming why: an EDM-preconditioned one (it has a
+    `sigma_data`: EDMEulerScheduler, EDMDPMSolverMultistepScheduler) feeds the UNet c_in-scaled inputs with
+    0.25 log(sigma) as the timestep and mixes its output by c_skip/c_out (Karras et al. 2022), while a DDPM UNet
+    takes the training timesteps 0..T-1 and predicts eps, x0 or v: the chain would run, and give noise."""
+    if "sigma_data" in scheduler.config:
+        raise ValueError(
+            f"{type(scheduler).__name__} cannot sample this DDPM model: it is made for EDM-preconditioned networks "
+            "(timesteps 0.25 log(sigma), inputs and outputs rescaled), while this UNet was trained on timesteps "
+            "0..T-1 of its own noise schedule; use EulerDiscreteScheduler (the same Euler sampler on this model's "
+            "schedule) or another compatible scheduler"
+        )
+
+
 def register_label_config(
     pipeline: DiffusionPipeline,
     id2label: dict | None,
@@ -340,6 +354,7 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         undo (keeping RePaint's known pixels, recording intermediates). Editing pipelines start it from a noised
         image at a later timestep (SDEdit) or run it over pieces of the schedule (RePaint's jumps back).
         """
+        check_scheduler(self.scheduler)
         timesteps = self.scheduler.timesteps if timesteps is None else timesteps
         channels = self.unet.config.in_channels
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)

@@ -573,7 +573,8 @@ def _scheduler_cases():
 
     for variance in VARIANCES:
         for name in diffusers.DDPMScheduler._compatibles:
-            yield pytest.param(name, variance, id=f"{name}-{variance}")
+            if name != "EDMEulerScheduler":  # refused by the loop: tests/test_pipeline_contract.py
+                yield pytest.param(name, variance, id=f"{name}-{variance}")
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,32 @@ def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2, labe
 
 
 def _compatible_classes():
+    """The compatible schedulers that can sample a DDPM UNet (the EDM-preconditioned ones are refused: below)."""
     for name in diffusers.DDPMScheduler._compatibles:
-        yield pytest.param(name, id=name)
+        if name not in EDM_SCHEDULERS:
+            yield pytest.param(name, id=name)
+
+
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+
+
+@pytest.mark.parametrize("name", EDM_SCHEDULERS)
+def test_edm_preconditioned_schedulers_are_refused_with_the_reason_before_any_step(name):
+    """An EDM scheduler would run on a DDPM UNet and return noise (digits FID 158-186): the loop, ours and the one
+    stock diffusers runs from a saved folder's pipeline.py alike, refuses it before the first UNet call, saying why
+    and what to use instead."""
+    from ddpm_hub.pipelines.pipeline_class_conditional import ClassConditionalDDPMPipeline
+
+    unet = _unet(False)
+    calls = []
+    unet.register_forward_hook(lambda *args: calls.append(1))
+    scheduler = getattr(diffusers, name)()
+    for cls in (DDPMPipeline, ClassConditionalDDPMPipeline):
+        pipeline = cls(unet=unet, scheduler=scheduler)
+        with pytest.raises(ValueError, match=f"{name} cannot sample this DDPM model.*EDM-preconditioned.*use "
+                                             "EulerDiscreteScheduler"):  # fmt: skip
+            pipeline(batch_size=1, num_inference_steps=2, output_type="np")
+    assert calls == []
 
 
 @pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned_range"])

@@ -525,6 +525,93 @@ def test_options_changed_on_resume_are_listed_and_a_new_learning_rate_takes_effe
     assert all(after[s]["loss"] != before[s]["loss"] for s in (6, 7, 8))
 
 
+# -- a checkpoint pruned by a running trainer while it loads ----------------------------------------------------------
+
+PRUNED_MID_LOAD = {  # where the load is when the trainer's pruning removes the folder: (module, function)
+    "verifying": ("ddpm_hub.checkpoints", "_sha256"),  # between the manifest read and the checksums
+    "before the weights": ("ddpm_hub.weights", "diagnose_weights"),
+    "before the scheduler": ("ddpm_hub.checkpoints", "checkpoint_scheduler_dir"),  # said "an older version"
+    "after the scheduler": ("ddpm_hub.checkpoints", "checkpoint_model_card"),  # loaded silently with a generic card
+}
+
+
+def _prune_during(monkeypatch, folder: Path, module: str, name: str) -> None:
+    """The first call of `module.name` first removes `folder` as a running trainer's pruning does."""
+    import importlib
+
+    target = importlib.import_module(module)
+    original = getattr(target, name)
+
+    def pruned_first(*args, **kwargs):
+        if folder.exists():
+            ckpt.remove_checkpoint(folder)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, pruned_first)
+
+
+@pytest.mark.parametrize("weights", ["ema", "raw"])
+@pytest.mark.parametrize("where", list(PRUNED_MID_LOAD))
+def test_a_checkpoint_pruned_while_it_loads_says_so_not_older_version(tmp_path, short_run, monkeypatch, where,
+                                                                         weights):  # fmt: skip
+    from ddpm_hub import DDPMPipeline
+
+    folder = _copy_checkpoint(short_run, 4, tmp_path / "run")
+    _prune_during(monkeypatch, folder, *PRUNED_MID_LOAD[where])
+    with pytest.raises(ckpt.CheckpointVanishedError) as exc:
+        DDPMPipeline.from_pretrained(str(folder), weights=weights)
+    message = str(exc.value)
+    assert message.startswith(f"{folder} disappeared while loading (removed by a running trainer's pruning"), message
+    assert "load a newer checkpoint or the final pipeline" in message and "older version" not in message
+    assert "\n" not in message and not folder.exists()
+
+
+def test_sample_from_a_checkpoint_pruned_mid_load_is_one_line_saying_so(tmp_path, short_run, monkeypatch, capsys):
+    from ddpm_hub.cli import main
+
+    folder = _copy_checkpoint(short_run, 4, tmp_path / "run")
+    _prune_during(monkeypatch, folder, "ddpm_hub.checkpoints", "checkpoint_scheduler_dir")
+    assert main(["sample", "--model", str(folder), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {folder} disappeared while loading (removed by a running trainer's pruning of old " \
+                  "checkpoints?): load a newer checkpoint or the final pipeline\n", err
+
+
+def test_a_checkpoint_missing_a_file_from_the_start_keeps_its_own_message(tmp_path, short_run):
+    """Not there when the load began (an older version's checkpoint), not "disappeared": the folder is intact."""
+    import shutil
+
+    from ddpm_hub import DDPMPipeline
+
+    folder = _copy_checkpoint(short_run, 4, tmp_path / "run")
+    shutil.rmtree(folder / "scheduler")  # checkpoints of older versions had none (the run folder's was used)
+    (folder / ckpt.TRAINER_STATE).unlink()
+    ckpt.write_manifest(folder, 4, 0)
+    with pytest.raises(ckpt.CheckpointError, match="written by an older version: copy the run's scheduler") as exc:
+        DDPMPipeline.from_pretrained(str(folder))
+    assert not isinstance(exc.value, ckpt.CheckpointVanishedError)
+    info = ckpt.verify(folder)
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \(a checkpoint from an older version\?\)"):
+        ckpt.read_trainer_state(info)
+    # listed by the manifest (there when it was verified), gone when read: it disappeared
+    listed = ckpt.CheckpointInfo(info.path, info.step, info.epoch, files=info.files | {ckpt.TRAINER_STATE})
+    with pytest.raises(ckpt.CheckpointVanishedError, match=f"{ckpt.TRAINER_STATE} disappeared while loading"):
+        ckpt.read_trainer_state(listed)
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint folder"):  # never there: not "disappeared"
+        ckpt.load_checkpoint_pipeline(DDPMPipeline, tmp_path / "run" / "checkpoints" / "checkpoint-99")
+
+
+def test_a_resume_from_a_checkpoint_pruned_mid_load_says_so(tmp_path, short_run, monkeypatch):
+    """--resume_from_checkpoint another run's checkpoint-N while that run's trainer prunes it."""
+    folder = _copy_checkpoint(short_run, 4, tmp_path / "other")
+    _prune_during(monkeypatch, folder, "ddpm_hub.checkpoints", "load_rng_state")  # said "... an older version?"
+    with pytest.raises(ckpt.CheckpointVanishedError) as exc:
+        _train(tmp_path / "run", "--max_train_steps", "8", "--resume_from_checkpoint", str(folder))
+    message = str(exc.value)
+    assert message.startswith(f"{folder} disappeared while loading") and "older version" not in message, message
+    assert "\n" not in message
+
+
 
 def test_every_test_the_fault_table_names_exists():
     page = (REPO / "docs" / "reliability.md").read_text()

@@ -160,3 +160,74 @@ def test_a_non_finite_guidance_scale_is_refused_before_work(scale):
     pipeline.unet.forward = forbidden
     with pytest.raises(ValueError, match=r"^guidance_scale must be a finite number, got"):
         pipeline(class_labels=[3], guidance_scale=scale, num_inference_steps=2)
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" under one option: 9 ** levels items from a few hundred bytes of YAML anchors and aliases."""
+    names = "abcdefghijklmnop"[:levels]
+    lines = ["learning_rate:", f"  {names[0]}: &{names[0]} [x,x,x,x,x,x,x,x,x]"]
+    lines += [f"  {n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip(names[:-1], names[1:], strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_config_is_one_short_line_naming_the_option_and_file(tmp_path):
+    from ddpm_hub.config import ConfigError, build_config, parse_args
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb())
+    assert len(bomb.read_bytes()) < 400
+    for load in (lambda: build_config({}, str(bomb)), lambda: parse_args(["--config", str(bomb)])):
+        with pytest.raises(ConfigError) as exc:
+            load()
+        message = str(exc.value)
+        assert "\n" not in message and len(message) < 300, message
+        assert str(bomb) in message and "learning_rate" in message and "alias" in message, message
+    # a config file needs no anchors: even a harmless one is refused, naming the option under the section
+    plain = tmp_path / "anchor.yaml"
+    plain.write_text("optim:\n  learning_rate: &lr 0.01\n")
+    with pytest.raises(ConfigError, match=r"line 2: option learning_rate uses a YAML anchor \(&lr\)"):
+        build_config({}, str(plain))
+    plain.write_text("optim:\n  learning_rate: 0.01\n  adam_beta1: 0.8\n")  # the same file written out loads
+    assert (build_config({}, str(plain)).learning_rate, build_config({}, str(plain)).adam_beta1) == (0.01, 0.8)
+
+
+CONFIG_ATTACKS = [  # (file name, text, what the one-line message says)
+    ("big.json", '{"learning_rate": [' + ",".join(["0"] * 600_000) + "]}", "larger than 1 MB"),
+    ("wide.json", '{"learning_rate": [' + ",".join(["0"] * 100_000) + "]}", "--learning_rate must be a number, got [0"),
+    ("deep.json", '{"learning_rate": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ("nested.json", '{"optim": {"learning_rate": ' + "[" * 500 + "]" * 500 + "}}", "must be a number, got [[[["),
+    ("deep.yaml", "learning_rate: " + "[" * 200_000 + "]" * 200_000 + "\n", "nested more than 32 levels deep"),
+    ("key.yaml", "k" * 1000 + ": 1\n", "unknown option 'kkkk"),
+    ("bad.yaml", "learning_rate: [1, 2\nfoo: bar\n", "cannot parse (while parsing a flow sequence"),
+    ("list.yaml", "- " + "x" * 10_000 + "\n", "expected a mapping of option names to values, got ['xxx"),
+    ("preset.yaml", "preset: [" + ",".join(["1"] * 10_000) + "]\n", "--preset [1, 1, 1"),
+    ("bytes.yaml", "learning_rate: \udcff\n", "not UTF-8 text"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,text,needle", CONFIG_ATTACKS, ids=[case[0] for case in CONFIG_ATTACKS])
+def test_a_huge_or_deeply_nested_config_value_is_one_short_line(tmp_path, name, text, needle):
+    from ddpm_hub.config import ConfigError, build_config
+
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(ConfigError) as exc:
+        build_config({}, str(path))
+    message = str(exc.value)
+    assert "\n" not in message and len(message) < 300 + len(str(path)) and needle in message, message
+    assert str(path) in message or name == "preset.yaml", message  # an unknown preset is named, not its source
+
+
+@pytest.mark.parametrize("option", ["output_dir", "train_data_dir", "resume_from_checkpoint",
+                                    "pretrained_model_name_or_path"])  # fmt: skip
+def test_a_path_the_system_cannot_look_up_is_one_line_naming_the_option(option):
+    from ddpm_hub.config import ConfigError, build_config
+
+    value = "./" + "x" * 5000  # longer than any file name may be
+    with pytest.raises(ConfigError) as exc:
+        build_config({option: value})
+    message = str(exc.value)
+    assert message.startswith(f"--{option} ./xxx") and "not a usable path" in message, message
+    assert "\n" not in message and len(message) < 300, message
+    with pytest.raises(ConfigError, match="--output_dir ~nosuchuser_ddpm/run: not a usable path"):
+        build_config({"output_dir": "~nosuchuser_ddpm/run"})

@@ -211,18 +211,24 @@ class CheckpointingMixin:
             if info is None:
                 self._start_afresh()
                 return
+            folder = info.path
         else:
+            folder, info = Path(target), None
+        # a folder of another run, pruned by its trainer while this one loads it: said so (CheckpointVanishedError)
+        with ckpt.loading(folder) as listed:
+            if info is None:
+                try:
+                    info = ckpt.verify(folder)
+                except ckpt.CheckpointError as exc:
+                    raise TrainingError(f"cannot resume: {exc}") from exc
+            listed.update(info.files)
+            state = self._check_resumable(info)
             try:
-                info = ckpt.verify(Path(target))
-            except ckpt.CheckpointError as exc:
-                raise TrainingError(f"cannot resume: {exc}") from exc
-        state = self._check_resumable(info)
-        try:
-            self.accelerator.load_state(str(info.path))
-        except Exception as exc:
-            detail = " ".join(str(exc).split())
-            raise TrainingError(f"cannot resume from {info.path}: {type(exc).__name__}: {detail}") from exc
-        self._restore_own_state(info, state)
+                self.accelerator.load_state(str(info.path))
+            except Exception as exc:
+                detail = " ".join(str(exc).split())
+                raise TrainingError(f"cannot resume from {info.path}: {type(exc).__name__}: {detail}") from exc
+            self._restore_own_state(info, state)
         self.global_step = info.step
         logger.info("resumed from %s at step %d", info.path, info.step)
 
