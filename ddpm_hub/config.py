@@ -258,7 +258,11 @@ class RunConfig:
         3, "seeds of the final sample-quality metric (num_quality_samples each; the digits get mean and 95% interval "
         "over them)", minimum=1,
     )
-    final_bpd: str = opt("full", "held-out bits/dim at the end", choices=("full", "estimate", "none"))
+    final_bpd: str = opt(
+        "auto", "held-out bits/dim at the end: the full bound (T UNet calls per image), its stratified estimate, or "
+        "auto: the full bound when it costs at most half the training's UNet work, else the estimate (said at the "
+        "start)", choices=("auto", "full", "estimate", "none")
+    )
     eval_fid_steps: int | None = opt(
         None, "every N steps (and at the last), FID/KID of --eval_fid_samples EMA samples against the held-out split, "
         "with the run's sampler and a fixed seed (the same initial noise each time), logged to every tracker: "

@@ -193,6 +193,7 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
         without them its unconditional bound (the null label)."""
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
+        self._check_image_shape(images)
         if "guidance_scale" in kwargs:
             raise ValueError("bits_per_dim takes no guidance_scale: the bound is that of the model given the labels "
                              "(or, without them, of the unconditional model), not of a guided sampler")  # fmt: skip
@@ -216,6 +217,17 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
         )
 
     # -- saving and pushing -----------------------------------------------------------------------------------
+
+    def _check_image_shape(self, images: torch.Tensor) -> None:
+        """ValueError unless `images` is `[N, C, H, W]` with this UNet's channels and size (NHWC is named as such)."""
+        c, size = self.unet.config.in_channels, self.unet.config.sample_size
+        expected = (c, size, size) if isinstance(size, int) else (c, *size)
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) == 4 and shape[1:] != expected:
+            nhwc = shape[1:] == (*expected[1:], c)
+            hint = ": NHWC? pass images.permute(0, 3, 1, 2)" if nhwc else ""
+            raise ValueError(f"images must be [N, C, H, W] = [N, {', '.join(map(str, expected))}] for this model, got "
+                             f"{list(shape)}{hint}")  # fmt: skip
 
     def _check_saveable(self) -> None:
         if str(self.scheduler.config.get("variance_type")) == "learned":
@@ -331,6 +343,7 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
                 pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except OSError as exc:
             message = str(exc)
+            _check_variant(local, kwargs.get("variant"), OSError, exc)
             if "safetensors" in message.lower() or ".bin" in message:
                 raise OSError(
                     f"{pretrained_model_name_or_path}: no safetensors weights found. ddpm_hub never unpickles "
@@ -338,6 +351,7 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
                 ) from exc
             raise _not_found(pretrained_model_name_or_path, exc) from exc
         except ValueError as exc:  # neither a folder nor a valid Hub id: say so, not huggingface_hub's rules
+            _check_variant(local, kwargs.get("variant"), ValueError, exc)
             if isinstance(exc, HFValidationError) or not Path(pretrained_model_name_or_path).expanduser().exists():
                 raise _not_found(pretrained_model_name_or_path, exc) from exc
             raise
@@ -347,6 +361,19 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
         pipeline.model_card_text = _read_card(pretrained_model_name_or_path, kwargs)
         pipeline.model_card_samples = _read_card(pretrained_model_name_or_path, kwargs, "samples.png")
         return pipeline
+
+
+def _check_variant(folder: Path, variant: str | None, error: type[Exception], cause: Exception) -> None:
+    """A folder whose UNet weights are saved as a variant (`save_pretrained(..., variant="fp16")` writes
+    `diffusion_pytorch_model.fp16.safetensors`) and was loaded without it, or with another: say which to pass."""
+    if not folder.is_dir():
+        return
+    names = (p.name for p in (folder / "unet").glob("diffusion_pytorch_model.*.safetensors"))
+    variants = sorted({name.split(".")[1] for name in names if name.count(".") == 2})
+    if variants and variant not in variants:
+        given = f"variant={variant!r} finds none" if variant else "no variant was given"
+        raise error(f"{folder}: its safetensors weights are the variant(s) {', '.join(map(repr, variants))} ({given}):"
+                    f" load with variant={variants[0]!r}") from cause  # fmt: skip
 
 
 class _HubWarnings(logging.Filter):

@@ -45,8 +45,8 @@ class FinishMixin:
             metrics: dict[str, float] = {}
             grid = None
             with ema_weights(pipeline.unet, ema):
-                if self.data.held_out is not None and cfg.final_bpd != "none":
-                    metrics = held_out_bpd(pipeline, self.data.held_out, cfg.final_bpd, cfg.eval_batch_size * 4,
+                if self.data.held_out is not None and self.final_bpd_mode != "none":
+                    metrics = held_out_bpd(pipeline, self.data.held_out, self.final_bpd_mode, cfg.eval_batch_size * 4,
                                            cfg.seed, cfg.eval_bpd_samples, self.data.held_out_labels)  # fmt: skip
                 sampler = with_sampler(pipeline, cfg.sampler)
                 if self.data.held_out is not None and cfg.num_quality_samples:
@@ -68,6 +68,34 @@ class FinishMixin:
                 self.push()
         acc.wait_for_everyone()
         return result
+
+    @property
+    def final_bpd_mode(self) -> str:
+        """--final_bpd, with `auto` resolved: the full bound when its UNet calls (held-out images x T) are at most
+        half the training's (3 per image and step: forward and backward), else the stratified estimate."""
+        cfg, held = self.cfg, self.data.held_out
+        if cfg.final_bpd != "auto":
+            return cfg.final_bpd
+        if held is None:
+            return "none"
+        full = len(held) * cfg.num_train_timesteps
+        training = 3 * self.max_steps * cfg.train_batch_size * cfg.gradient_accumulation_steps
+        training *= self.accelerator.num_processes
+        return "full" if full <= training / 2 else "estimate"
+
+    def _log_final_bpd_choice(self) -> None:
+        """With --final_bpd auto: say before training which bound the run will end with, and why."""
+        held = self.data.held_out
+        if self.cfg.final_bpd != "auto" or held is None:
+            return
+        calls = len(held) * self.cfg.num_train_timesteps
+        if self.final_bpd_mode == "full":
+            logger.info("final held-out bits/dim: the full bound (%d images x %d steps)", len(held),
+                        self.cfg.num_train_timesteps)  # fmt: skip
+        else:
+            logger.warning("final held-out bits/dim: the stratified estimate, since the full bound (%d UNet calls for "
+                           "%d images) would cost more than half the training; --final_bpd full asks for it",
+                           calls, len(held))  # fmt: skip
 
     def final_weights(self):
         """(pipeline, EMA to swap in or None, step of its weights) to export: the last step's EMA weights, or with

@@ -101,6 +101,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
         updates_per_epoch = math.ceil(len(loader) / n / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.num_epochs * updates_per_epoch
         self.lr_scheduler = make_lr_scheduler(cfg, self.optimizer, self.max_steps, n)
+        self._log_final_bpd_choice()
         self._register_hooks()
         self.unet, self.optimizer, self.loader, self.lr_scheduler = acc.prepare(
             self.unet, self.optimizer, loader, self.lr_scheduler
