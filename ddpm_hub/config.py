@@ -39,7 +39,12 @@ LOGGERS = (
     "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all", "none"
 )
 # The resolution -> UNet preset used when neither --unet_preset nor --model_config_name_or_path is given.
-PRESET_FOR_RESOLUTION = {8: "digits", 32: "cifar10", 256: "celebahq256"}
+PRESET_FOR_RESOLUTION = {8: "digits"}  # else `small`, built for the resolution; the paper's UNets by name only
+
+
+def default_preset(resolution: int) -> str:
+    """The UNet preset of a run that names none: `digits` for 8x8 images, else `small` (made for the resolution)."""
+    return PRESET_FOR_RESOLUTION.get(resolution, "small")
 
 
 class ConfigError(ValueError):
@@ -130,7 +135,8 @@ class ModelConfig:
     """Which UNet2DModel to train, or which pipeline to start from."""
 
     unet_preset: str | None = opt(
-        None, "a UNet preset; default: chosen for the resolution (8: digits, 32: cifar10, 256: celebahq256)",
+        None, "a UNet preset, for the data's channel count (small: for its resolution too); default: digits for 8x8 "
+        "images, else small (a few million parameters, trains on a CPU); the paper's cifar10 and celebahq256 by name",
         choices=tuple(sorted(UNET_PRESETS)),
     )
     model_config_name_or_path: str | None = opt(

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ddpm_hub.config import (
-    PRESET_FOR_RESOLUTION,
     ConfigError,
     TrainConfig,
+    default_preset,
     downsampling_factor,
     validate,
 )
@@ -113,27 +113,21 @@ def _load_unet_config(source: str) -> dict[str, Any]:
 def resolve_unet_config(
     cfg: TrainConfig, data_channels: int, num_classes: int | None = None
 ) -> tuple[dict[str, Any], str]:
-    """(UNet2DModel config, where it came from). An explicit architecture must match the data's channels; one
-    chosen for the resolution takes the data's channels. Learned variances double `out_channels`. A
-    class-conditional model has `num_class_embeds = num_classes + 1`: the last row is the null label."""
+    """(UNet2DModel config, where it came from). A UNet config or pretrained model must match the data's channels; a
+    preset (named, or chosen for the resolution: `digits` for 8x8, else `small`) takes the data's channels and, for
+    `small`, its resolution. Learned variances double `out_channels`. A class-conditional model has
+    `num_class_embeds = num_classes + 1`: the last row is the null label."""
     learned = cfg.variance_type.startswith("learned")
     source = cfg.pretrained_model_name_or_path or cfg.model_config_name_or_path
     if source:
         config = {k: v for k, v in _load_unet_config(source).items() if not k.startswith("_")}
         origin, explicit = f"the UNet config of {source}", True
-    elif cfg.unet_preset:
-        config, origin, explicit = unet_config(cfg.unet_preset), f"UNet preset {cfg.unet_preset!r}", True
     else:
-        preset = PRESET_FOR_RESOLUTION.get(cfg.resolution)
-        if preset is None:
-            raise ConfigError(
-                f"no UNet preset is made for --resolution {cfg.resolution} (presets: "
-                f"{ {r: p for r, p in PRESET_FOR_RESOLUTION.items()} }); give --unet_preset or "
-                "--model_config_name_or_path"
-            )
-        config, explicit = unet_config(preset), False
-        config["in_channels"] = config["out_channels"] = data_channels
-        origin = f"UNet preset {preset!r}, chosen for --resolution {cfg.resolution}, with {data_channels} channel(s)"
+        preset = cfg.unet_preset or default_preset(cfg.resolution)
+        sizes = {"sample_size": cfg.resolution} if preset == "small" else {}
+        config, explicit = unet_config(preset, in_channels=data_channels, **sizes), False
+        chosen = "" if cfg.unet_preset else f", chosen for --resolution {cfg.resolution}"
+        origin = f"UNet preset {preset!r}{chosen}, with {data_channels} channel(s)"
     in_channels = config.get("in_channels", 3)
     if explicit and in_channels != data_channels:
         raise ConfigError(
