@@ -161,8 +161,8 @@ def test_held_out_labels_are_matched_to_the_training_classes_by_name(tmp_path, c
 
 def _synthetic_trainer(tmp_path, cond_drop_prob: float = 0.1, **options):
     """A Trainer on 60 images whose pixels encode their label (value 20 * label): pairing is checkable."""
-    sys.path.insert(0, str(REPO / "training"))
-    from train import Data, Trainer
+    from ddpm_hub.training.trainer import Trainer
+    from ddpm_hub.training.training_data import Data
 
     from ddpm_hub.config import build_config
 

@@ -50,6 +50,7 @@ class RecordingTracker(GeneralTracker):
 @pytest.fixture
 def scripted(monkeypatch):
     """Replace the evaluation by SCRIPTED[step] (recording its arguments), so that the best is known in advance."""
+    from ddpm_hub.training import evaluating
     from ddpm_hub.training import trainer as train_module
 
     calls: list[dict] = []
@@ -67,7 +68,7 @@ def scripted(monkeypatch):
         return {"digits_conv_fid": value, "digits_mlp_fid": value + 1}
 
     monkeypatch.setattr(train_module.Trainer, "evaluate_quality", evaluate_quality)
-    monkeypatch.setattr(train_module, "training_quality", fake_quality)
+    monkeypatch.setattr(evaluating, "training_quality", fake_quality)
     return calls
 
 
