@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
 TARGET_ACCURACY = 0.99
 
 
@@ -42,7 +41,7 @@ def train_conditional(out_dir: str, max_steps: int | None, quick: bool, preset: 
     """Train the digits preset with --class_conditional (the real Trainer.run, no final evaluation); returns the
     trainer and the training wall time in seconds."""
     from accelerate.state import AcceleratorState, GradientState
-    from train import Trainer
+    from ddpm_hub.training.trainer import Trainer
 
     from ddpm_hub.config import build_config
 

@@ -34,7 +34,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(REPO / "training"))
 
 # Recipes are the `digits` preset (epsilon-prediction, fixed variance, L_simple, 3,000 steps of batch 128 at lr 2e-3,
 # cosine decay: 384,000 images) plus overrides; `digits_fast` is that preset (v-prediction, learned-range variance
@@ -87,7 +86,7 @@ def parse_sampler(text: str) -> tuple[str, int]:
 
 def train_recipe(name: str, plan: dict[str, Any]) -> dict[str, Any]:
     """Train recipe `name` with the project's Trainer into `models/NAME`; returns what was trained and how long."""
-    from train import Trainer
+    from ddpm_hub.training.trainer import Trainer
 
     from ddpm_hub.config import build_config
 
