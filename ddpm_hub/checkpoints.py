@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .faults import fault_point
-from .files import open_new
+from .files import first_link, make_private_dir, open_new, open_up
 from .labels import CLASS_LABELS_FILE
 
 logger = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ def fresh_staging(root: Path, step: int) -> Path:
     """An empty staging folder for checkpoint `step`: anything an earlier attempt left there is removed first."""
     staging = staging_dir(root, step)
     remove_tree(staging)
-    staging.mkdir(parents=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(staging)  # mode 700 while written: no other user can plant a link in it
     fault_point("checkpoint.staging.created")
     return staging
 
@@ -265,7 +266,12 @@ def fresh_staging(root: Path, step: int) -> Path:
 def finalize(root: Path, step: int, epoch: int) -> Path:
     """Write the manifest into the staging folder and rename it to `checkpoint-{step}` (atomic on one filesystem)."""
     staging = staging_dir(root, step)
+    link = first_link(staging)
+    if link is not None:  # planted while it was written: what was written through it is not a checkpoint
+        raise CheckpointError(f"{link}: a symbolic link appeared in the checkpoint being written (another process "
+                              "is planting links in the output folder); this checkpoint is not kept")  # fmt: skip
     write_manifest(staging, step, epoch)
+    open_up(staging)
     final = Path(root) / f"{PREFIX}{step}"
     if final.exists():
         remove_checkpoint(final)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
+from .config import OneLineParser
 from .labels import has_null_label
 
 DEFAULT_SAMPLER = "dpm"  # measured: docs/benchmarks.md, sample quality per sampler
@@ -22,12 +23,6 @@ DEFAULT_SAMPLER = "dpm"  # measured: docs/benchmarks.md, sample quality per samp
 
 class UserError(Exception):
     """A bad argument or input: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def load_pipeline(
@@ -522,6 +517,10 @@ def _bpd_results(out, mode: str, prefix: str = "") -> dict[str, float]:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    if args.token is not None:  # never taken from a command line (ps, shell history, a launcher's error output)
+        from ddpm_hub.config import HUB_TOKEN_REFUSED
+
+        raise UserError(HUB_TOKEN_REFUSED.replace("--hub_token", "--token"))
     import tempfile
 
     from ddpm_hub.checkpoints import is_checkpoint
@@ -665,9 +664,9 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m ddpm_hub", description=__doc__,
+    parser = OneLineParser(prog="python -m ddpm_hub", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     s = sub.add_parser("sample", help="sample images: a grid, and/or every image as PNG plus one .npz")
     _model_args(s)
@@ -714,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo_id", required=True)
     p.add_argument("--private", action="store_true")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="for a checkpoint folder")
+    p.add_argument("--token", "--hub_token", "--hub-token", dest="token", help=argparse.SUPPRESS)  # refused
     p.set_defaults(func=cmd_push)
 
     g = sub.add_parser("plot", help="pictures: forward/reverse process strips, noise schedules")
@@ -726,9 +726,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PATH_ARGUMENTS = ("model", "out", "out_dir", "folder", "vlb_plot", "dataset", "image", "mask", "image_a", "image_b")
+
+
+def _check_path_lengths(args: argparse.Namespace) -> None:
+    """A path the system cannot take (a name over 255 bytes, a path over 4096) is a one-line error naming its option,
+    before anything is loaded."""
+    from ddpm_hub.config import show_text
+
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and (len(os.fsencode(value)) > 4096
+                                       or any(len(os.fsencode(part)) > 255 for part in Path(value).parts)):
+            raise UserError(f"--{name} {show_text(value)}: not a usable path (a name is too long)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_path_lengths(args)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -739,7 +755,9 @@ def main(argv: list[str] | None = None) -> int:
         from ddpm_hub.hub_push import HubError
 
         if isinstance(exc, (DataError, HubError, CheckpointError, OSError, ValueError, RuntimeError)):
-            print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+            from ddpm_hub.config import redact_tokens, show_text
+
+            print("error: " + redact_tokens(" ".join(show_text(word) for word in str(exc).split())), file=sys.stderr)
             return 2
         raise
 

@@ -826,6 +826,11 @@ def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> N
         raise ConfigError(f"--cond_drop_prob must be in [0, 1), got {c.cond_drop_prob}")
     _check_conditional_options(c)
     _check_output_dir(c.output_dir)
+    logs = Path(c.logging_dir)
+    if logs.is_absolute() or ".." in logs.parts or c.logging_dir.startswith("~"):
+        raise ConfigError(f"--logging_dir {show_text(c.logging_dir)}: a folder inside --output_dir (a relative path "
+                          "without '..'): the trainer writes nothing outside it")  # fmt: skip
+    _probe("logging_dir", str(Path(c.output_dir).expanduser() / logs), _exists)
     for name in ("pretrained_model_name_or_path", "model_config_name_or_path"):
         value = getattr(c, name)
         if value is not None and _looks_local(value) and not _probe(name, value, _exists):
@@ -840,13 +845,21 @@ def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> N
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad flag value is one line naming it (exit status 2), not the usage of every option."""
+def redact_tokens(text: str) -> str:
+    """`text` with anything shaped like a Hub token (`hf_` and 8 or more letters or digits) replaced by `hf_***`:
+    argparse repeats unknown arguments and bad values, and a token typed by mistake must not be printed back."""
+    import re
+
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag value is one line naming it (exit status 2), not the usage of every option; never a token."""
 
     def error(self, message: str) -> typing.NoReturn:
         import sys
 
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(redact_tokens(f"error: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -881,7 +894,7 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     """One flag per option (plus its diffusers aliases), grouped by section; `--help` shows `shown[name]`, the
     value a run would use (the preset's), and the choices. Only flags given on the command line are set."""
     shown = shown if shown is not None else resolve_values({})
-    parser = _OneLineParser(
+    parser = OneLineParser(
         description=description,
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -890,7 +903,8 @@ def build_parser(shown: dict[str, Any] | None = None, description: str | None = 
     parser.add_argument(
         "--preset", choices=sorted(TRAINING_PRESETS), help=f"named recipe (default: {shown.get('preset')})"
     )
-    parser.add_argument("--hub_token", help=argparse.SUPPRESS)  # refused with the reason (parse_args)
+    parser.add_argument("--hub_token", "--hub-token", dest="hub_token",
+                        help=argparse.SUPPRESS)  # refused with the reason (parse_args)
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
         for f in dataclasses.fields(cls):

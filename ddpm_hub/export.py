@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .faults import fault_point
+from .files import first_link, make_private_dir, open_up
 from .hub import ModelDescription, model_card
 from .labels import label_config
 
@@ -47,8 +48,13 @@ def export_pipeline(
     with OutputLock(folder, "export"):
         staging = recover_export(folder)
         try:
-            staging.mkdir()
+            make_private_dir(staging)  # mode 700 while written: no other user can plant a link in it
             _write_pipeline(staging, folder, unet, scheduler, description, metrics, grid, result)
+            link = first_link(staging)
+            if link is not None:
+                raise ExportError(f"{link}: a symbolic link appeared in the pipeline being written (another process "
+                                  "is planting links in the folder); nothing was exported")  # fmt: skip
+            open_up(staging)
             _commit_pipeline(staging, folder)
         except (OSError, SafetensorError) as exc:
             hint = storage_hint(exc, folder)  # before the staging's removal frees space

@@ -57,6 +57,67 @@ def save_image_atomic(image, path: str | Path, format: str = "PNG") -> Path:
     return write_atomic(path, lambda fh: image.save(fh, format=format))
 
 
+def default_dir_mode() -> int:
+    """The mode a new folder gets under this process's umask (0o755 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def make_private_dir(path: str | Path) -> Path:
+    """Create a staging folder only this user can write into (mode 700), so that no other user can plant a link
+    in it while it is written; `open_up` gives it the usual mode once it is checked and complete."""
+    path = Path(path)
+    path.mkdir(mode=0o700)
+    return path
+
+
+def open_up(path: str | Path) -> None:
+    """Give a private staging folder the usual mode of a new folder (before it is renamed into place)."""
+    os.chmod(path, default_dir_mode())
+
+
+def first_link(folder: str | Path) -> Path | None:
+    """The first symbolic link inside `folder` (at any depth), or None: a written folder must hold none."""
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_symlink():
+            return path
+    return None
+
+
+class NotARegularFile(OSError):
+    """A path inside a folder that is a symbolic link (or passes through one), a hard link, or not a file."""
+
+
+def open_inside(folder: str | Path, relative: str | Path) -> BinaryIO:
+    """Open `folder/relative` for reading, following no link on the way (each folder and the file are opened with
+    O_NOFOLLOW, relative to the one before, so a link swapped in after any check is refused here too), and refuse a
+    file with other hard links (its content lives elsewhere as well). NotARegularFile names the path otherwise."""
+    import stat
+
+    parts = Path(relative).parts
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (0 if last else os.O_DIRECTORY)
+            try:
+                child = os.open(part, flags, dir_fd=fd)
+            except OSError as exc:
+                where = Path(folder, *parts[: i + 1])
+                raise NotARegularFile(exc.errno, f"{where} is a symbolic link or not a regular file") from None
+            os.close(fd)
+            fd = child
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            why = f"has {info.st_nlink} hard links" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+            raise NotARegularFile(f"{Path(folder, relative)} {why}")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def linked_folders(folder: str | Path, names: Iterable[str]) -> list[Path]:
     """The entries `folder/NAME` among `names` that are symbolic links (folders a writer would write through)."""
     return [Path(folder) / name for name in names if (Path(folder) / name).is_symlink()]

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
@@ -24,6 +24,8 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
 )
 from huggingface_hub.utils import validate_repo_id
+
+from .files import NotARegularFile, open_inside
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,26 +173,29 @@ def push_pipeline_folder(
         raise HubError(f"{folder}/unet has no safetensors weights: only safetensors are pushed")
     repo_id = resolve_repo_id(repo_id, token, attempts)
     operations = pipeline_operations(folder, repo_id)  # a planted link is refused before the Hub is changed
-    api = HfApi(token=token)
-    with_retries(
-        lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
-        f"creating {repo_id}",
-        token,
-        attempts,
-        base_delay,
-    )
-    info = with_retries(
-        lambda: api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message,
-            repo_type="model",
-        ),
-        f"uploading {folder} to {repo_id}",
-        token,
-        attempts,
-        base_delay,
-    )
+    try:
+        api = HfApi(token=token)
+        with_retries(
+            lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"),
+            f"creating {repo_id}",
+            token,
+            attempts,
+            base_delay,
+        )
+        info = with_retries(
+            lambda: api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message,
+                repo_type="model",
+            ),
+            f"uploading {folder} to {repo_id}",
+            token,
+            attempts,
+            base_delay,
+        )
+    finally:
+        close_operations(operations)
     return str(getattr(info, "commit_url", info))
 
 
@@ -210,10 +215,27 @@ def pipeline_operations(folder: Path, repo_id: str) -> list:
             raise HubError(f"{folder / link} is a symbolic link: only regular files inside the folder are pushed; "
                            "replace the link with the file itself (or remove it) and push again")  # fmt: skip
     operations = []
-    for path in paths:
-        name = path.relative_to(folder).as_posix()
-        content: str | bytes = str(path)
-        if name == "README.md":
-            content = card_for_repo(path.read_text(), repo_id, (folder / "samples.png").is_file()).encode()
-        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    try:
+        for path in paths:
+            name = path.relative_to(folder).as_posix()
+            try:  # opened now, following no link: the upload reads these very files (no swap after the check)
+                content: BinaryIO | bytes = open_inside(folder, name)
+            except NotARegularFile as exc:
+                raise HubError(f"{exc.strerror or exc}: only regular files inside the folder, with no other hard "
+                               "link, are pushed; replace it with a copy of the file itself and push again") from None
+            if name == "README.md":
+                with content:
+                    text = content.read().decode()
+                content = card_for_repo(text, repo_id, (folder / "samples.png").is_file()).encode()
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    except BaseException:
+        close_operations(operations)
+        raise
     return operations
+
+
+def close_operations(operations: list) -> None:
+    """Close the files that `pipeline_operations` opened for the upload."""
+    for operation in operations:
+        if hasattr(operation.path_or_fileobj, "close"):
+            operation.path_or_fileobj.close()

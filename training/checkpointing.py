@@ -47,6 +47,18 @@ class CheckpointingMixin:
                 "choose another folder"
             )
 
+    def check_output_folder(self) -> None:
+        """Before each write (main process): the folder is still the locked one (a folder moved or deleted mid-run is
+        never recreated), and none of the subfolders the trainer writes into is a symbolic link, also one swapped in
+        mid-run (writes and pruning would reach another folder)."""
+        check_held(self.output_dir)
+        logs = Path(self.cfg.logging_dir)
+        subfolders = ["checkpoints", "samples", *(str(p) for p in reversed(logs.parents) if p != Path(".")), str(logs)]
+        linked = linked_folders(self.output_dir, subfolders)
+        if linked:
+            raise TrainingError(f"{linked[0]} is a symbolic link; the trainer never writes through links: remove it "
+                                "(or make it a real folder), or choose another --output_dir")  # fmt: skip
+
     def _claim_output_dir(self) -> None:
         """One writer per folder: lock it (main process), then clear what a crash left before anything is written
         (the old run's checkpoints go later, in `_clear_earlier_run`)."""
@@ -55,10 +67,10 @@ class CheckpointingMixin:
                 acquire(self.output_dir, "training")
             except OutputLockedError as exc:
                 raise ConfigError(f"--output_dir: {exc}") from None
-            linked = linked_folders(self.output_dir, ("checkpoints", "samples", self.cfg.logging_dir))
-            if linked:  # the trainer writes only inside --output_dir
-                raise ConfigError(f"--output_dir: {linked[0]} is a symbolic link; the trainer never writes through "
-                                  "links: remove it (or make it a real folder), or choose another --output_dir")
+            try:
+                self.check_output_folder()
+            except TrainingError as exc:
+                raise ConfigError(f"--output_dir: {exc}") from None
             ckpt.recover(self.checkpoint_root)
             recover_export(self.output_dir)
             if self._new_run and ckpt.list_checkpoints(self.checkpoint_root):  # deleted once every check passed
@@ -120,7 +132,7 @@ class CheckpointingMixin:
             return self.checkpoint_root / f"{ckpt.PREFIX}{self.global_step}"
         self._assert_finite("saving a checkpoint")
         if acc.is_main_process:
-            check_held(self.output_dir)  # never recreate a folder moved away mid-run
+            self.check_output_folder()
         staging = ckpt.staging_dir(self.checkpoint_root, self.global_step)
         try:
             if acc.is_main_process:

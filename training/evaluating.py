@@ -18,7 +18,6 @@ from ddpm_hub.config import (
 from ddpm_hub.evaluation import check_training_quality, ema_weights, held_out_bpd, selection_metric, training_quality
 from ddpm_hub.files import save_image_atomic
 from ddpm_hub.labels import has_null_label, label_config
-from ddpm_hub.output_lock import check_held
 from ddpm_hub.sampling import sample_grid, with_sampler
 from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
@@ -92,7 +91,7 @@ class EvaluationMixin:
             return
         grid = self.sample_grid()
         self._last_grid = (self.global_step, grid)
-        check_held(self.output_dir)  # never recreate a folder moved away mid-run
+        self.check_output_folder()  # not moved, no linked subfolder: nothing written outside --output_dir
         path = self.output_dir / "samples" / f"step-{self.global_step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         save_image_atomic(grid, path)  # a link planted at the path is replaced, never written through
