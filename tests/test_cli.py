@@ -1,4 +1,5 @@
-"""`python -m ddpm_hub` commands and the pictures they write."""
+"""`python -m ddpm_hub` commands and the pictures they write; mistakes are one line naming the input, exit 2,
+before any work; `sample` output is written crash-safely (one writer, no partial file, no write through a link)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import one_line_error, tiny_pipeline
 from PIL import Image
 
+from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
 from ddpm_hub.cli import main
 
 
@@ -73,6 +78,15 @@ def test_plots(trained, tmp_path):
     assert main(["plot", "reverse", "--out", str(tmp_path / "x.png")]) == 2
 
 
+def test_vlb_plot_with_the_full_bound_is_written(tmp_path):
+    folder = tmp_path / "model"
+    tiny_pipeline(T=20).save_pretrained(folder)
+    plot, out = tmp_path / "plots" / "vlb.png", tmp_path / "json" / "r.json"
+    assert main(["evaluate", "--model", str(folder), "--num_images", "2", "--bpd", "--vlb_plot", str(plot),
+                "--out", str(out)]) == 0  # fmt: skip
+    assert Image.open(plot).size[0] > 100 and json.loads(out.read_text())["num_images"] == 2
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "nope"), "--steps", "2"]) == 2
     assert "error:" in capsys.readouterr().err
@@ -111,6 +125,72 @@ def test_user_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2, argv
         assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+
+
+def test_cli_checks_before_work_in_one_line(model_1000, tmp_path, capsys, no_work):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    unwritable = str(a_file / "x.png")  # a folder that cannot exist: its parent is a file
+    sample = ["sample", "--model", model_1000]
+    evaluate = ["evaluate", "--model", model_1000, "--num_images", "4"]
+    cases = [
+        ([*sample, "--steps", "1001"], "--steps 1001 exceeds the model's 1000 training timesteps"),
+        ([*sample, "--steps", "1001", "--sampler", "unipc"], "--steps 1001 exceeds the model's 1000"),
+        ([*sample, "--sampler", "ddpm", "--out", unwritable], f"--out {unwritable}: cannot write"),
+        ([*sample, "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        ([*sample, "--out", str(tmp_path / "grid.foo")], ".foo file extension is not an image format"),
+        ([*sample, "--out_dir", str(a_file)], f"--out_dir {a_file}: cannot write"),
+        ([*sample, "--weights", "raw"], "is for training checkpoint-N folders only"),
+        ([*evaluate, "--bpd", "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        ([*evaluate, "--bpd", "--out", str(a_file / "r.json")], "cannot write"),
+        ([*evaluate, "--bpd", "--vlb_plot", str(tmp_path)], f"--vlb_plot {tmp_path} is a directory"),
+        ([*evaluate, "--bpd", "--vlb_plot", unwritable], f"--vlb_plot {unwritable}: cannot write"),
+        ([*evaluate, "--bpd_estimate", "--vlb_plot", str(tmp_path / "v.png")], "add --bpd"),
+        ([*evaluate, "--bpd_estimate", "--num_images", "-1"], "--num_images: must be >= 0 (0: all), got -1"),
+        ([*evaluate, "--bpd", "--digits_fid", "--num_images", "8", "--steps", "1001"], "--steps 1001 exceeds"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([*sample, "--device", "cuda"], "--device cuda: no cuda device is available"))
+    if Path("/proc").is_dir():
+        cases.append(([*sample, "--sampler", "ddpm", "--out", "/proc/x.png"], "--out /proc/x.png: cannot write"))
+    for argv, needle in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        raw = capsys.readouterr().err
+        lines = [line for line in raw.replace("\r", "\n").splitlines()
+                 if line.strip() and "Loading pipeline components" not in line]  # fmt: skip  # diffusers' bar
+        assert code == 2, (argv, raw)
+        assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in raw, (argv, raw)
+        assert needle in lines[0] and "to train on" not in lines[0], (argv, raw)
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "2.5"), ("--batch_size", "x"), ("--num_images", "1e3"),
+                                        ("--upscale", "")])  # fmt: skip
+def test_a_non_integer_count_is_named_as_such(flag, value, capsys):
+    line = one_line_error(["sample", "--model", "m", flag, value], capsys)
+    assert f"argument {flag}: must be an integer, got {value!r}" in line and "_positive" not in line, line
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/model", "./no/such/model", "~nobody/model"])
+def test_a_missing_local_model_folder_is_named_as_a_folder(path, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(["sample", "--model", path, "--out", str(tmp_path / "g.png")], capsys)
+    assert line == f"error: {path}: no such local folder (nor a Hub repo id, which looks like ORG/NAME): check the path"
+
+
+def test_evaluate_refuses_the_default_digits_for_a_model_of_another_shape(tmp_path, capsys):
+    """`evaluate` without --dataset uses the digits only for 8x8 grayscale models; any other shape is one line
+    asking for --dataset (never a bound of resized digits)."""
+    from ddpm_hub.cli import main
+
+    unet = create_unet("tiny", sample_size=16)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "m16")
+    assert main(["evaluate", "--model", str(tmp_path / "m16"), "--bpd_estimate", "--num_images", "2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: evaluate: this model makes 16x16x1 images and the default --dataset (digits)")
+    assert "pass --dataset" in last
 
 
 def test_help_is_fast_because_nothing_heavy_is_imported():
@@ -298,3 +378,16 @@ def test_sample_never_writes_through_a_link_planted_at_a_target(trained, tmp_pat
     arrays = np.load(out_dir / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(np.asarray(Image.open(out_dir / "000000.png")), arrays[0, ..., 0])
     assert Image.open(grid).size == (16, 8)
+
+
+def test_a_path_too_long_for_the_system_is_one_line_naming_its_option(tmp_path, capsys):
+    from ddpm_hub.cli import main as cli_main
+
+    long = "a" * 5000
+    for argv, option in ((["sample", "--model", f"./{long}", "--num_images", "1"], "--model"),
+                         (["push", "--folder", long, "--repo_id", "o/x"], "--folder"),
+                         (["sample", "--model", f"./{long}", "--out", f"{long}.png"], "--model")):  # fmt: skip
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {option} ") and "not a usable path" in err, err
+        assert len(err) < 400

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipeline
 from PIL import Image
 
+from ddpm_hub.cli import main as cli
 from ddpm_hub.config import DataConfig
 from ddpm_hub.data import (
     DataError,
@@ -290,3 +294,49 @@ def test_non_utf8_file_name_is_named(tmp_path):
     os.rename(root, renamed)
     with pytest.raises(DataError, match=r"folder\\xff: the folder's path is not valid UTF-8"):
         load_splits(DataConfig(train_data_dir=renamed, cache_dir=str(tmp_path / "cache")))
+
+
+# -- datasets and files as they are ------------------------------------------------------------------------------------
+
+
+def test_an_image_column_of_labels_is_a_one_line_error():
+    needle = (
+        r"--image_column 'label' of the train split holds ClassLabel values, not images; image columns: \['image'\]"
+    )
+    with pytest.raises(DataError, match=needle):
+        load_splits(DataConfig(dataset_name="digits", image_column="label"))
+
+
+def test_saved_datasets_and_single_data_files_load_as_dataset_name(tmp_path):
+    dd = load_digits_dataset()
+    small = type(dd)({"train": dd["train"].select(range(40)), "test": dd["test"].select(range(10))})
+    small.save_to_disk(str(tmp_path / "saved_dict"))
+    small["train"].save_to_disk(str(tmp_path / "saved_one"))
+    small["train"].to_parquet(str(tmp_path / "train.parquet"))
+    cache = str(tmp_path / "cache")
+    train, held = load_splits(DataConfig(dataset_name=str(tmp_path / "saved_dict"), cache_dir=cache))
+    assert (len(train), len(held)) == (40, 10)
+    for source in ("saved_one", "train.parquet"):
+        train, held = load_splits(DataConfig(dataset_name=str(tmp_path / source), cache_dir=cache))
+        assert len(train) == 40 and held is None, source
+        stored = Image.open(io.BytesIO(train[3]["image"]["bytes"]))
+        np.testing.assert_array_equal(np.asarray(stored), np.asarray(dd["train"][3]["image"]))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="notes.txt: a .txt file is not a data file"):
+        load_splits(DataConfig(dataset_name=str(tmp_path / "notes.txt")))
+    out = tmp_path / "eval.json"  # evaluate takes the saved folder as --dataset, too
+    tiny_pipeline(T=20).save_pretrained(tmp_path / "model")
+    assert cli(["evaluate", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "saved_dict"),
+                "--num_images", "3", "--bpd_estimate", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["num_images"] == 3
+
+
+def test_sixteen_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    for value in (0, 257, 32896, 65535):  # a constant image keeps its brightness: x * 255 / 65535
+        image = Image.fromarray(np.full((8, 8), value, dtype=np.uint16))
+        assert image.mode == "I;16"
+        assert (to_model_image(image, 8, 1) == round(value * 255 / 65535)).all(), value
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    np.testing.assert_array_equal(to_model_image(Image.open(tmp_path / "ramp.png"), 8, 1)[0],
+                                  np.round(ramp * (255 / 65535)).astype(np.uint8))  # fmt: skip

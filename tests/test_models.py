@@ -34,3 +34,19 @@ def test_small_presets_forward(preset, learned):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown UNet preset"):
         unet_config("nope")
+
+
+@pytest.mark.parametrize(("resolution", "widths"), [(10, (32,)), (16, (32, 64)), (24, (32, 64)), (32, (32, 64, 128)),
+                                                    (64, (32, 64, 128, 128)), (256, (32, 64, 128, 128, 256, 256))])
+def test_the_small_preset_is_built_for_any_resolution_and_channel_count(resolution, widths):
+    """`small` halves the size down to about 8x8 (at most 6 levels), attention at the lowest level only; it runs at
+    its resolution for 1 and 3 channels, and 32x32 RGB has the 3,940,547 parameters the docs state."""
+    for channels in (1, 3):
+        config = unet_config("small", sample_size=resolution, in_channels=channels)
+        assert config["block_out_channels"] == widths and config["out_channels"] == channels
+        assert [b.startswith("Attn") for b in config["down_block_types"]] == [False] * (len(widths) - 1) + [True]
+        if resolution <= 32:
+            unet = create_unet("small", sample_size=resolution, in_channels=channels)
+            x = torch.zeros(1, channels, resolution, resolution)
+            assert unet(x, torch.tensor([10])).sample.shape == x.shape
+    assert count_parameters(create_unet("small")) == 3_940_547

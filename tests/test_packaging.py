@@ -1,11 +1,13 @@
 """A plain (non-editable) install gives `ddpm_hub` with its pipelines, trainer and card template, and no generic
-top-level `pipelines`/`training` modules."""
+top-level `pipelines`/`training` modules; no import circle; every declared dependency is used."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, subprocess_env
 
 
@@ -80,3 +82,23 @@ def test_no_module_of_the_package_imports_itself_through_others():
     assert len(modules) > 30
     circles = sorted(m for m in graph if reaches(m, m))
     assert circles == [], circles
+
+
+def test_no_unused_dependency():
+    """Every declared runtime dependency is imported somewhere in the package (transformers was not)."""
+    from pathlib import Path
+
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = [d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in deps]
+    source = "\n".join(p.read_text() for folder in ("ddpm_hub", "pipelines", "training") for p in
+                       (repo / folder).rglob("*.py"))  # fmt: skip
+    imports = {"scikit-learn": "sklearn", "huggingface-hub": "huggingface_hub", "pyyaml": "yaml", "pillow": "PIL"}
+    through_other_libraries = {"tensorboard", "safetensors"}  # used by accelerate (tracker) and diffusers (weights)
+    for name in set(names) - through_other_libraries:
+        module = imports.get(name, name.replace("-", "_"))
+        assert f"import {module}" in source or f"from {module}" in source, name
+    assert os.environ.get("HF_ENDPOINT", "").startswith("http://127.0.0.1")
+    assert torch.get_num_threads() >= 1

@@ -1,36 +1,24 @@
-"""The diffusers contract: every compatible scheduler gives the images of diffusers' canonical loop, callbacks as
-diffusers defines them, and every way of saving or pushing gives a folder that stock diffusers loads to the same
-images (in a process where `import ddpm_hub` fails), with our model card."""
+"""The pipeline and the diffusers contract: every compatible scheduler gives the images of diffusers' canonical loop,
+callbacks as diffusers defines them, its arguments checked before any work, and every way of saving or pushing gives
+a folder that stock diffusers loads to the same images (in a process where `import ddpm_hub` fails)."""
 
 from __future__ import annotations
 
 import inspect
 import json
-import subprocess
-import sys
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import stock_diffusers_images, subprocess_env
+from conftest import FAKE_TOKEN, random_unet, sample_images, stock_diffusers_images, tiny_pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
 from ddpm_hub.choices import SAMPLERS
 from ddpm_hub.cli import main as cli
 
-FAKE_TOKEN = "hf_FakeTokenForContractTests0123456789"
 STEPS = 8
-
-
-def _unet(learned: bool = False, seed: int = 0, num_class_embeds: int | None = None):
-    torch.manual_seed(seed)
-    unet = create_unet("tiny", learned_variance=learned, num_class_embeds=num_class_embeds)
-    with torch.no_grad():  # a random UNet with non-trivial outputs (zero-initialised output layers otherwise)
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
 
 
 def _canonical_loop(unet, scheduler, steps: int, seed: int, batch: int = 2, labels=None, scale: float = 1.0):
@@ -79,7 +67,7 @@ def test_edm_preconditioned_schedulers_are_refused_with_the_reason_before_any_st
     and what to use instead."""
     from ddpm_hub.pipelines.pipeline_class_conditional import ClassConditionalDDPMPipeline
 
-    unet = _unet(False)
+    unet = random_unet(False)
     calls = []
     unet.register_forward_hook(lambda *args: calls.append(1))
     scheduler = getattr(diffusers, name)()
@@ -99,7 +87,7 @@ def test_every_compatible_scheduler_gives_the_canonical_loop_images(name, learne
     config = DDPMScheduler(num_train_timesteps=1000, variance_type=variance).config
     # DPM-Solver-SDE draws its Brownian noise from its own seed (config), not from the step's generator
     extra = {"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}
-    unet = _unet(learned)
+    unet = random_unet(learned)
     expected = _canonical_loop(unet, cls.from_config(config, **extra), STEPS, seed=1)
     pipeline = DDPMPipeline(unet=unet, scheduler=cls.from_config(config, **extra))
     pipeline.set_progress_bar_config(disable=True)
@@ -118,7 +106,7 @@ def test_every_compatible_scheduler_guides_as_two_separate_unet_calls(name, lear
     variance = "learned_range" if learned else "fixed_small"
     config = DDPMScheduler(num_train_timesteps=1000, variance_type=variance).config
     extra = {"noise_sampler_seed": 0} if name == "DPMSolverSDEScheduler" else {}
-    unet = _unet(learned, num_class_embeds=4).double()  # float64: batch 2B and two calls of B agree to rounding
+    unet = random_unet(learned, num_class_embeds=4).double()  # float64: batch 2B and two calls of B agree to rounding
     labels = torch.tensor([2, 0])
     expected = _canonical_loop(unet, cls.from_config(config, **extra), STEPS, seed=1, labels=labels, scale=3.0)
     pipeline = DDPMPipeline(unet=unet, scheduler=cls.from_config(config, **extra))
@@ -144,7 +132,7 @@ def test_every_cli_sampler_is_a_compatible_scheduler():
 
 
 def test_callback_on_step_end_as_diffusers_defines_it():
-    pipeline = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler())
+    pipeline = DDPMPipeline(unet=random_unet(), scheduler=DDPMScheduler())
     pipeline.set_progress_bar_config(disable=True)
     seen = []
 
@@ -195,7 +183,7 @@ def test_denoise_is_the_loop_of_call_and_runs_in_pieces_with_a_step_hook(name):
     from ddpm_hub.pipelines.pipeline_class_conditional import ClassConditionalDDPMPipeline
 
     assert DDPMPipeline.denoise is ClassConditionalDDPMPipeline.denoise
-    pipeline = DDPMPipeline(unet=_unet(learned=True), scheduler=getattr(diffusers, name).from_config(
+    pipeline = DDPMPipeline(unet=random_unet(learned=True), scheduler=getattr(diffusers, name).from_config(
         DDPMScheduler(num_train_timesteps=100, variance_type="learned_range").config))  # fmt: skip
     pipeline.set_progress_bar_config(disable=True)
     expected = pipeline(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=STEPS,
@@ -221,6 +209,109 @@ def test_denoise_is_the_loop_of_call_and_runs_in_pieces_with_a_step_hook(name):
     assert torch.equal(zeros, torch.full_like(zeros, 0.5))  # the hook's x_0 = 0 is the image
 
 
+def test_pipeline_call_options(trained):
+    pipeline = DDPMPipeline.from_pretrained(trained)
+    seen = []
+    out = pipeline(
+        batch_size=2,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        num_inference_steps=4,
+        output_type="pt",
+        return_intermediates=True,
+        callback=lambda i, t, d: seen.append((i, t)),
+    )
+    assert out.images.shape == (2, 1, 8, 8) and 0 <= out.images.min() and out.images.max() <= 1
+    assert len(out["intermediates"]["samples"]) == 4 and len(out["intermediates"]["pred_original_samples"]) == 4
+    assert [i for i, _ in seen] == [0, 1, 2, 3]
+    pil = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert pil[0].size == (8, 8)
+    (images,) = pipeline(batch_size=1, num_inference_steps=2, output_type="np", return_dict=False)
+    assert images.shape == (1, 8, 8, 1)
+    # few-step sampling with other schedulers from the same config
+    import diffusers
+
+    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler"):
+        pipeline.scheduler = getattr(diffusers, name).from_config(pipeline.scheduler.config)
+        assert np.isfinite(sample_images(pipeline, steps=10)).all()
+    with pytest.raises(ValueError, match="output_type"):
+        pipeline(num_inference_steps=2, output_type="jpg")
+
+
+def test_pipeline_bits_per_dim(trained):
+    pipeline = DDPMPipeline.from_pretrained(trained)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    est = pipeline.bits_per_dim(images, estimate=True, num_samples=4, generator=torch.Generator().manual_seed(0))
+    assert est.total.shape == (3,) and est.stderr is not None and (est.total > 0).all()
+
+
+@pytest.mark.slow
+def test_compiled_sampling_stays_within_float32_rounding():
+    """`--compile` (torch.compile of the UNet, in place) changes speed, not images: within float32 rounding."""
+    pipeline = DDPMPipeline(unet=random_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=5,
+                        output_type="np").images  # fmt: skip
+
+    eager = run()
+    pipeline.unet.compile()
+    compiled = run()
+    assert type(pipeline.unet).__name__ == "UNet2DModel"  # compiled in place: saving and configs unchanged
+    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
+
+
+# -- arguments checked before any work ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"num_inference_steps": -1}, "num_inference_steps must be a positive integer, got -1"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
+        ({"num_inference_steps": 1.5}, "num_inference_steps must be a positive integer, got 1.5"),
+        ({"num_inference_steps": 11}, "num_inference_steps 11 exceeds the model's 10 training timesteps"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": -1}, "batch_size must be a positive integer, got -1"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ({"output_type": "jpg"}, "output_type must be one of"),
+    ],
+)
+@pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                                       "UniPCMultistepScheduler"])  # fmt: skip
+def test_pipeline_checks_its_arguments_before_any_work(no_work, kwargs, needle, scheduler):
+    pipeline = tiny_pipeline()
+    pipeline.scheduler = getattr(diffusers, scheduler).from_config(pipeline.scheduler.config)
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+        pipeline(**{"num_inference_steps": 2, **kwargs})
+
+
+def test_latent_output_is_the_array_stock_ddpm_pipeline_returns():
+    pipeline = tiny_pipeline()
+    stock = diffusers.DDPMPipeline(unet=pipeline.unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=10))
+    stock.set_progress_bar_config(disable=True)
+
+    def run(p, output_type):
+        return p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                 output_type=output_type).images  # fmt: skip
+
+    ours = run(pipeline, "latent")
+    theirs = run(stock, "latent")
+    assert isinstance(ours, np.ndarray) and isinstance(theirs, np.ndarray)
+    assert ours.shape == theirs.shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(ours, run(pipeline, "np"))
+
+
+def test_raw_weights_need_a_checkpoint_folder(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="checkpoint-N folders only"):
+        DDPMPipeline.from_pretrained(tmp_path / "pipe", weights="raw")
+
+
+# -- saving ------------------------------------------------------------------------------------------------------------
+
+
 def _ours(pipeline) -> np.ndarray:
     pipeline.set_progress_bar_config(disable=True)
     return pipeline(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
@@ -231,12 +322,13 @@ def test_every_save_and_push_path_loads_in_stock_diffusers_to_the_same_images(hu
     hub.state.token = FAKE_TOKEN
     config = DDPMScheduler(num_train_timesteps=100).config
     pipelines = {
-        "fixed_small": DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler.from_config(config)),
-        "ddim_swapped": DDPMPipeline(unet=_unet(), scheduler=diffusers.DDIMScheduler.from_config(config)),
-        "dpm_swapped": DDPMPipeline(unet=_unet(), scheduler=diffusers.DPMSolverMultistepScheduler.from_config(config)),
-        "fixed_large_log": DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler.from_config(
+        "fixed_small": DDPMPipeline(unet=random_unet(), scheduler=DDPMScheduler.from_config(config)),
+        "ddim_swapped": DDPMPipeline(unet=random_unet(), scheduler=diffusers.DDIMScheduler.from_config(config)),
+        "dpm_swapped": DDPMPipeline(unet=random_unet(),
+                                    scheduler=diffusers.DPMSolverMultistepScheduler.from_config(config)),
+        "fixed_large_log": DDPMPipeline(unet=random_unet(), scheduler=DDPMScheduler.from_config(
             config, variance_type="fixed_large_log")),
-        "learned_range": DDPMPipeline(unet=_unet(learned=True), scheduler=DDPMScheduler.from_config(
+        "learned_range": DDPMPipeline(unet=random_unet(learned=True), scheduler=DDPMScheduler.from_config(
             config, variance_type="learned_range")),
     }  # fmt: skip
     sources = {}
@@ -281,80 +373,10 @@ def test_every_save_and_push_path_loads_in_stock_diffusers_to_the_same_images(hu
         assert f'from_pretrained("{repo}")' in card or repo == "org/via-cli", repo
 
 
-def _card_snippet(folder, learned: bool, sampler: str | None) -> str:
-    from ddpm_hub.hub import render_model_card
-
-    card = str(render_model_card(
-        hparams={"resolution": 8, "variance_type": "learned_range" if learned else "fixed_small"}, metrics={},
-        repo_id=str(folder), num_parameters=1, channels=1, dataset_id=None, dataset_description="digits",
-        num_inference_steps=SAMPLERS[sampler].steps if sampler else 1000, sampler=sampler,
-    ))  # fmt: skip
-    return card.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def _run_snippet(snippet: str, tmp_path, block_ddpm_hub: bool) -> subprocess.CompletedProcess:
-    script = ('import sys; sys.modules["ddpm_hub"] = None\n' if block_ddpm_hub else "") + snippet
-    script += "\nassert len(images) == 16 and images[0].size == (8, 8), images\n"
-    return subprocess.run([sys.executable, "-c", script], env=subprocess_env(tmp_path), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-
-
-@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned_range"])
-@pytest.mark.parametrize("sampler", [None, "dpm", "ddim"])
-def test_the_cards_usage_snippet_runs_as_written(tmp_path, learned, sampler):
-    """The snippet runs verbatim; it needs ddpm_hub only where stock diffusers cannot do it (a learned variance
-    with a sampler other than DDPM: diffusers' DPM-Solver keeps 3 of a 1-channel model's 2 output channels)."""
-    variance = "learned_range" if learned else "fixed_small"
-    folder = tmp_path / "model"
-    DDPMPipeline(unet=_unet(learned=learned), scheduler=DDPMScheduler(variance_type=variance)).save_pretrained(folder)
-    snippet = _card_snippet(folder, learned, sampler)
-    needs_ours = learned and sampler is not None
-    assert snippet.startswith("from ddpm_hub import DDPMPipeline") == needs_ours, snippet
-    proc = _run_snippet(snippet, tmp_path, block_ddpm_hub=not needs_ours)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if needs_ours:  # the claim behind the choice: stock diffusers' pipeline fails with this sampler
-        stock = snippet.replace("from ddpm_hub import DDPMPipeline", "from diffusers import DDPMPipeline")
-        proc = _run_snippet(stock, tmp_path, block_ddpm_hub=True)
-        assert proc.returncode != 0 and "channels" in proc.stderr, proc.stderr[-2000:]
-
-
 def test_learned_variance_is_refused_on_save_with_a_pointer():
-    pipeline = DDPMPipeline(unet=_unet(learned=True), scheduler=DDPMScheduler(variance_type="learned"))
+    pipeline = DDPMPipeline(unet=random_unet(learned=True), scheduler=DDPMScheduler(variance_type="learned"))
     with pytest.raises(ValueError, match="learned_range"):
         pipeline.save_pretrained("/tmp/never-written")
-
-
-def test_model_card_states_only_what_is_true(trained):
-    card = (trained / "README.md").read_text()
-    assert "license: cc-by-4.0" in card and "apache-2.0" in card  # the data's license, and the code's
-    assert "https://github.com/)" not in card and "[ddpm-hub](https://github.com/)" not in card
-    assert f'from_pretrained("{trained}")' in card  # a local path: it was not pushed
-    assert "exponential moving average" in card
-    from ddpm_hub.hub import render_model_card
-
-    common = dict(hparams={"resolution": 8}, repo_id=None, num_parameters=10, channels=1, dataset_id=None,
-                  dataset_description="the UCI optical digits (embedded)")  # fmt: skip
-    text = str(render_model_card(metrics={"held_out_bits_per_dim": 4.5}, ema=False, **common))
-    assert "model-index" in text and "name: the UCI optical digits (embedded)" in text and "4.5" in text
-    assert "no EMA" in text and "exponential moving average" not in text
-    assert "license: other" in text and "not recorded" in text  # unknown data license: said, not guessed
-
-
-@pytest.mark.slow
-def test_compiled_sampling_stays_within_float32_rounding():
-    """`--compile` (torch.compile of the UNet, in place) changes speed, not images: within float32 rounding."""
-    pipeline = DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler(num_train_timesteps=100))
-    pipeline.set_progress_bar_config(disable=True)
-
-    def run():
-        return pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=5,
-                        output_type="np").images  # fmt: skip
-
-    eager = run()
-    pipeline.unet.compile()
-    compiled = run()
-    assert type(pipeline.unet).__name__ == "UNet2DModel"  # compiled in place: saving and configs unchanged
-    np.testing.assert_allclose(compiled, eager, rtol=0, atol=1e-5)
 
 
 def test_save_pretrained_replaces_planted_links_without_writing_through_them(tmp_path, trained):
@@ -375,3 +397,30 @@ def test_save_pretrained_replaces_planted_links_without_writing_through_them(tmp
     loaded = DDPMPipeline.from_pretrained(folder)
     for a, b in zip(pipeline.unet.parameters(), loaded.unet.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_folder_of_variant_weights_says_which_variant_to_load(tmp_path):
+    """`save_pretrained(..., variant="fp16")` writes `diffusion_pytorch_model.fp16.safetensors`; loading it without the
+    variant (or with another) names the variant to pass, not "no safetensors weights"."""
+    pipeline = DDPMPipeline(unet=create_unet("tiny"), scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.save_pretrained(tmp_path / "fp16", variant="fp16")
+    with pytest.raises(OSError, match=r"weights are the variant\(s\) 'fp16' \(no variant was given\): load with "
+                                      r"variant='fp16'"):  # fmt: skip
+        DDPMPipeline.from_pretrained(tmp_path / "fp16")
+    with pytest.raises(ValueError, match=r"\(variant='bf16' finds none\): load with variant='fp16'"):
+        DDPMPipeline.from_pretrained(tmp_path / "fp16", variant="bf16")
+    loaded = DDPMPipeline.from_pretrained(tmp_path / "fp16", variant="fp16")
+    for a, b in zip(pipeline.unet.parameters(), loaded.unet.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bits_per_dim_names_an_nhwc_batch_before_any_unet_call():
+    pipeline = DDPMPipeline(unet=create_unet("tiny"), scheduler=DDPMScheduler(num_train_timesteps=10))
+    calls = []
+    pipeline.unet.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.zeros(3, 8, 8, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\] = \[N, 1, 8, 8\] for this model, got "
+                                         r"\[3, 8, 8, 1\]: NHWC\? pass images.permute\(0, 3, 1, 2\)"):  # fmt: skip
+        pipeline.bits_per_dim(images)
+    assert calls == []
+    assert pipeline.bits_per_dim(images.permute(0, 3, 1, 2)).total.shape == (3,)
