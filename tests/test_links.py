@@ -125,7 +125,8 @@ def test_a_link_planted_inside_a_staging_folder_is_never_kept_and_staging_is_pri
 
     monkeypatch.setattr(checkpointing.CheckpointingMixin, "_save_own_state", plant_at_step_4)
     out = tmp_path / "run"
-    code = main_in_process([*FAST_ARGS, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(out)])
+    args = [*FAST_ARGS, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(out)]
+    code = main_in_process(args)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1 and "a symbolic link appeared in the checkpoint being written" in errors[0]
     assert seen_modes == [0o700, 0o700] and victim.read_text() == "precious"
@@ -158,8 +159,8 @@ def test_a_subfolder_swapped_for_a_link_mid_run_stops_the_run_before_it_writes_t
             (out / "checkpoints").symlink_to(other, target_is_directory=True)
 
     monkeypatch.setattr(train_module.Trainer, "log_metrics", swap_at_step_3)
-    code = main_in_process([*FAST_ARGS, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit",
-                  "1", "--output_dir", str(out)])  # fmt: skip
+    code = main_in_process([*FAST_ARGS, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                            "--checkpoints_total_limit", "1", "--output_dir", str(out)])  # fmt: skip
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 1 and errors == [f"error: {out / 'checkpoints'} is a symbolic link; the trainer never writes "
                                     "through links: remove it (or make it a real folder), or choose another "
