@@ -58,3 +58,11 @@ NOT_OFFERED: dict[str, str] = {
     "diffusers 0.42 then raises IndexError (its own loop too); on the linear schedule it runs",
 }
 OFFERED = tuple(name for name in SAMPLERS if name not in NOT_OFFERED)
+
+# The sampler of grids, metrics, cards and the CLI unless one is named (measured: docs/benchmarks.md, sample quality
+# per sampler).
+DEFAULT_SAMPLER = "dpm"
+# The options that make a run's scheduler (its saved scheduler_config.json): fixed for the run (resuming.py), taken
+# from a pretrained pipeline when fine-tuning (training/components.py).
+DIFFUSION_OPTIONS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                     "variance_type", "clip_sample")  # fmt: skip

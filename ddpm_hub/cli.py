@@ -14,11 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .choices import BETA_SCHEDULES, OFFERED, SAMPLERS
+from .choices import BETA_SCHEDULES, DEFAULT_SAMPLER, OFFERED, SAMPLERS
 from .config import OneLineParser
 from .labels import has_null_label
-
-DEFAULT_SAMPLER = "dpm"  # measured: docs/benchmarks.md, sample quality per sampler
 
 
 class UserError(Exception):

@@ -22,6 +22,7 @@ from typing import Any
 
 from .choices import (
     BETA_SCHEDULES,
+    DEFAULT_SAMPLER,
     LEARNED_VARIANCE_TYPES,
     LOSS_TYPES,
     OFFERED,
@@ -242,7 +243,7 @@ class RunConfig:
     num_eval_images: int = opt(64, "images in each sample grid (0: none)", minimum=0)
     eval_bpd_samples: int = opt(16, "strata of the fast bits/dim estimate (>= 2)", minimum=2)
     sampler: str = opt(
-        "dpm", "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
+        DEFAULT_SAMPLER, "the sampler of the sample grids, the sample-quality metric and the card's usage snippet",
         choices=OFFERED,
     )
     num_inference_steps: int | None = opt(

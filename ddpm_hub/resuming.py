@@ -7,13 +7,14 @@ import json
 import logging
 from typing import Any
 
+from .choices import DIFFUSION_OPTIONS
+
 logger = logging.getLogger(__name__)
 
 # What the checkpoint's weights and state mean: these cannot change in the middle of a run.
 FIXED_ON_RESUME = (
     "resolution", "channels", "unet_preset", "model_config_name_or_path", "pretrained_model_name_or_path",
-    "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "variance_type",
-    "clip_sample", "use_ema", "timestep_sampling", "class_conditional", "class_column", "cond_drop_prob",
+    *DIFFUSION_OPTIONS, "use_ema", "timestep_sampling", "class_conditional", "class_column", "cond_drop_prob",
 )  # fmt: skip
 # Which run a checkpoint belongs to: changed only with --resume_changed_run (say, the same data moved elsewhere).
 RUN_IDENTITY = ("seed", "dataset_name", "dataset_config_name", "train_data_dir", "split")

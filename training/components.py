@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm_hub.choices import DIFFUSION_OPTIONS
 from ddpm_hub.config import (
     ConfigError,
     TrainConfig,
@@ -27,8 +28,7 @@ from ddpm_hub.scheduling_ddpm import DDPMScheduler
 logger = logging.getLogger("ddpm_hub.train")
 
 
-SCHEDULER_OPTIONS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                     "variance_type", "clip_sample")  # fmt: skip
+SCHEDULER_OPTIONS = DIFFUSION_OPTIONS
 
 
 def make_accelerator(cfg: TrainConfig, trackers: list | None = None):
