@@ -32,7 +32,7 @@ class CheckpointingMixin:
 
     # -- the output folder ------------------------------------------------------------------------------------
 
-    def _check_output_dir(self) -> None:
+    def _check_no_earlier_run(self) -> None:
         final = self.output_dir / "model_index.json"
         if final.exists() and not self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
             raise ConfigError(

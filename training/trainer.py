@@ -72,7 +72,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._new_run = cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None
-        self._check_output_dir()
+        self._check_no_earlier_run()
         self.accelerator = acc = make_accelerator(cfg, trackers)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not acc.is_local_main_process:
