@@ -33,6 +33,8 @@ class CheckpointingMixin:
     # -- the output folder ------------------------------------------------------------------------------------
 
     def _check_no_earlier_run(self) -> None:
+        """A new run refuses a folder holding another run's pipeline or checkpoints unless told what to do with them
+        (--overwrite_output_dir, --resume_from_checkpoint)."""
         final = self.output_dir / "model_index.json"
         if final.exists() and not self.cfg.overwrite_output_dir and self.cfg.resume_from_checkpoint is None:
             raise ConfigError(
