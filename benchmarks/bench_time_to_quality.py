@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training"))
 
 # Base recipes. `digits` is the preset as shipped (ddpm_hub/config.py: v-prediction, learned-range variance with the
 # hybrid loss, batch 64, lr 2e-3, warm-up 100, EMA 0.999 with warm-up, cosine betas, uniform timesteps, channels
@@ -75,7 +74,7 @@ LEVERS: dict[str, dict] = {
 
 def make_trainer(lever: dict, out_dir: str, max_steps: int):
     """The real Trainer for the digits preset with `lever` (base and lever merged) applied."""
-    from train import Trainer
+    from ddpm_hub.training.trainer import Trainer
 
     from ddpm_hub.config import build_config
     from ddpm_hub.models import unet_config

@@ -142,11 +142,9 @@ def benchmark_trainer(
     digits converted to the model's shape, or (`random_data`) random uint8 images, which need no datasets install
     (a step's cost does not depend on the pixels). `options`: more training options (mixed precision,
     channels_last, compile, ...)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
     import torch
-    from train import Data, Trainer
+    from ddpm_hub.training.trainer import Trainer
+    from ddpm_hub.training.training_data import Data
 
     from ddpm_hub.config import build_config
 
