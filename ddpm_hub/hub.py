@@ -100,7 +100,7 @@ METRIC_DESCRIPTIONS = {
 }
 
 
-# The digits sample-quality metrics of `export.sample_quality` (`{space}_{metric}`) and how they were measured.
+# The digits sample-quality metrics of `evaluation.sample_quality` (`{space}_{metric}`) and how they were measured.
 DIGITS_SPACES = {"digits_mlp": "the shipped digits MLP's 64-d features",
                  "digits_conv": "the shipped digits CNN's 128-d features"}  # fmt: skip
 DIGITS_METRIC_DESCRIPTIONS = {

@@ -230,7 +230,7 @@ def test_conv_classifier_training_regenerates_the_shipped_weights():
 
 
 def test_training_export_quality_states_space_samples_seeds_and_spread():
-    """The trainer's final metric (export.sample_quality) and the card row that describes each of its numbers."""
+    """The trainer's final metric (evaluation.sample_quality) and the card row that describes each of its numbers."""
     from ddpm_hub import DDPMPipeline, DDPMScheduler, create_unet
     from ddpm_hub.digits_features import SPACES, digits_arrays
     from ddpm_hub.evaluation import CARD_QUALITY_METRICS, sample_quality
