@@ -452,8 +452,6 @@ def model_card(description: ModelDescription, metrics: dict[str, float], source:
                model_name: str | None = None):
     """The ModelCard of a model described by `description` whose usage snippet loads `source` (repo id or
     folder)."""
-    from .hub import render_model_card
-
     return render_model_card(
         hparams=description.hparams,
         metrics=metrics,
