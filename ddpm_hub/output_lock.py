@@ -25,7 +25,7 @@ LOCK_NAME = ".ddpm_hub.lock"
 class _Hold:
     fd: int  # the folder, opened and flock-ed
     depth: int
-    pid_file: tuple[int, int] | None  # (st_dev, st_ino) of the PID file this process wrote (writers only)
+    pid_fd: int | None  # the PID file this process wrote, kept open (its inode cannot be reused meanwhile)
     made_folder: bool
 
 
@@ -56,9 +56,10 @@ def _disk_hint(exc: OSError) -> str:
     return " (is the disk full?)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
 
 
-def _write_pid_file(path: Path, purpose: str) -> tuple[int, int]:
-    """Create `path` afresh holding this process's PID: whatever was there (a stale file, a planted link) is
-    unlinked first, and the new file is opened with O_EXCL | O_NOFOLLOW, so nothing outside the folder is written."""
+def _write_pid_file(path: Path, purpose: str) -> int:
+    """Create `path` afresh holding this process's PID and return its descriptor, kept open until release: whatever
+    was there (a stale file, a planted link) is unlinked first, and the new file is opened with O_EXCL | O_NOFOLLOW,
+    so nothing outside the folder is written."""
     try:
         path.unlink()
     except FileNotFoundError:
@@ -69,13 +70,11 @@ def _write_pid_file(path: Path, purpose: str) -> tuple[int, int]:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, f"{os.getpid()} ({purpose})\n".encode())
-        st = os.fstat(fd)
     except OSError:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
-    os.close(fd)
-    return st.st_dev, st.st_ino
+    return fd
 
 
 def acquire(folder: str | Path, purpose: str, create: bool = True, shared: bool = False) -> bool:
@@ -113,10 +112,10 @@ def acquire(folder: str | Path, purpose: str, create: bool = True, shared: bool 
             f"{folder} is in use by {_holder(path)} (another training, export, push or sample run on the same "
             "folder): wait for it to finish or stop it, or choose another folder"
         ) from None
-    pid_file = None
+    pid_fd = None
     if not shared:
         try:
-            pid_file = _write_pid_file(path, purpose)
+            pid_fd = _write_pid_file(path, purpose)
         except OSError as exc:
             os.close(fd)
             _remove_if_made(folder, made_folder and create)
@@ -125,7 +124,7 @@ def acquire(folder: str | Path, purpose: str, create: bool = True, shared: bool 
         except OutputLockedError:
             os.close(fd)
             raise
-    _held[folder] = _Hold(fd, 1, pid_file, made_folder and create)
+    _held[folder] = _Hold(fd, 1, pid_fd, made_folder and create)
     fault_point("lock.acquired")
     return True
 
@@ -170,13 +169,14 @@ def release(folder: str | Path) -> None:
         return
     del _held[folder]
     path = folder / LOCK_NAME
-    if hold.pid_file is not None:
+    if hold.pid_fd is not None:
         try:
-            st = os.lstat(path)
-            if (st.st_dev, st.st_ino) == hold.pid_file:
+            ours, there = os.fstat(hold.pid_fd), os.lstat(path)
+            if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino):
                 path.unlink()
         except OSError:  # gone, or a read-only folder: the lock dies with the descriptor anyway
             pass
+        os.close(hold.pid_fd)
     os.close(hold.fd)  # closing the descriptor releases the flock
     _remove_if_made(folder, hold.made_folder)
 
