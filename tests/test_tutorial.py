@@ -100,5 +100,5 @@ def test_tutorial_executes(tmp_path: Path):
     builder = _builder()
     nb = builder.notebook_from_source()
     threads = os.environ.get("OMP_NUM_THREADS", "2")
-    builder.execute(nb, timeout=300, env=subprocess_env(tmp_path, threads=int(threads)))
+    builder.execute(nb, timeout=900, env=subprocess_env(tmp_path, threads=int(threads)))
     _check_ran(nb)
