@@ -31,6 +31,9 @@ _EXPORTS = {
     "make_timestep_sampler": ".timestep_sampling",
     # The pipeline lives in the top-level `pipelines/` folder, installed as ddpm_hub.pipelines.
     "DDPMPipeline": ".pipelines",
+    "DDPMImg2ImgPipeline": ".pipelines.pipeline_editing",
+    "DDPMInpaintPipeline": ".pipelines.pipeline_editing",
+    "DDPMInterpolationPipeline": ".pipelines.pipeline_editing",
 }
 
 
