@@ -326,6 +326,25 @@ class RecordingTracker(GeneralTracker):
         return {step: values[key] for step, values in self.logs if key in values}
 
 
+@pytest.fixture(autouse=True)
+def _no_lock_outlives_its_test():
+    """A test that leaves an output folder locked fails here, by name, instead of a later test that checks the
+    locks (a leaked lock also keeps a descriptor open for the rest of the session)."""
+    from ddpm_hub import output_lock
+
+    before = set(output_lock._held)
+    yield
+    leaked = [folder for folder in output_lock._held if folder not in before]
+    for folder in leaked:
+        for _ in range(output_lock._held[folder].depth):
+            output_lock.release(folder)
+        hold = output_lock._held.pop(folder, None)  # a folder moved since: its key no longer resolves to itself
+        for fd in (hold.fd, hold.pid_fd) if hold else ():
+            if fd is not None:
+                os.close(fd)
+    assert not leaked, f"the test left these output folders locked: {leaked}"
+
+
 @pytest.fixture
 def fast_args() -> list[str]:
     return list(FAST_ARGS)

@@ -165,6 +165,8 @@ def _synthetic_trainer(tmp_path, cond_drop_prob: float = 0.1, **options):
 def test_labels_follow_images_through_shuffling_and_epochs(tmp_path):
     from accelerate.state import AcceleratorState, GradientState
 
+    from ddpm_hub import output_lock
+
     try:
         trainer = _synthetic_trainer(tmp_path)
         assert trainer.unet.config.num_class_embeds == NUM_CLASSES + 1  # the last row is the null label
@@ -183,6 +185,7 @@ def test_labels_follow_images_through_shuffling_and_epochs(tmp_path):
         trainer.cfg.diffusion.cond_drop_prob = 0.0
         assert (trainer.drop_labels(torch.ones(1000, dtype=torch.long), g) == 1).all()
     finally:
+        output_lock.release(tmp_path / "run")  # the Trainer took the folder's lock; train() would release it
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
