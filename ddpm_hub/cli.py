@@ -1,4 +1,5 @@
-"""`python -m ddpm_hub {sample,evaluate,push,plot}`: samples, bits/dim and FID/KID, Hub pushes, pictures.
+"""`python -m ddpm_hub {sample,inpaint,img2img,interpolate,evaluate,push,plot}`: samples, edited images (RePaint,
+SDEdit, interpolation), bits/dim and FID/KID, Hub pushes, pictures.
 
 Models load with safetensors only, from a pipeline folder, a training `checkpoint-N` folder (EMA weights unless
 `--weights raw`), a Hub id or the cache (`HF_HUB_OFFLINE=1`). Every user error is one line and exit status 2.
@@ -30,13 +31,14 @@ def load_pipeline(
     weights: str = "ema",
     seed: int = 0,
     compile: bool = False,
+    pipeline_class: str = "DDPMPipeline",
 ):
-    """A DDPMPipeline from a folder, checkpoint or Hub id, with the named sampler's scheduler (and the UNet
-    compiled in place with torch.compile when asked)."""
-    from ddpm_hub import DDPMPipeline
+    """A DDPMPipeline (or its subclass `pipeline_class`, an editing pipeline) from a folder, checkpoint or Hub id,
+    with the named sampler's scheduler (and the UNet compiled in place with torch.compile when asked)."""
+    import ddpm_hub
     from ddpm_hub.sampling import build_scheduler
 
-    pipeline = DDPMPipeline.from_pretrained(model, weights=weights)
+    pipeline = getattr(ddpm_hub, pipeline_class).from_pretrained(model, weights=weights)
     pipeline.scheduler = build_scheduler(sampler, pipeline.scheduler.config, seed)
     if device:
         pipeline.to(device)
@@ -169,25 +171,31 @@ def check_sampling(pipeline, args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> int:
     import contextlib
 
-    from ddpm_hub.output_lock import OutputLock, OutputLockedError
-
     check_device(args.device)
     with contextlib.ExitStack() as stack:
         if args.out_dir:
-            if not os.path.lexists(args.out_dir):  # a run that fails or is refused leaves no empty folder behind
-                stack.callback(_remove_if_empty, Path(args.out_dir))
-            check_output_dir(args.out_dir, "--out_dir")
-            try:  # one run per folder, from this check to the last file: a second one is refused at once
-                stack.enter_context(OutputLock(args.out_dir, "sample"))
-            except OutputLockedError as exc:
-                raise UserError(f"--out_dir {exc}") from None
-            remove_sample_staging(Path(args.out_dir))  # what a killed run left (no run can be writing it now)
-            earlier = sorted(p.name for p in Path(args.out_dir).iterdir()
-                             if p.name == "samples.npz" or p.suffix == ".png")  # fmt: skip
-            if earlier:  # new files would overwrite some and sit beside others: a folder mixing two runs
-                raise UserError(f"--out_dir {args.out_dir} already holds samples ({', '.join(earlier[:3])}"
-                                f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
+            claim_out_dir(stack, args.out_dir, "sample")
         return _sample(args)
+
+
+def claim_out_dir(stack, out_dir: str, command: str) -> None:
+    """Make `--out_dir` this run's, for as long as `stack` is open: writable, locked against a second run (refused at
+    once), cleared of what a killed run left, and holding no earlier images; a folder this run created and leaves
+    empty is removed again. UserError (one line) otherwise."""
+    from ddpm_hub.output_lock import OutputLock, OutputLockedError
+
+    if not os.path.lexists(out_dir):  # a run that fails or is refused leaves no empty folder behind
+        stack.callback(_remove_if_empty, Path(out_dir))
+    check_output_dir(out_dir, "--out_dir")
+    try:  # one run per folder, from this check to the last file: a second one is refused at once
+        stack.enter_context(OutputLock(out_dir, command))
+    except OutputLockedError as exc:
+        raise UserError(f"--out_dir {exc}") from None
+    remove_sample_staging(Path(out_dir))  # what a killed run left (no run can be writing it now)
+    earlier = sorted(p.name for p in Path(out_dir).iterdir() if p.name == "samples.npz" or p.suffix == ".png")
+    if earlier:  # new files would overwrite some and sit beside others: a folder mixing two runs
+        raise UserError(f"--out_dir {out_dir} already holds samples ({', '.join(earlier[:3])}"
+                        f"{', ...' if len(earlier) > 3 else ''}): choose a new folder, or remove them first")
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -246,6 +254,187 @@ def _sample(args: argparse.Namespace) -> int:
         replace_file(path, lambda fh: grid.save(fh, format=image_format))
         print(f"wrote {path}")
     return 0
+
+
+# -- editing: inpaint (RePaint), img2img (SDEdit), interpolate (Ho et al. 4.3) ------------------------------------
+
+EDITORS = {"inpaint": "DDPMInpaintPipeline", "img2img": "DDPMImg2ImgPipeline",
+           "interpolate": "DDPMInterpolationPipeline"}  # fmt: skip
+# the editing pipelines' argument names, as the command line spells them
+EDIT_FLAGS = (("num_inference_steps", "--steps"), ("jump_length", "--jump_length"),
+              ("jump_n_sample", "--jump_n_sample"), ("lambdas", "--lambdas"), ("class_labels", "--class_labels"),
+              ("guidance_scale", "--guidance_scale"))  # fmt: skip
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import contextlib
+
+    check_device(args.device)
+    with contextlib.ExitStack() as stack:
+        if args.out_dir:
+            claim_out_dir(stack, args.out_dir, args.command)
+        return _edit(args)
+
+
+def read_picture(path: str, flag: str):
+    """The image file `path` as a PIL image (UserError naming `flag` when it cannot be read)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except OSError as exc:  # a folder, no permission, not an image PIL can read
+        reason = exc.strerror or "not an image file PIL can read"
+        raise UserError(f"{flag} {path}: {reason}") from None
+
+
+def _edit_steps(args: argparse.Namespace) -> int:
+    if args.command == "inpaint":
+        return args.steps if args.steps is not None else 250
+    return _steps(args)
+
+
+def _edit(args: argparse.Namespace) -> int:
+    """An editing command: the pictures read, the model loaded as the editing pipeline, every input checked, then
+    --num_images results per input (per class with --class_labels), batch by batch from one seeded generator."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ddpm_hub.pipelines.pipeline_class_conditional import ids_by_design
+    from ddpm_hub.plots import image_grid
+    from ddpm_hub.sampling import grid_upscale
+
+    out = Path(args.out or f"{args.command}.png") if args.out or not args.out_dir else None
+    if out is not None:
+        check_output_file(out, "--out", image=True)
+    flags = {"inpaint": ("image", "mask"), "img2img": ("image",), "interpolate": ("image_a", "image_b")}
+    pictures = {name: read_picture(getattr(args, name), f"--{name}") for name in flags[args.command]}
+    sampler = "ddpm" if args.command == "inpaint" else args.sampler  # RePaint needs DDPM's step
+    editor = load_pipeline(args.model, sampler, args.device, args.weights, args.seed, getattr(args, "compile", False),
+                           EDITORS[args.command])  # fmt: skip
+    steps = _edit_steps(args)
+    try:
+        editor.check_edit_inputs(steps, "pt", getattr(args, "strength", None))
+        inputs = {name: editor.preprocess_image(p, f"--{name}") for name, p in pictures.items() if name != "mask"}
+        if "mask" in pictures:
+            inputs["mask"] = editor.preprocess_mask(pictures["mask"], inputs["image"], "--mask")
+        if args.command == "interpolate" and inputs["image_a"].shape != inputs["image_b"].shape:
+            raise UserError(f"--image_b is {inputs['image_b'].shape[-1]}x{inputs['image_b'].shape[-2]} pixels but "
+                            f"--image_a is {inputs['image_a'].shape[-1]}x{inputs['image_a'].shape[-2]}: pass two "
+                            "images of one size")  # fmt: skip
+    except ValueError as exc:
+        raise UserError(_flag_names(str(exc))) from None
+    strength = getattr(args, "strength", None)
+    if strength is not None and strength > 0 and int(steps * strength) == 0:
+        raise UserError(f"--strength {strength:g} of --steps {steps} runs no step: use --strength 0 for the input "
+                        f"unchanged, or --strength >= {1 / steps:.3g}, or more --steps")  # fmt: skip
+    labels = None
+    if args.class_labels:
+        labels = torch.tensor(class_ids(editor, args.class_labels)).repeat_interleave(args.num_images)
+    elif not has_null_label(True, editor.config.get("cond_drop_prob")):
+        raise UserError("this model was trained without label dropout, so it has no unconditional mode: pass "
+                        f"--class_labels (choose from {list((editor.id2label or {}).values())})")
+    scale = guidance_for(editor, args, labels is not None)
+    count = len(labels) if labels is not None else args.num_images  # inpaint/img2img results; interpolation rows
+    rows = count if args.command == "interpolate" else len(args.class_labels or [None])  # of the picture
+    generator = torch.Generator().manual_seed(args.seed)
+    editor.set_progress_bar_config(disable=False)
+    results = []
+    with ids_by_design():  # the labels here are class ids
+        if args.command == "interpolate":
+            for row in range(count):  # each row: new noise for the pair, shared by its lambdas
+                kwargs = {} if labels is None else {"class_labels": int(labels[row]), "guidance_scale": scale}
+                results.append(_run_editor(editor, dict(image_a=inputs["image_a"], image_b=inputs["image_b"],
+                                                        lambdas=args.lambdas, strength=args.strength, mix=args.mix),
+                                           steps, generator, kwargs))  # fmt: skip
+        else:
+            call = {"image": inputs["image"]}
+            if args.command == "inpaint":
+                call.update(mask_image=inputs["mask"], jump_length=args.jump_length, jump_n_sample=args.jump_n_sample)
+            else:
+                call.update(strength=args.strength)
+            for start in range(0, count, args.batch_size):
+                n = min(args.batch_size, count - start)
+                kwargs = {} if labels is None else {"class_labels": labels[start:start + n], "guidance_scale": scale}
+                image = call["image"].expand(n, *call["image"].shape[1:])
+                results.append(_run_editor(editor, {**call, "image": image}, steps, generator, kwargs))
+    results = torch.cat(results)  # uint8 [N, C, H, W]
+    arrays = results.permute(0, 2, 3, 1).numpy()  # NHWC uint8
+    tiles = [_tile(a) for a in arrays]
+    if args.out_dir:
+        extra = {}
+        if labels is not None:  # the class ids, and the names they stand for (class_names[id])
+            ids = labels.repeat_interleave(len(args.lambdas)) if args.command == "interpolate" else labels
+            extra = {"labels": ids.numpy(), "class_names": np.array(_class_names(editor))}
+        if args.command == "interpolate":
+            extra["lambdas"] = np.tile(np.array(args.lambdas, dtype=np.float64), count)
+            names = [f"{i:06d}.png" for i in range(len(tiles))]
+        else:
+            names = _file_names(editor, labels, len(tiles))
+        files = [(name, lambda fh, tile=tile: tile.save(fh, format="PNG")) for tile, name in zip(tiles, names,
+                                                                                                strict=True)]
+        files.append(("samples.npz", lambda fh: np.savez_compressed(fh, arr_0=arrays, **extra)))
+        write_sample_files(Path(args.out_dir), files)
+        print(f"wrote {len(tiles)} {'PNG' if len(tiles) == 1 else 'PNGs'} and samples.npz (uint8 NHWC) to "
+              f"{args.out_dir}")
+    if out is not None:
+        grid, cols = _edit_picture(args.command, inputs, tiles, rows)
+        upscale = args.upscale if args.upscale is not None else grid_upscale(tiles[0].height)
+        picture = image_grid(grid, upscale=upscale, cols=cols)
+        image_format = Image.registered_extensions()[out.suffix.lower()]
+        replace_file(out, lambda fh: picture.save(fh, format=image_format))
+        print(f"wrote {out}")
+    return 0
+
+
+def _flag_names(message: str) -> str:
+    for name, flag in EDIT_FLAGS:
+        message = message.replace(name, flag)
+    return message
+
+
+def _run_editor(editor, call: dict, steps: int, generator, kwargs: dict):
+    """One call of an editing pipeline as uint8 `[N, C, H, W]` (the rounding of its PIL output)."""
+    import torch
+
+    try:
+        images = editor(**call, **kwargs, num_inference_steps=steps, generator=generator, output_type="pt").images
+    except ValueError as exc:  # the pipeline checks its arguments before any work
+        raise UserError(_flag_names(str(exc))) from None
+    return (images * 255).round().to(torch.uint8).cpu()
+
+
+def _tile(array):
+    """A PIL image of a uint8 `[H, W, C]` array (grayscale for one channel)."""
+    from PIL import Image
+
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def _edit_picture(command: str, inputs: dict, tiles: list, rows: int) -> tuple[list, int]:
+    """The tiles of the output picture and its columns: per row, input | mask | results (inpaint), input | results
+    (img2img), image_a | one result per lambda | image_b (interpolate)."""
+    def picture(x, mask: bool):  # [1, C, H, W] in [-1, 1], a mask [1, 1, H, W] in {0, 1} -> a tile like the results
+        x = x[0].float().cpu()
+        x = x if mask else x / 2 + 0.5
+        return _tile((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).convert(tiles[0].mode)
+
+    first = {name: picture(x, name == "mask") for name, x in inputs.items()}
+    per_row = len(tiles) // rows
+    grid = []
+    for row in range(rows):
+        results = tiles[row * per_row:(row + 1) * per_row]
+        if command == "inpaint":
+            grid += [first["image"], first["mask"], *results]
+        elif command == "img2img":
+            grid += [first["image"], *results]
+        else:
+            grid += [first["image_a"], *results, first["image_b"]]
+    return grid, len(grid) // rows
 
 
 # -- writing outputs: complete files or none, never through a link planted at the target ------------------------
@@ -678,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out_dir", default=None, help="write every image as PNG and all as samples.npz (uint8 NHWC)")
     s.set_defaults(func=cmd_sample)
 
+    _edit_parsers(sub)
+
     e = sub.add_parser("evaluate", help="bits/dim (full or estimate), FID/KID/IS against a data set")
     _model_args(e)
     _sampler_args(e)
@@ -722,6 +913,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="plot.png")
     g.set_defaults(func=cmd_plot)
     return parser
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _edit_parsers(sub) -> None:
+    """inpaint, img2img and interpolate: a model as `sample` takes it, the pictures, the results per input."""
+    commands = {
+        "inpaint": "fill the white pixels of --mask in --image (RePaint; DDPM sampler): input | mask | results",
+        "img2img": "a realistic image keeping the layout of --image (SDEdit, --strength): input | results",
+        "interpolate": "interpolate --image_a and --image_b through x_t (Ho et al. 4.3): a | one per lambda | b",
+    }
+    for command, text in commands.items():
+        p = sub.add_parser(command, help=text, description=text)
+        _model_args(p)
+        if command == "inpaint":
+            p.add_argument("--image", required=True, help="the picture to complete (converted to the model's mode)")
+            p.add_argument("--mask", required=True, help="the mask, the picture's size: white = repaint, black = keep")
+            p.add_argument("--steps", type=_positive, default=None, help="RePaint levels (default 250)")
+            p.add_argument("--jump_length", type=_positive, default=10, help="levels per jump back (RePaint's j)")
+            p.add_argument("--jump_n_sample", type=_positive, default=10,
+                           help="passes over each block of levels (RePaint's r; 1: the replacement method)")
+            p.add_argument("--guidance_scale", type=_scale, default=None,
+                           help="classifier-free guidance with --class_labels (default: the model card's scale)")
+            p.add_argument("--batch_size", type=_positive, default=256)
+        else:
+            _sampler_args(p)
+            if command == "img2img":
+                p.add_argument("--image", required=True, help="the picture to edit (converted to the model's mode)")
+            else:
+                p.add_argument("--image_a", required=True)
+                p.add_argument("--image_b", required=True)
+                p.add_argument("--lambdas", type=_fraction, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                               help="mixing weights in [0, 1] (0: image_a, 1: image_b)")  # fmt: skip
+                p.add_argument("--mix", choices=["linear", "slerp"], default="linear")
+            p.add_argument("--strength", type=_fraction, default=0.8 if command == "img2img" else 0.5,
+                           help="how far the input is noised (0: unchanged, 1: sampling from noise); that fraction "
+                           "of --steps runs")  # fmt: skip
+        rows = "rows of interpolations" if command == "interpolate" else "results"
+        p.add_argument("--num_images", type=_positive, default=1 if command == "interpolate" else 4,
+                       help=f"{rows} per input (per class with --class_labels)")  # fmt: skip
+        p.add_argument("--class_labels", nargs="+", default=None, metavar="LABEL",
+                       help="class names (or ids) of a class-conditional model: one row per class")  # fmt: skip
+        p.add_argument("--upscale", type=_positive, default=None, help="enlarge each tile (default: to ~64 px)")
+        p.add_argument("--out", default=None, help=f"the picture (default {command}.png without --out_dir)")
+        p.add_argument("--out_dir", default=None, help="write every result as PNG and all as samples.npz")
+        p.set_defaults(func=cmd_edit)
 
 
 PATH_ARGUMENTS = ("model", "out", "out_dir", "folder", "vlb_plot", "dataset", "image", "mask", "image_a", "image_b")

@@ -182,9 +182,9 @@ def images_to_tensor(image: Any, channels: int, name: str = "image") -> torch.Te
         array = np.concatenate(arrays) if arrays[0].ndim == 4 else np.stack(arrays)
         if len(array) == 0:
             raise ValueError(f"{name} is empty (no images): pass {IMAGE_FORMS}")
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        x = VaeImageProcessor.numpy_to_pt(array.astype(np.float32))  # NHWC -> NCHW
         _check_range(x, 0, name, "NumPy images ([N, H, W, C])")
-        x = VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(array.astype(np.float32)))
+        x = VaeImageProcessor.normalize(x)  # [0, 1] -> [-1, 1]
     else:
         tensors = [t[None] if t.dim() == 3 else t for t in items]
         if any(t.dim() != 4 for t in tensors) or len({t.shape[1:] for t in tensors}) > 1:
@@ -238,7 +238,7 @@ def masks_to_tensor(mask_image: Any, name: str = "mask_image") -> torch.Tensor:
 class _ImageEditing:
     """What the editing pipelines share: checked inputs, diffusers' img2img timesteps, noising and output."""
 
-    def _check_call(
+    def check_edit_inputs(
         self, num_inference_steps: int, output_type: str | None, strength: float | None = None
     ) -> None:
         """ValueError for a bad argument, before any work: steps a positive integer, at most the model's T;
@@ -398,7 +398,7 @@ class DDPMInpaintPipeline(_ImageEditing, EditingBase):
         image; one image with several labels gives one completion per label) and `guidance_scale` as in
         `DDPMPipeline`. `callback_on_step_end` runs after every reverse step (jumps included).
         """
-        self._check_call(num_inference_steps, output_type)
+        self.check_edit_inputs(num_inference_steps, output_type)
         _check_count(jump_length, "jump_length")
         _check_count(jump_n_sample, "jump_n_sample")
         self._check_repaint_scheduler()
@@ -415,7 +415,7 @@ class DDPMInpaintPipeline(_ImageEditing, EditingBase):
         alphas_cumprod = self.scheduler.alphas_cumprod.to(x0.device)
 
         def abar(level: int) -> torch.Tensor:
-            return alphas_cumprod[levels[level]].to(x0.dtype) if level >= 0 else torch.ones((), dtype=x0.dtype)
+            return alphas_cumprod[levels[level]].to(x0.dtype) if level >= 0 else x0.new_ones(())
 
         def known_and_jumps(i: int, t, latents: torch.Tensor, step_output) -> torch.Tensor:
             level, jumps = plan[i][0] - 1, plan[i][1]
@@ -471,7 +471,7 @@ class DDPMImg2ImgPipeline(_ImageEditing, EditingBase):
         the same images as `DDPMPipeline` for the same generator). `class_labels`, `guidance_scale`, `eta` and
         `callback_on_step_end` as in `DDPMPipeline`.
         """
-        self._check_call(num_inference_steps, output_type, strength)
+        self.check_edit_inputs(num_inference_steps, output_type, strength)
         x0 = self.preprocess_image(image)
         x0, labels, guidance_scale = self._batch(x0, class_labels, guidance_scale, generator)
         latents, timesteps = self.encode(x0, strength, num_inference_steps, generator)
@@ -512,7 +512,7 @@ class DDPMInterpolationPipeline(_ImageEditing, EditingBase):
         (`mix="slerp"`). `strength` is the encoding level as in `DDPMImg2ImgPipeline` (the paper's figure: 0.5, t =
         500 of 1000); lambda 0 and 1 give the SDEdit images of a and b for the same generator. `class_labels`: one
         label for all, or one per lambda."""
-        self._check_call(num_inference_steps, output_type, strength)
+        self.check_edit_inputs(num_inference_steps, output_type, strength)
         if mix not in MIXES:
             raise ValueError(f"mix must be one of {list(MIXES)}, got {mix!r}")
         weights = list(lambdas) if isinstance(lambdas, (list, tuple, np.ndarray, torch.Tensor)) else None
