@@ -36,14 +36,11 @@ from .pipeline_class_conditional import ClassConditionalDDPMPipeline, LabelsInpu
 
 
 def _editing_base() -> type:
-    """ddpm_hub's DDPMPipeline where this file is ddpm_hub's; the stock-diffusers base in a model folder's copy."""
-    name = f"{__package__}.pipeline_ddpm"
-    try:
-        return importlib.import_module(name).DDPMPipeline
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
+    """ddpm_hub's DDPMPipeline where this file is ddpm_hub's; the stock-diffusers base in a model folder's copy
+    (imported by name: diffusers copies the files a custom pipeline imports with `from .x import`)."""
+    if __package__ != "ddpm_hub.pipelines":
         return ClassConditionalDDPMPipeline
+    return importlib.import_module(".pipeline_ddpm", __package__).DDPMPipeline
 
 
 EditingBase = _editing_base()
