@@ -8,6 +8,14 @@ import torch
 
 from .choices import SAMPLERS
 
+# On the cosine schedule sqrt(alphabar) falls to 5e-5 at t = T-1, where DPM-Solver's data prediction of an
+# epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by 2e4: a start there (DPMSolverSinglestep
+# always starts at T-1) gives noise from a model whose eps is 0.1% off. diffusers' `lambda_min_clipped` (its
+# docstring: "critical for cosine (squaredcos_cap_v2) noise schedule"; -5.1 as for DeepFloyd IF) starts the solver
+# where log(alpha/sigma) >= -5.1 (t = 995 of 1000). Measured: docs/benchmarks.md, sample quality per sampler.
+COSINE_LAMBDA_CLIPPED = ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler")
+COSINE_LAMBDA_MIN = -5.1
+
 
 def build_scheduler(name: str, config: Any, seed: int = 0):
     """The scheduler of sampler `name` built from a (DDPM) scheduler config, as `X.from_config(config)` does
@@ -20,7 +28,9 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     sampler = SAMPLERS[name]
     cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
-    extra = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
+    extra: dict[str, Any] = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
+    if cls.__name__ in COSINE_LAMBDA_CLIPPED and config.get("beta_schedule") == "squaredcos_cap_v2":
+        extra.setdefault("lambda_min_clipped", COSINE_LAMBDA_MIN)
     return cls.from_config(config, **sampler.config, **extra)
 
 

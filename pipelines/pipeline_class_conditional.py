@@ -245,6 +245,45 @@ def check_scheduler(scheduler) -> None:
         )
 
 
+def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | str | None = None) -> None:
+    """`scheduler.set_timesteps(num_inference_steps)`, then ValueError (naming the scheduler, the step count and the
+    noise schedule) where the timesteps it made cannot sample: a NaN timestep (KDPM2Ancestral at few steps on the
+    cosine schedule: its interpolated sigma of the last step is log(0)), or the first timestep repeated (Karras sigmas
+    on a schedule whose sigma_max is far above the rest, e.g. cosine's 2e4: diffusers then starts one step late and
+    stops with an IndexError). Either would otherwise give NaN images or a traceback from inside the loop. Warns
+    where an epsilon model's first step sits at sqrt(alphabar) < 1e-3 (DPM-Solver without `lambda_min_clipped` on
+    the cosine schedule): the samples of a trained model would be noise."""
+    name, schedule = type(scheduler).__name__, scheduler.config.get("beta_schedule", "?")
+    where = f"{name} with num_inference_steps={num_inference_steps} on this model's {schedule} noise schedule"
+    try:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    except (ValueError, IndexError, RuntimeError) as exc:  # e.g. PNDM's Runge-Kutta warm-up needs 4 steps or more
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{where} cannot run ({first}); use more steps or another scheduler") from None
+    timesteps = scheduler.timesteps.float()
+    if not torch.isfinite(timesteps).all():
+        raise ValueError(f"{where} makes a NaN timestep (a diffusers limitation), which would give NaN images; use "
+                         "more steps (20 works) or another scheduler")  # fmt: skip
+    alphas_cumprod = getattr(scheduler, "alphas_cumprod", None)
+    if (math.isinf(scheduler.config.get("lambda_min_clipped", 0.0)) and alphas_cumprod is not None
+            and scheduler.config.get("prediction_type") == "epsilon"
+            and float(alphas_cumprod[int(timesteps[0])]) ** 0.5 < 1e-3):  # fmt: skip
+        warnings.warn(
+            f"{where} starts at t={int(timesteps[0])}, where sqrt(alphabar) is "
+            f"{float(alphas_cumprod[int(timesteps[0])]) ** 0.5:.1e}: its x0 estimate (x - sigma eps) / alpha "
+            "multiplies any error of the model's eps by its inverse, and a trained model's samples come out as "
+            "noise; pass lambda_min_clipped=-5.1 to the scheduler (diffusers' setting for the cosine schedule), "
+            "as ddpm_hub's samplers do",
+            stacklevel=3,
+        )
+    repeats = int((timesteps == timesteps[0]).sum())
+    if repeats > 1:
+        karras = " (use_karras_sigmas)" if scheduler.config.get("use_karras_sigmas") else ""
+        raise ValueError(f"{where}{karras} puts {repeats} of its steps at the same timestep {int(timesteps[0])} "
+                         "(the schedule's largest sigma is far above the others), so diffusers cannot step through "
+                         "them; use it without Karras sigmas or another scheduler")  # fmt: skip
+
+
 def register_label_config(
     pipeline: DiffusionPipeline,
     id2label: dict | None,
@@ -311,7 +350,7 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
         else:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_timesteps(self.scheduler, num_inference_steps, device)
         return latents * self.scheduler.init_noise_sigma
 
     def prepare_extra_step_kwargs(self, generator, eta: float) -> dict[str, Any]:

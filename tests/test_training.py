@@ -18,6 +18,7 @@ from conftest import (
     FAST_ARGS,
     TRAIN,
     RecordingTracker,
+    main_in_process,
     read_metrics,
     run_train,
     subprocess_env,
@@ -458,6 +459,20 @@ def test_nonfinite_loss_stops_with_step_and_saves_no_nan(tmp_path):
         for name in ("unet", "unet_ema"):
             weights = load_file(folder / name / "diffusion_pytorch_model.safetensors")
             assert all(torch.isfinite(w).all() for w in weights.values()), folder
+
+
+def test_a_sampler_that_cannot_sample_the_run_is_refused_before_any_work(tmp_path, capsys):
+    """The run's sampler makes its grids, metrics and card at the end: a sampler whose timesteps cannot sample this
+    model at the run's step count (PNDM's Runge-Kutta warm-up at 3 steps) is refused in one line, exit 2, before the
+    output folder exists, not after training."""
+    out = tmp_path / "run"
+    cases = [(["--sampler", "pndm", "--num_inference_steps", "3"], "PNDMScheduler with num_inference_steps=3")]
+    for extra, needle in cases:
+        argv = ["--output_dir", str(out), "--preset", "digits", "--max_train_steps", "1", "--logger", "none", *extra]
+        code = main_in_process(argv)
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0] and f"--sampler {extra[1]}" in lines[0], lines
+        assert not out.exists()
 
 
 def test_the_readmes_training_command_gives_a_one_line_error_and_never_the_token(tmp_path):

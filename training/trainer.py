@@ -73,6 +73,7 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
         self.checkpoint_root = self.output_dir / "checkpoints"
         self._new_run = cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None
         self._check_no_earlier_run()
+        self._check_sampler()
         self.accelerator = acc = make_accelerator(cfg, trackers)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         if not acc.is_local_main_process:
@@ -264,6 +265,22 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
         self.accelerator.end_training()
         self.stop.uninstall()
         raise StoppedBySignal(self.stop.exit_code)
+
+    def _check_sampler(self) -> None:
+        """ConfigError before any work when the run's sampler cannot sample this model at its step count (the grids,
+        metrics and card would fail or show NaN images at the end of training): EDM schedulers, NaN or repeated
+        timesteps (`pipeline_class_conditional.set_timesteps`)."""
+        from ddpm_hub.pipelines.pipeline_class_conditional import check_scheduler, set_timesteps
+
+        from ddpm_hub.sampling import build_scheduler
+
+        cfg = self.cfg
+        try:
+            scheduler = build_scheduler(cfg.sampler, make_scheduler(cfg).config, cfg.seed)
+            check_scheduler(scheduler)
+            set_timesteps(scheduler, cfg.sampling_steps)
+        except ValueError as exc:
+            raise ConfigError(f"--sampler {cfg.sampler} --num_inference_steps {cfg.sampling_steps}: {exc}") from None
 
     def _check_hub(self) -> None:
         from ddpm_hub.hub_push import HubError, check_push_access, resolve_repo_id
