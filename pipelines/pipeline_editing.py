@@ -32,7 +32,7 @@ from diffusers import ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_class_conditional import ClassConditionalDDPMPipeline, LabelsInput, check_scheduler
+from .pipeline_class_conditional import ClassConditionalDDPMPipeline, LabelsInput, check_scheduler, set_timesteps
 
 
 def _editing_base() -> type:
@@ -308,7 +308,7 @@ class _ImageEditing:
     def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
         """(the timesteps to run, how many steps that is) for `strength`: the last int(num_inference_steps *
         strength) steps of the scheduler's chain, as diffusers' img2img pipelines keep them (begin index set for
-        the schedulers that count their steps). Call after `scheduler.set_timesteps`."""
+        the schedulers that count their steps). Call after `set_timesteps`."""
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = max(num_inference_steps - init_timestep, 0)
         timesteps = self.scheduler.timesteps[t_start * self.scheduler.order:]
@@ -321,7 +321,7 @@ class _ImageEditing:
         (with `noise`, else a fresh draw) to the first of the last int(steps * strength) timesteps; at strength 1,
         x_T = the noise times `init_noise_sigma`, exactly as sampling starts (diffusers' inpainting pipelines do the
         same); at strength 0 the images themselves."""
-        self.scheduler.set_timesteps(num_inference_steps, device=images.device)
+        set_timesteps(self.scheduler, num_inference_steps, images.device)
         timesteps, steps = self.get_timesteps(num_inference_steps, strength)
         if strength > 0 and steps == 0:
             raise ValueError(f"strength {strength} of {num_inference_steps} steps runs no step (int(steps * "
@@ -358,7 +358,7 @@ class DDPMInpaintPipeline(_ImageEditing, EditingBase):
     def repaint_timesteps(self, num_inference_steps: int, jump_length: int = 10, jump_n_sample: int = 10):
         """RePaint's schedule as timesteps of this pipeline's scheduler (after `set_timesteps(num_inference_steps)`):
         the layout of diffusers' `RePaintScheduler.timesteps`, ascending entries (jumps back up) included."""
-        self.scheduler.set_timesteps(num_inference_steps)
+        set_timesteps(self.scheduler, num_inference_steps)
         levels = self.scheduler.timesteps.flip(0)  # level i -> its timestep
         return levels[torch.tensor(repaint_schedule(num_inference_steps, jump_length, jump_n_sample))]
 
@@ -406,7 +406,7 @@ class DDPMInpaintPipeline(_ImageEditing, EditingBase):
         keep = 1 - repaint
         any_known = bool((keep > 0).any())
 
-        self.scheduler.set_timesteps(num_inference_steps, device=x0.device)
+        set_timesteps(self.scheduler, num_inference_steps, x0.device)
         levels = self.scheduler.timesteps.flip(0)  # level i -> its timestep; level -1 is x_0
         plan = repaint_plan(repaint_schedule(num_inference_steps, jump_length, jump_n_sample))
         alphas_cumprod = self.scheduler.alphas_cumprod.to(x0.device)

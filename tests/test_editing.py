@@ -373,6 +373,28 @@ def test_inpainting_refuses_a_scheduler_without_the_ddpm_posterior_step():
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("cls", [DDPMImg2ImgPipeline, DDPMInterpolationPipeline])
+@pytest.mark.parametrize("name,steps,message", [("PNDMScheduler", 3, "cannot run"),
+                                                ("KDPM2AncestralDiscreteScheduler", 10, "NaN timestep")])  # fmt: skip
+def test_timesteps_the_scheduler_cannot_step_through_are_refused_as_in_sampling(cls, name, steps, message):
+    """The editing pipelines set the scheduler's timesteps with `pipeline_class_conditional.set_timesteps`, so they
+    refuse what sampling refuses (PNDM under 4 steps; KDPM2 ancestral's NaN timestep on the cosine schedule): one
+    line naming the scheduler and the step count, before any UNet call."""
+    config = DDPMScheduler(beta_schedule="squaredcos_cap_v2").config
+    pipeline = _pipeline(cls, scheduler=getattr(diffusers, name).from_config(config))
+    calls = []
+    pipeline.unet.register_forward_hook(lambda *args: calls.append(1))
+    a, b = _pils(_uint8_images())
+    images = {"image": a} if cls is DDPMImg2ImgPipeline else {"image_a": a, "image_b": b}
+    with pytest.raises(ValueError) as caught:
+        pipeline(**images, strength=0.5, num_inference_steps=steps)
+    text = str(caught.value)
+    assert f"{name} with num_inference_steps={steps}" in text and message in text and "\n" not in text, text
+    assert calls == []
+    if cls is DDPMImg2ImgPipeline:  # the step counts sampling takes work here too
+        pipeline(**images, strength=0.5, num_inference_steps=20, output_type="np")
+
+
 # -- Everywhere a model is ---------------------------------------------------------------------------------------
 
 
