@@ -15,10 +15,12 @@ from .faults import fault_point
 from .files import first_link, make_private_dir, open_up
 from .hub import ModelDescription, model_card
 from .labels import label_config
+from .pipelines.pipeline_ddpm import REMOTE_CODE_FILES
 
 EXPORT_STAGING = ".pipeline.tmp"
-# What an export writes; model_index.json, which makes a folder load as a pipeline, is moved in last.
-PIPELINE_ITEMS = ("unet", "scheduler", "pipeline.py", "samples.png", "README.md", "metrics.json")
+# What an export writes (the code files: what `DDPMPipeline.save_pretrained` writes for stock diffusers'
+# custom_pipeline); model_index.json, which makes a folder load as a pipeline, is moved in last.
+PIPELINE_ITEMS = ("unet", "scheduler", *REMOTE_CODE_FILES, "samples.png", "README.md", "metrics.json")
 
 
 class ExportError(OSError):

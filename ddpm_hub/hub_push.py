@@ -2,10 +2,10 @@
 
 Retries: huggingface_hub retries its pre-upload and LFS requests itself; we retry, with backoff, only the requests
 it does not (whoami, create_repo, the commit), so no request is retried by two layers.
-Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json, and a conditional
-pipeline's pipeline.py) is uploaded,
-never checkpoints, optimizer state or logs. The token comes from the argument, HF_TOKEN or the saved login;
-it is never printed, logged or written anywhere by this module, and is scrubbed from error messages.
+Only the pipeline (model_index.json, unet/, scheduler/, README.md, samples.png, metrics.json, and the code files that
+stock diffusers' custom_pipeline runs) is uploaded, never checkpoints, optimizer state or logs. The token comes from
+the argument, HF_TOKEN or the saved login; it is never printed, logged or written anywhere by this module, and is
+scrubbed from error messages.
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ PIPELINE_PATTERNS = [
     "unet/config.json",
     "unet/*.safetensors",
     "scheduler/scheduler_config.json",
-    "pipeline.py",  # a class-conditional pipeline's code, for stock diffusers' custom_pipeline
+    # the code stock diffusers' custom_pipeline runs, all named pipeline*.py (pipeline_ddpm.REMOTE_CODE_FILES; not
+    # imported, as pipeline_ddpm pushes through this module): a conditional folder's pipeline.py, and the editing
+    # pipelines' pipeline_editing.py, its entry files and the loop's module pipeline_class_conditional.py
+    "pipeline.py",
+    "pipeline_*.py",
 ]
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 

@@ -7,8 +7,10 @@ the images they give in diffusers. It is written once, in `ClassConditionalDDPMP
 for stock diffusers); `DDPMPipeline` subclasses that pipeline and adds argument checks, intermediates, the
 deprecated `callback`, the likelihood, safetensors-only loading and saving with our card. Saved folders are plain
 diffusers repos (`model_index.json` names only diffusers classes, the swapped-in scheduler's own class included), so
-stock diffusers loads them without ddpm_hub; every way of saving or pushing writes our model card. Weights load from
-safetensors only, and a training `checkpoint-N` folder loads as a pipeline too (EMA weights by default).
+stock diffusers loads them without ddpm_hub; they carry the code of the editing pipelines (and a conditional folder
+its sampler's) for stock diffusers' `custom_pipeline` (`remote_code_files`); every way of saving or pushing writes
+our model card. Weights load from safetensors only, and a training `checkpoint-N` folder loads as a pipeline too
+(EMA weights by default).
 """
 
 from __future__ import annotations
@@ -34,10 +36,19 @@ from ddpm_hub.scheduling_ddpm import DDPMScheduler
 
 from .pipeline_class_conditional import ClassConditionalDDPMPipeline, LabelsInput
 
-# A class-conditional pipeline folder carries pipeline_class_conditional.py under this name, for stock diffusers'
-# `custom_pipeline="pipeline", trust_remote_code=True`.
+# The code a saved folder carries for stock diffusers (`custom_pipeline=NAME, trust_remote_code=True`): a
+# class-conditional folder, pipeline_class_conditional.py as `pipeline.py` (its sampler); every folder, the editing
+# pipelines (pipeline_editing.py and the loop's module it imports) with one entry file each, since diffusers loads
+# the one pipeline class that a custom pipeline file holds and copies the files it imports (`from .x import`).
 REMOTE_PIPELINE_FILE = "pipeline.py"
-SAVED_FILES = ("model_index.json", "README.md", "samples.png", REMOTE_PIPELINE_FILE, "unet", "scheduler")
+EDITING_CODE = ("pipeline_editing.py", "pipeline_class_conditional.py")
+EDITING_ENTRIES = {  # custom_pipeline name -> the class of pipeline_editing.py it runs
+    "pipeline_inpaint": "DDPMInpaintPipeline",
+    "pipeline_img2img": "DDPMImg2ImgPipeline",
+    "pipeline_interpolation": "DDPMInterpolationPipeline",
+}
+REMOTE_CODE_FILES = (REMOTE_PIPELINE_FILE, *EDITING_CODE, *(f"{entry}.py" for entry in EDITING_ENTRIES))
+SAVED_FILES = ("model_index.json", "README.md", "samples.png", *REMOTE_CODE_FILES, "unet", "scheduler")
 
 # What each saved variance type means to stock diffusers: fixed_large_log is NaN there and samples exactly like
 # fixed_large here, so it is saved as fixed_large; `learned` (a raw variance to diffusers, a log-variance to us)
@@ -46,6 +57,29 @@ STOCK_VARIANCE_TYPE = {"fixed_large_log": "fixed_large"}
 # Stock diffusers' DDPMPipeline returns a PIL list for "pil", the [0, 1] NCHW tensor for "pt" and the [0, 1] NHWC
 # array for anything else, "latent" and None included (DDPM has no latent space): the same here.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", None)
+
+
+def remote_code_files(conditional: bool = False) -> dict[str, str]:
+    """The code files (name -> text) a saved folder carries, so that stock diffusers runs it without ddpm_hub:
+
+        DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline_inpaint", trust_remote_code=True)
+
+    (`pipeline_img2img`, `pipeline_interpolation`: the editing pipelines, every folder) and, for a `conditional`
+    folder, `custom_pipeline="pipeline"` (sampling). Each editing entry imports both modules and names one class."""
+    here = Path(__file__).parent
+    files = {name: (here / name).read_text() for name in EDITING_CODE}
+    if conditional:
+        files[REMOTE_PIPELINE_FILE] = files["pipeline_class_conditional.py"]
+    for entry, cls in EDITING_ENTRIES.items():
+        files[f"{entry}.py"] = (
+            f'"""Stock diffusers\' entry to ddpm_hub\'s {cls} (pipeline_editing.py, beside this file):\n\n'
+            f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{entry}", trust_remote_code=True)\n'
+            '"""\n\n'
+            "from .pipeline_class_conditional import LABEL_CONFIG  # noqa: F401  (diffusers copies what this file "
+            "imports)\n"
+            f"from .pipeline_editing import {cls}  # noqa: F401\n"
+        )
+    return files
 
 
 class DDPMPipeline(ClassConditionalDDPMPipeline):
@@ -255,9 +289,9 @@ class DDPMPipeline(ClassConditionalDDPMPipeline):
             inside = [f"{sub}/{p.name}" for sub in ("unet", "scheduler") for p in (folder / sub).glob("*")]
             unlink_planted_links(folder, [*SAVED_FILES, *inside])
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
-        if self.unet.config.get("num_class_embeds") is not None:  # stock diffusers samples it with this code
-            source = Path(__file__).with_name("pipeline_class_conditional.py")
-            write_text_atomic(folder / REMOTE_PIPELINE_FILE, source.read_text())
+        # the code stock diffusers runs it with: sampling a conditional model, editing with any (remote_code_files)
+        for name, text in remote_code_files(self.unet.config.get("num_class_embeds") is not None).items():
+            write_text_atomic(folder / name, text)
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = "DDPMPipeline"

@@ -12,17 +12,17 @@ Each runs `ClassConditionalDDPMPipeline.denoise`, the one denoising loop: SDEdit
 over its own list of timesteps with a `step_hook` that puts the known pixels back and jumps back up. Masks follow
 diffusers' inpainting pipelines: white (1) = repaint, black (0) = keep.
 
-This module imports only torch, diffusers, NumPy and PIL, so that a model folder can carry it for stock diffusers
-(`remote_code_files`). Inside ddpm_hub the pipelines subclass `DDPMPipeline` (loading from checkpoint-N folders,
-safetensors only, our DDPM scheduler, saving with a card); in such a folder, run by stock diffusers, they subclass
-`ClassConditionalDDPMPipeline` from the copy beside it. The loop and every number are the same in both.
+This module imports only torch, diffusers, NumPy and PIL, so that every saved model folder carries it for stock
+diffusers (`custom_pipeline="pipeline_inpaint"`, ...: see `pipeline_ddpm.remote_code_files`). Inside ddpm_hub the
+pipelines subclass `DDPMPipeline` (loading from checkpoint-N folders, safetensors only, our DDPM scheduler, saving
+with a card); in such a folder, run by stock diffusers, they subclass `ClassConditionalDDPMPipeline` from the copy
+beside it. The loop and every number are the same in both.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,13 +51,6 @@ IMAGE_FORMS = ("a PIL image or a list of them, a NumPy array in [0, 1] ([N, H, W
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", None)
 MIXES = ("linear", "slerp")
-
-# custom_pipeline name -> the class it runs, for stock diffusers (see `remote_code_files`)
-REMOTE_PIPELINES = {
-    "pipeline_inpaint": "DDPMInpaintPipeline",
-    "pipeline_img2img": "DDPMImg2ImgPipeline",
-    "pipeline_interpolation": "DDPMInterpolationPipeline",
-}
 
 
 def repaint_schedule(num_inference_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
@@ -101,29 +94,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     if bool((theta.abs() < 1e-4).all()):
         return (1 - lam) * a + lam * b
     return (torch.sin((1 - lam) * theta) * a + torch.sin(lam * theta) * b) / torch.sin(theta)
-
-
-def remote_code_files() -> dict[str, str]:
-    """The files (name -> text) that let stock diffusers run the editing pipelines from a model folder, without
-    ddpm_hub: this module, the loop's module, and one entry per pipeline, so that
-
-        DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline_inpaint", trust_remote_code=True)
-
-    (`pipeline_img2img`, `pipeline_interpolation`) loads that pipeline. diffusers loads the one pipeline class a
-    custom pipeline file holds, and copies the files that file imports relatively (not theirs): each entry imports
-    both modules and names one class."""
-    here = Path(__file__).parent
-    files = {name: (here / name).read_text() for name in ("pipeline_editing.py", "pipeline_class_conditional.py")}
-    for entry, cls in REMOTE_PIPELINES.items():
-        files[f"{entry}.py"] = (
-            f'"""Stock diffusers\' entry to ddpm_hub\'s {cls} (pipeline_editing.py, beside this file):\n\n'
-            f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{entry}", trust_remote_code=True)\n'
-            '"""\n\n'
-            "from .pipeline_class_conditional import LABEL_CONFIG  # noqa: F401  (diffusers copies what this file "
-            "imports)\n"
-            f"from .pipeline_editing import {cls}  # noqa: F401\n"
-        )
-    return files
 
 
 # -- inputs as diffusers' image pipelines take them ------------------------------------------------------------

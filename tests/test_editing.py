@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    FAKE_TOKEN,
     export_pipeline_to,
     one_line_error,
     pipeline_call_kwargs,
@@ -21,7 +22,8 @@ from conftest import (
     stock_diffusers_images,
 )
 from ddpm_hub.pipelines.pipeline_class_conditional import ClassConditionalDDPMPipeline
-from ddpm_hub.pipelines.pipeline_editing import remote_code_files, repaint_schedule
+from ddpm_hub.pipelines.pipeline_ddpm import remote_code_files
+from ddpm_hub.pipelines.pipeline_editing import repaint_schedule
 from PIL import Image
 
 from ddpm_hub import (
@@ -32,6 +34,7 @@ from ddpm_hub import (
     DDPMScheduler,
 )
 from ddpm_hub.cli import main as cli
+from ddpm_hub.hub_push import push_pipeline_folder
 
 T = 20  # training timesteps of the tiny test models
 EDITORS = (DDPMInpaintPipeline, DDPMImg2ImgPipeline, DDPMInterpolationPipeline)
@@ -460,20 +463,41 @@ def _array_call_kwargs(call: dict) -> dict:
     return kwargs
 
 
-def test_stock_diffusers_runs_the_editing_pipelines_from_a_folder_with_their_code(tmp_path):
-    """A folder holding `remote_code_files()` runs each editing pipeline in stock diffusers (`import ddpm_hub` fails
-    there) with `custom_pipeline="pipeline_inpaint"` (`_img2img`, `_interpolation`): the same images as ours, for an
-    unconditional and a guided class-conditional model."""
+def test_every_saved_exported_or_pushed_folder_runs_the_editing_pipelines_in_stock_diffusers(tmp_path, trained, hub):
+    """Folders carry the editing code (`remote_code_files`) however they are written: saved by `save_pretrained`
+    (unconditional, and a guided class-conditional model), exported by the trainer (`trained`), pushed to the Hub
+    (`push_to_hub`, and the trainer's folder as `push` sends it). Stock diffusers, in a process where `import
+    ddpm_hub` fails, runs each editing pipeline from each of them with `custom_pipeline="pipeline_inpaint"`
+    (`_img2img`, `_interpolation`) and gives ddpm_hub's images. A link planted where a code file goes is replaced,
+    never written through."""
+    hub.state.token = FAKE_TOKEN
     images = (_uint8_images()[..., None] / 255.0).astype(np.float32).tolist()
     mask = (np.array(_mask())[..., None] / 255.0).astype(np.float32).tolist()
-    folders = {"plain": tmp_path / "plain", "cond": tmp_path / "cond"}
+    folders = {"plain": tmp_path / "plain", "cond": tmp_path / "cond", "trained": trained}
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folders["plain"].mkdir()
+    (folders["plain"] / "pipeline_editing.py").symlink_to(victim)
     _pipeline().save_pretrained(folders["plain"])
+    assert victim.read_text() == "precious" and not (folders["plain"] / "pipeline_editing.py").is_symlink()
     _pipeline(num_classes=3, id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(folders["cond"])
-    files = remote_code_files()
-    assert set(files) >= {"pipeline_inpaint.py", "pipeline_img2img.py", "pipeline_interpolation.py"}
-    for folder in folders.values():
+    for key, folder in folders.items():
+        files = remote_code_files(conditional=key == "cond")
+        assert set(files) >= {"pipeline_editing.py", "pipeline_inpaint.py", "pipeline_img2img.py",
+                              "pipeline_interpolation.py"} and ("pipeline.py" in files) == (key == "cond")  # fmt: skip
         for name, text in files.items():
-            (folder / name).write_text(text)
+            assert (folder / name).read_text() == text, (key, name)
+        assert not (folder / "pipeline.py").exists() or key == "cond", key
+    _pipeline().push_to_hub("org/editing", token=FAKE_TOKEN)
+    push_pipeline_folder(trained, "org/editing-trained", token=FAKE_TOKEN)
+    for repo in ("org/editing", "org/editing-trained"):
+        pushed = hub.state.repos[repo].head[1]
+        for name, text in remote_code_files().items():
+            assert pushed[name].decode() == text, (repo, name)
+        assert "pipeline.py" not in pushed
+    sources = {**{key: str(folder) for key, folder in folders.items()}, "hub": "org/editing",
+               "hub_trained": "org/editing-trained"}  # fmt: skip
+    ours_from = {**folders, "hub": folders["plain"], "hub_trained": trained}  # the same models, loaded by ddpm_hub
     calls = {
         "pipeline_inpaint": {"image": images, "mask_image": mask, "num_inference_steps": 4, "jump_length": 2,
                              "jump_n_sample": 2, "output_type": "np"},
@@ -484,19 +508,20 @@ def test_stock_diffusers_runs_the_editing_pipelines_from_a_folder_with_their_cod
     classes = dict(zip(calls, EDITORS, strict=True))
     cases = {}
     for entry, call in calls.items():
-        cases[f"{entry}_plain"] = (f"{folders['plain']}::{entry}", call)
         labels = ["b", "c"] if entry != "pipeline_interpolation" else "b"
-        cases[f"{entry}_cond"] = (f"{folders['cond']}::{entry}", {**call, "class_labels": labels,
-                                                                 "guidance_scale": 2.0})  # fmt: skip
-    stock = stock_diffusers_images(cases, tmp_path, load={"trust_remote_code": True}, setup=STOCK_SETUP)
-    for key, (source, call) in cases.items():
-        folder, entry = source.split("::")
+        for key, source in sources.items():
+            guided = {"class_labels": labels, "guidance_scale": 2.0} if key == "cond" else {}
+            cases[f"{entry}_{key}"] = (f"{source}::{entry}", {**call, **guided})
+    stock = stock_diffusers_images(cases, tmp_path, load={"trust_remote_code": True}, setup=STOCK_SETUP,
+                                   HF_TOKEN=FAKE_TOKEN, HF_HUB_OFFLINE="0")  # fmt: skip
+    for case, (source, call) in cases.items():
+        entry = source.split("::")[1]
         cls = classes[entry]
-        assert str(stock[f"{key}_pipeline"]).endswith(f".pipeline_editing.{cls.__name__}"), stock[f"{key}_pipeline"]
-        assert str(stock[f"{key}_scheduler"]) == "DDPMScheduler"
-        ours = cls.from_pretrained(folder)
+        assert str(stock[f"{case}_pipeline"]).endswith(f".pipeline_editing.{cls.__name__}"), stock[f"{case}_pipeline"]
+        assert str(stock[f"{case}_scheduler"]) == "DDPMScheduler"
+        ours = cls.from_pretrained(ours_from[case[len(entry) + 1:]])
         ours.set_progress_bar_config(disable=True)
-        assert np.array_equal(stock[key], ours(**_array_call_kwargs(call)).images), key
+        assert np.array_equal(stock[case], ours(**_array_call_kwargs(call)).images), case
 
 
 # -- The command line --------------------------------------------------------------------------------------------
