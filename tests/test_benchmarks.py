@@ -14,7 +14,7 @@ from conftest import REPO, subprocess_env
 @pytest.mark.parametrize(
     "script",
     ["bench_train", "bench_sample", "bench_bpd", "bench_quality", "bench_make_train", "gpu_check", "bench_samplers",
-     "bench_time_to_quality", "bench_guidance", "bench_eval_fid", "bench_small_unet"],  # fmt: skip
+     "bench_time_to_quality", "bench_guidance", "bench_eval_fid", "bench_small_unet", "bench_editing"],  # fmt: skip
 )
 def test_benchmark_quick(script, tmp_path):
     out = tmp_path / f"{script}.json"
@@ -37,6 +37,17 @@ def test_benchmark_quick(script, tmp_path):
         assert rows[0]["torch_threads"] >= 1 and rows[0]["busy_cores"] > 0
     if script == "bench_sample":
         assert all(r["max_abs_diff"] < 1e-4 for r in rows)  # speed is never bought with a different result
+    if script == "bench_editing":  # tiny random models of its own: every part, both models, every mask
+        methods = {(r["model"], r["mask"], r["method"]) for r in rows}
+        for mask in ("bottom_half", "right_half", "centre_4x4", "random_half"):
+            assert {("none", mask, "black fill"), ("unconditional", mask, "replacement"),
+                    ("conditional", mask, "replacement")} <= methods  # fmt: skip
+        assert rows[0]["method"] == "unmasked originals" and result["inpaint_conditional"]["guidance_scale"] == 2.0
+        sdedit = result["sdedit"]["rows"]
+        assert {r["corruption"] for r in sdedit} == {"none", "gaussian", "scribble"}
+        clean = next(r for r in sdedit if r["corruption"] == "none" and r["strength"] == 0)
+        assert clean["digits_conv_accuracy"] == rows[0]["digits_conv_accuracy"]  # strength 0: the input itself
+        assert result["interpolation"]["pairs"]
 
 
 @pytest.mark.slow
