@@ -341,9 +341,12 @@ class TrainConfig:
 
     @property
     def sampling_steps(self) -> int:
-        """The step count of the run's sampler: `num_inference_steps`, or the sampler's usual count (at most T)."""
-        steps = self.num_inference_steps or SAMPLERS[self.sampler].steps
-        return min(steps, self.num_train_timesteps)
+        """The step count of the run's sampler: `num_inference_steps`, or the sampler's usual count, at most T (DDPM)
+        or T-1 (the others: diffusers' multistep solvers with "leading" spacing put every one of T steps at t=0)."""
+        if self.num_inference_steps:
+            return self.num_inference_steps
+        cap = self.num_train_timesteps - (self.sampler != "ddpm")
+        return max(1, min(SAMPLERS[self.sampler].steps, cap))
 
     def to_dict(self) -> dict[str, Any]:
         """Flat option -> value (for trackers, model cards and metrics.json; never holds a token)."""

@@ -8,13 +8,25 @@ import torch
 
 from .choices import SAMPLERS
 
-# On the cosine schedule sqrt(alphabar) falls to 5e-5 at t = T-1, where DPM-Solver's data prediction of an
-# epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by 2e4: a start there (DPMSolverSinglestep
-# always starts at T-1) gives noise from a model whose eps is 0.1% off. diffusers' `lambda_min_clipped` (its
-# docstring: "critical for cosine (squaredcos_cap_v2) noise schedule"; -5.1 as for DeepFloyd IF) starts the solver
-# where log(alpha/sigma) >= -5.1 (t = 995 of 1000). Measured: docs/benchmarks.md, sample quality per sampler.
+# Where sqrt(alphabar) at t = T-1 is below 1e-3 (the cosine schedule: 5e-5), DPM-Solver's data prediction of an
+# epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by its inverse: a start there gives noise
+# from a model whose eps is 0.1% off. DPM-Solver singlestep always starts at T-1, multistep does with "linspace" or
+# "trailing" spacing. diffusers' `lambda_min_clipped` (its docstring: "critical for cosine (squaredcos_cap_v2) noise
+# schedule"; -5.1 as for DeepFloyd IF) starts the solver where log(alpha/sigma) >= -5.1 (t = 995 of 1000). It is set
+# only there: with "leading" spacing multistep starts lower and its timesteps stay as diffusers makes them.
 COSINE_LAMBDA_CLIPPED = ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler")
 COSINE_LAMBDA_MIN = -5.1
+
+
+def _starts_where_eps_errors_blow_up(cls: type, config: Any) -> bool:
+    """Whether a DPM-Solver `cls` built from `config` starts at t = T-1 with sqrt(alphabar) < 1e-3 there."""
+    from .scheduling_ddpm import DDPMScheduler
+
+    if cls.__name__ not in COSINE_LAMBDA_CLIPPED or config.get("prediction_type", "epsilon") != "epsilon":
+        return False
+    starts_at_end = cls.__name__ == "DPMSolverSinglestepScheduler" or config.get("timestep_spacing") != "leading"
+    alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+    return starts_at_end and float(alphas_cumprod[-1]) ** 0.5 < 1e-3
 
 
 def build_scheduler(name: str, config: Any, seed: int = 0):
@@ -29,7 +41,7 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
     sampler = SAMPLERS[name]
     cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
     extra: dict[str, Any] = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
-    if cls.__name__ in COSINE_LAMBDA_CLIPPED and config.get("beta_schedule") == "squaredcos_cap_v2":
+    if _starts_where_eps_errors_blow_up(cls, {**config, **sampler.config}):
         extra.setdefault("lambda_min_clipped", COSINE_LAMBDA_MIN)
     return cls.from_config(config, **sampler.config, **extra)
 

@@ -278,10 +278,12 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
         )
     repeats = int((timesteps == timesteps[0]).sum())
     if repeats > 1:
-        karras = " (use_karras_sigmas)" if scheduler.config.get("use_karras_sigmas") else ""
-        raise ValueError(f"{where}{karras} puts {repeats} of its steps at the same timestep {int(timesteps[0])} "
-                         "(the schedule's largest sigma is far above the others), so diffusers cannot step through "
-                         "them; use it without Karras sigmas or another scheduler")  # fmt: skip
+        if scheduler.config.get("use_karras_sigmas"):
+            why = ("(use_karras_sigmas: the schedule's largest sigma is far above the others), so diffusers cannot "
+                   "step through them; use it without Karras sigmas or another scheduler")  # fmt: skip
+        else:
+            why = "(its timestep spacing leaves no room for them), so the chain would not denoise; use fewer steps"
+        raise ValueError(f"{where} puts {repeats} of its steps at the same timestep {int(timesteps[0])} {why}")
 
 
 def register_label_config(

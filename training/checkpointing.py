@@ -83,9 +83,15 @@ class CheckpointingMixin:
     def _clear_earlier_run(self) -> None:
         """--overwrite_output_dir (new run): delete the earlier run's checkpoints, only once every check of this
         run has passed (data, Hub access, model), so a refused run deletes nothing."""
-        if self.accelerator.is_main_process and self._new_run:
+        if self._new_run:
+            self._remove_checkpoints("--overwrite_output_dir: deleting the earlier run's %s", logging.INFO)
+
+    def _remove_checkpoints(self, message: str, level: int) -> None:
+        """Delete every checkpoint under `checkpoints/` (each named in the log by `message`), the best pointer and the
+        replaced-run mark: the main process deletes, the others wait for it."""
+        if self.accelerator.is_main_process:
             for old in ckpt.list_checkpoints(self.checkpoint_root):
-                logger.info("--overwrite_output_dir: deleting the earlier run's %s", old)
+                logger.log(level, message, old)
                 ckpt.remove_checkpoint(old)
             ckpt.remove_best_pointer(self.checkpoint_root)
             ckpt.unmark_replaced(self.checkpoint_root)
@@ -249,13 +255,7 @@ class CheckpointingMixin:
     def _start_afresh(self) -> None:
         """No valid checkpoint (and `latest_or_new`): remove the rejected ones, which a later `latest` or pruning
         would otherwise mistake for this run's."""
-        if self.accelerator.is_main_process:
-            for rejected in ckpt.list_checkpoints(self.checkpoint_root):
-                logger.warning("--resume_from_checkpoint latest_or_new: deleting the rejected %s", rejected)
-                ckpt.remove_checkpoint(rejected)
-            ckpt.remove_best_pointer(self.checkpoint_root)
-            ckpt.unmark_replaced(self.checkpoint_root)
-        self.accelerator.wait_for_everyone()
+        self._remove_checkpoints("--resume_from_checkpoint latest_or_new: deleting the rejected %s", logging.WARNING)
         logger.info("no valid checkpoint under %s: starting from scratch", self.checkpoint_root)
 
     def _check_resumable(self, info: ckpt.CheckpointInfo) -> dict:
