@@ -278,12 +278,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def read_picture(path: str, flag: str):
     """The image file `path` as a PIL image (UserError naming `flag` when it cannot be read)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)  # as diffusers' load_image: the picture as a viewer shows it
     except FileNotFoundError:
         raise UserError(f"{flag} {path}: no such file") from None
     except OSError as exc:  # a folder, no permission, not an image PIL can read
@@ -308,10 +308,17 @@ def _edit(args: argparse.Namespace) -> int:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import grid_upscale
 
+    flags = {"inpaint": ("image", "mask"), "img2img": ("image",), "interpolate": ("image_a", "image_b")}
+    for name in ("out", "out_dir"):
+        if getattr(args, name) == "":
+            raise UserError(f"--{name} is empty: give a file name (--out) or a folder (--out_dir)")
     out = Path(args.out or f"{args.command}.png") if args.out or not args.out_dir else None
     if out is not None:
         check_output_file(out, "--out", image=True)
-    flags = {"inpaint": ("image", "mask"), "img2img": ("image",), "interpolate": ("image_a", "image_b")}
+        for name in flags[args.command]:
+            if Path(getattr(args, name)).resolve() == out.resolve():
+                raise UserError(f"--out {out} is the --{name} picture itself: choose another file name (the input "
+                                "would be overwritten)")  # fmt: skip
     pictures = {name: read_picture(getattr(args, name), f"--{name}") for name in flags[args.command]}
     sampler = "ddpm" if args.command == "inpaint" else args.sampler  # RePaint needs DDPM's step
     editor = load_pipeline(args.model, sampler, args.device, args.weights, args.seed, getattr(args, "compile", False),
@@ -982,11 +989,38 @@ def _check_path_lengths(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {show_text(value)}: not a usable path (a name is too long)")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, so that it stops as after Ctrl-C: its unfinished files and its
+    folder lock are removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a signal ignored on purpose (nohup) stays ignored
+        try:
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                handlers[sig] = signal.signal(sig, _raise_interrupted)
+        except ValueError:  # not the main thread: signals stay as they are
+            break
     try:
         _check_path_lengths(args)
         return args.func(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"error: stopped by {signal.Signals(signum).name}; this run's unfinished files were removed",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1001,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: " + redact_tokens(" ".join(show_text(word) for word in str(exc).split())), file=sys.stderr)
             return 2
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ beside it. The loop and every number are the same in both.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -115,6 +116,19 @@ def _check_range(x: torch.Tensor, low: float, name: str, what: str) -> None:
         raise ValueError(f"{name}: {what} must be in [{low:g}, 1], got values in {shown}")
 
 
+def _to_8_bit(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """A 16-bit grayscale PIL image (modes I;16*, or I holding 0..65535) scaled to 8 bits (PIL's own `convert`
+    clips every value above 255); ValueError for float images (mode F), whose range PIL does not know."""
+    if image.mode == "F":
+        raise ValueError(f"{name} is a floating-point PIL image (mode F): pass it as a NumPy array in [0, 1]")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        if array.min() < 0 or array.max() > 65535:
+            raise ValueError(f"{name} is a 32-bit integer PIL image outside 0..65535: pass a NumPy array in [0, 1]")
+        return PIL.Image.fromarray(np.round(array / 257).astype(np.uint8), mode="L")
+    return image
+
+
 def images_to_tensor(image: Any, channels: int, name: str = "image") -> torch.Tensor:
     """`[N, C, H, W]` float32 in [-1, 1] from what diffusers' image pipelines take: PIL images (converted to the
     model's `channels`: L, RGB or RGBA), NumPy `[N, H, W, C]`/`[H, W, C]`/`[H, W]` in [0, 1], torch
@@ -135,7 +149,7 @@ def images_to_tensor(image: Any, channels: int, name: str = "image") -> torch.Te
         if len({item.size for item in items}) > 1:
             raise ValueError(f"{name}: the images of a list must be of one size, got "
                              f"{sorted({f'{w}x{h}' for w, h in (i.size for i in items)})}")  # fmt: skip
-        pixels = VaeImageProcessor.pil_to_numpy([item.convert(PIL_MODES[channels]) for item in items])
+        pixels = VaeImageProcessor.pil_to_numpy([_to_8_bit(item, name).convert(PIL_MODES[channels]) for item in items])
         x = VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(pixels))  # [0, 1] -> [-1, 1]
     elif kind == "np":
         arrays = [_float_array(a, name) for a in items]
@@ -281,7 +295,16 @@ class _ImageEditing:
         the schedulers that count their steps). Call after `set_timesteps`."""
         init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
         t_start = max(num_inference_steps - init_timestep, 0)
-        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order:]
+        count, order = len(self.scheduler.timesteps), self.scheduler.order
+        if 0 < init_timestep < num_inference_steps and count > num_inference_steps * order + 1:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} runs {count} timesteps for {num_inference_steps} steps (a warm-up: "
+                f"PNDM's Runge-Kutta steps), so it cannot start part-way down the chain at strength {strength}; use "
+                "PNDMScheduler with skip_prk_steps=True, or another scheduler"
+            )
+        if init_timestep == 0:  # strength 0: no step at all (the input comes back)
+            return self.scheduler.timesteps[:0], 0
+        timesteps = self.scheduler.timesteps[t_start * order:]
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(t_start * self.scheduler.order)
         return timesteps, num_inference_steps - t_start
@@ -376,6 +399,12 @@ class DDPMInpaintPipeline(_ImageEditing, EditingBase):
         keep = 1 - repaint
         any_known = bool((keep > 0).any())
 
+        if not bool((repaint > 0).any()):  # nothing to repaint: the input, without a UNet call
+            return self._output(x0, output_type, return_dict)
+        if jump_n_sample > 1 and jump_length >= num_inference_steps:
+            warnings.warn(f"jump_length {jump_length} >= num_inference_steps {num_inference_steps}: RePaint makes no "
+                          "jump back (the replacement method, one pass); use a jump_length below the step count",
+                          stacklevel=2)  # fmt: skip
         set_timesteps(self.scheduler, num_inference_steps, x0.device)
         levels = self.scheduler.timesteps.flip(0)  # level i -> its timestep; level -1 is x_0
         plan = repaint_plan(repaint_schedule(num_inference_steps, jump_length, jump_n_sample))
