@@ -14,7 +14,8 @@ from conftest import REPO, subprocess_env
 @pytest.mark.parametrize(
     "script",
     ["bench_train", "bench_sample", "bench_bpd", "bench_quality", "bench_make_train", "gpu_check", "bench_samplers",
-     "bench_time_to_quality", "bench_guidance", "bench_eval_fid", "bench_small_unet", "bench_editing"],  # fmt: skip
+     "bench_time_to_quality", "bench_guidance", "bench_eval_fid", "bench_small_unet", "bench_editing",
+     "bench_sampling_precision"],  # fmt: skip
 )
 def test_benchmark_quick(script, tmp_path):
     out = tmp_path / f"{script}.json"
