@@ -12,10 +12,13 @@ from .choices import SAMPLERS
 # epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by its inverse: a start there gives noise
 # from a model whose eps is 0.1% off. DPM-Solver singlestep always starts at T-1, multistep does with "linspace" or
 # "trailing" spacing. diffusers' `lambda_min_clipped` (its docstring: "critical for cosine (squaredcos_cap_v2) noise
-# schedule"; -5.1 as for DeepFloyd IF) starts the solver where log(alpha/sigma) >= -5.1 (t = 995 of 1000). It is set
-# only there: with "leading" spacing multistep starts lower and its timesteps stay as diffusers makes them.
+# schedule") starts the solver where log(alpha/sigma) >= the value: -3 here, a gain of at most e^3 = 20 at the first
+# step (t = 967 of 1000; leading-spacing DPM-Solver++ starts at t = 900, a gain of 6.4). diffusers' example value
+# for DeepFloyd IF, -5.1 (a gain of 165), left DPM-Solver singlestep at FID 10.8 / 28.0 on the digits, -3 gives
+# 2.5 / 5.5 (docs/benchmarks.md, sample quality per sampler). Set only there: with "leading" spacing multistep starts
+# lower and its timesteps stay as diffusers makes them.
 COSINE_LAMBDA_CLIPPED = ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler")
-COSINE_LAMBDA_MIN = -5.1
+COSINE_LAMBDA_MIN = -3.0
 
 
 def _starts_where_eps_errors_blow_up(cls: type, config: Any) -> bool:

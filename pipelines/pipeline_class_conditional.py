@@ -272,8 +272,8 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
             f"{where} starts at t={int(timesteps[0])}, where sqrt(alphabar) is "
             f"{float(alphas_cumprod[int(timesteps[0])]) ** 0.5:.1e}: its x0 estimate (x - sigma eps) / alpha "
             "multiplies any error of the model's eps by its inverse, and a trained model's samples come out as "
-            "noise; pass lambda_min_clipped=-5.1 to the scheduler (diffusers' setting for the cosine schedule), "
-            "as ddpm_hub's samplers do",
+            "noise; pass lambda_min_clipped=-3 to the scheduler (its setting for the cosine schedule), as "
+            "ddpm_hub's samplers do",
             stacklevel=3,
         )
     repeats = int((timesteps == timesteps[0]).sum())
