@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--quick", action="store_true", help="a tiny model trained here, 3 samplers, seconds")
     parser.add_argument("--samplers", nargs="*", default=None, help="a subset of the samplers (default: all)")
+    parser.add_argument("--diffusers_defaults", action="store_true",
+                        help="build each scheduler as plain `X.from_config(config)` does, without ddpm_hub's settings "
+                        "(lambda_min_clipped on the cosine schedule): what a user's own scheduler gets")  # fmt: skip
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "samplers.json"))
     parser.add_argument("--figures", default=str(REPO / "docs" / "figures" / "samplers"))
     args = parser.parse_args()
@@ -100,7 +103,14 @@ def main() -> None:
         order.insert(0, ref_key)
     for name, steps in order:
         sampler = with_sampler(pipeline, name)
-        row = {"sampler": name, "scheduler": SAMPLERS[name].scheduler, "note": SAMPLERS[name].note, "steps": steps}
+        if args.diffusers_defaults and name != "ddpm":
+            import diffusers
+
+            plain = getattr(diffusers, SAMPLERS[name].scheduler).from_config(pipeline.scheduler.config,
+                                                                            **SAMPLERS[name].config)  # fmt: skip
+            sampler = type(pipeline)(unet=pipeline.unet, scheduler=plain)
+        row = {"sampler": name, "scheduler": SAMPLERS[name].scheduler, "note": SAMPLERS[name].note, "steps": steps,
+               "scheduler_config": {k: v for k, v in sampler.scheduler.config.items() if k == "lambda_min_clipped"}}
         scores = []
         try:
             for seed in args.seeds:
@@ -136,8 +146,8 @@ def main() -> None:
     columns = ["sampler", "note", "steps", "s per 1000"] + [f"{label} {s.removeprefix('digits_')}"
                for label in labels.values() for s in SPACES] + ["error"]  # fmt: skip
     print_table(f"Sampler quality ({args.num_samples} samples x seeds {args.seeds}, digits-classifier metrics vs 300 "
-                "held-out digits, mean +- 95% t half-width; FID - ref: paired difference from DDPM-"
-                f"{max(ddpm_steps)})", table, columns)  # fmt: skip
+                "held-out digits, mean +- 95% t half-width" + (f"; FID - ref: paired difference from DDPM-"
+                f"{max(ddpm_steps)})" if ref_key else ")"), table, columns)  # fmt: skip
     payload = {"machine": machine(), "device": str(device), "num_samples": args.num_samples, "seeds": args.seeds,
                "rows": rows}  # fmt: skip
     if ref_key is None or ref_key not in per_seed:
