@@ -82,7 +82,7 @@ SMALL_WIDTHS = (32, 64, 128, 128, 256, 256)  # channels per level of the `small`
 
 
 def small_unet_config(resolution: int = 32, channels: int = 3) -> dict[str, Any]:
-    """A UNet that trains on a laptop CPU, for images of any size and channel count: one residual block per level,
+    """A UNet that trains on a laptop CPU, for images of any size and channel count: two residual blocks per level,
     32, 64, 128, ... channels, halving the size down to about 8x8 (at most 6 levels) with self-attention there
     only, where it is cheap. 32x32 RGB: 3 levels (32, 16, 8), 3.9M parameters."""
     levels = 1
