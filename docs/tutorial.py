@@ -18,7 +18,8 @@
 # Contents: 1. the data; 2. the forward process $q(\mathbf{x}_t|\mathbf{x}_{t-1})$ and its closed form
 # $q(\mathbf{x}_t|\mathbf{x}_0)$; 3. noise schedules; 4. the posterior $q(\mathbf{x}_{t-1}|\mathbf{x}_t,\mathbf{x}_0)$;
 # 5. the reverse process $p_\theta(\mathbf{x}_{t-1}|\mathbf{x}_t)$; 6. the variational bound; 7. $L_\text{simple}$
-# and Algorithm 1 (training); 8. the bound of the trained model; 9. Algorithm 2 (sampling); 10. fast samplers.
+# and Algorithm 1 (training); 8. the bound of the trained model; 9. Algorithm 2 (sampling); 10. fast samplers;
+# 11. editing images with the trained model: inpainting (RePaint), SDEdit and interpolation.
 #
 # To run it yourself, open `docs/tutorial.ipynb` in Jupyter (`pip install jupyterlab`, then `jupyter lab
 # docs/tutorial.ipynb`) or VS Code. Its source is `docs/tutorial.py` (a jupytext script): `python
@@ -44,6 +45,9 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from ddpm_hub import (
+    DDPMImg2ImgPipeline,
+    DDPMInpaintPipeline,
+    DDPMInterpolationPipeline,
     DDPMPipeline,
     DDPMScheduler,
     bits_per_dim,
@@ -569,6 +573,111 @@ for name, steps in (("ddim", 50), ("dpm", 20), ("dpm", 10), ("unipc", 10)):
     samples[f"{label}, {steps} steps"] = images * 2 - 1
     print(f"{label:15s} {steps:3d} steps: {time.perf_counter() - start:5.2f} s ({ddpm_seconds:.1f} s for DDPM-1000)")
 show_grids(samples)
+
+# %% [markdown]
+# ## 11. Editing images: inpainting, SDEdit, interpolation
+#
+# A trained DDPM is also an image editor, with no retraining: ddpm_hub's `DDPMInpaintPipeline`,
+# `DDPMImg2ImgPipeline` and `DDPMInterpolationPipeline` run the same reverse process from other starting points
+# ([docs/editing.md](editing.md)). Here they share the UNet and scheduler of the model trained above (for a loaded
+# model, `DDPMInpaintPipeline.from_pipe(pipeline)` or `.from_pretrained(folder)` does the same).
+#
+# **Inpainting (RePaint, Lugmayr et al. 2022).** Given an image $\mathbf{y}$ and a mask $\mathbf{m}$ (1: repaint,
+# 0: keep, diffusers' convention), every reverse step combines the model's step for the unknown pixels with the
+# known pixels noised to the same level by eq. (4):
+#
+# $$\mathbf{x}_{t-1} = (1-\mathbf{m}) \odot \big(\sqrt{\bar\alpha_{t-1}}\,\mathbf{y} + \sqrt{1-\bar\alpha_{t-1}}\,
+# \boldsymbol\epsilon\big) + \mathbf{m} \odot \mathbf{x}_{t-1}^{\text{unknown}}, \qquad
+# \mathbf{x}_{t-1}^{\text{unknown}} \sim p_\theta(\mathbf{x}_{t-1}|\mathbf{x}_t)$$
+#
+# Alone (`jump_n_sample=1`) this is the *replacement method*: the unknown pixels never see the known ones except
+# through the noise, and often disagree with them. RePaint *resamples*: after every `jump_length` steps it noises
+# the chain back up by eq. (2) and denoises again, `jump_n_sample` times in all, so the two parts can harmonise.
+# The bottom half of 8 held-out digits, with a short chain (50 levels, `jump_length=5`, `jump_n_sample=2`; RePaint's
+# defaults are 250, 10, 10):
+
+# %% tags=["inpaint"]
+inpaint = DDPMInpaintPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+inpaint.set_progress_bar_config(disable=True)
+originals = x_test[:8]
+mask = torch.zeros(1, 1, 8, 8)
+mask[..., 4:, :] = 1  # repaint the bottom half (one mask for the whole batch)
+completed = {}
+for name, jumps in (("replacement", {"jump_length": 1, "jump_n_sample": 1}),
+                    ("RePaint (5, 2)", {"jump_length": 5, "jump_n_sample": 2})):
+    start = time.perf_counter()
+    out = inpaint(image=originals, mask_image=mask, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
+                  output_type="pt", **jumps).images * 2 - 1
+    completed[name] = out
+    print(f"{name:15s}: {time.perf_counter() - start:.2f} s")
+known = mask.expand_as(originals) == 0
+assert all(torch.allclose(out[known], originals[known], atol=1e-6) for out in completed.values())
+print("every known pixel comes back as given")
+show_grids({"originals": originals, "input (grey: repaint)": originals.masked_fill(mask > 0, 0.0), **completed})
+
+# %% [markdown]
+# **SDEdit (Meng et al. 2022).** To turn a rough or corrupted image $\mathbf{y}$ into a realistic one, noise it to
+# a level $t_0$ by eq. (4), $\mathbf{x}_{t_0} = \sqrt{\bar\alpha_{t_0}}\,\mathbf{y} + \sqrt{1-\bar\alpha_{t_0}}\,
+# \boldsymbol\epsilon$, and run the reverse process from there. The noise drowns the corruption's fine detail
+# but not the coarse layout, which the model then completes as a data image would be. `strength` $= t_0 / T$ sets
+# the trade-off: low keeps the input (faithful, corruption included), high gives a realistic image that may no
+# longer be the same digit (strength 1 is plain sampling). Any scheduler works here (diffusers' img2img convention:
+# of `num_inference_steps`, the last `strength` fraction runs). How much noise a strength means depends on the
+# schedule: this model's linear one leaves $\bar\alpha_t$ = 0.52 at $t = 250$ and 0.08 at $t = 500$ (section 3),
+# where `make train`'s cosine schedule leaves 0.85 and 0.49, so the strengths that keep a digit are lower here.
+# Digits with a random pen stroke drawn over them, with DDPM at 100 steps:
+
+# %% tags=["img2img"]
+img2img = DDPMImg2ImgPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+img2img.set_progress_bar_config(disable=True)
+gen = torch.Generator().manual_seed(3)
+scribbled = originals.clone()
+for image in scribbled:  # a straight stroke between two random pixels, drawn white
+    (r0, c0), (r1, c1) = torch.randint(0, 8, (2, 2), generator=gen).tolist()
+    for f in np.linspace(0, 1, 16):
+        image[0, round(r0 + f * (r1 - r0)), round(c0 + f * (c1 - c0))] = 1.0
+edited = {"scribbled input": scribbled}
+for strength in (0.15, 0.25, 0.4):
+    edited[f"strength {strength}"] = img2img(image=scribbled, strength=strength, num_inference_steps=100,
+                                             generator=torch.Generator().manual_seed(0), output_type="pt",
+                                             ).images * 2 - 1
+show_grids({"originals": originals, **edited})
+
+# %% [markdown]
+# **Interpolation (Ho et al. 2020, section 4.3).** Mixing two images in pixel space gives a double exposure.
+# The paper instead encodes both to $\mathbf{x}_t$ with eq. (4) and *the same* noise, mixes
+# $\bar{\mathbf{x}}_t = (1-\lambda)\,\mathbf{x}_t(\mathbf{a}) + \lambda\,\mathbf{x}_t(\mathbf{b})$ and decodes it
+# with the reverse process (the same reverse noise for every $\lambda$), so each mix becomes an image of the
+# data. The paper's figure 8 uses $t = 500$ of 1000 (`strength=0.5`) on 256x256 faces; on 8x8 digits with this
+# model's linear schedule that leaves almost nothing of either digit ($\bar\alpha_{500} = 0.08$), so we encode to
+# $t = 250$ ($\bar\alpha = 0.52$, about the cosine schedule's at $t = 500$), with DDPM at 100 steps:
+
+# %% tags=["interpolate"]
+interpolate = DDPMInterpolationPipeline(unet=pipeline.unet, scheduler=pipeline.scheduler)
+interpolate.set_progress_bar_config(disable=True)
+lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+rows = {}
+for a, b in ((0, 1), (2, 3)):  # held-out digits: a 0 and a 6, a 2 and an 8
+    pair = x_test[[a, b]]
+    rows[f"pixel mix, test[{a}] -> test[{b}]"] = torch.cat([(1 - w) * pair[:1] + w * pair[1:] for w in lambdas])
+    rows[f"through x_t, test[{a}] -> test[{b}]"] = interpolate(
+        image_a=pair[:1], image_b=pair[1:], lambdas=lambdas, strength=0.25, num_inference_steps=100,
+        generator=torch.Generator().manual_seed(0), output_type="pt",
+    ).images * 2 - 1
+fig, axes = plt.subplots(len(rows), 1, figsize=(4.5, 1.1 * len(rows)))
+for ax, (title, x) in zip(axes, rows.items(), strict=True):
+    tiles = [DDPMPipeline.numpy_to_pil(((im + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy())[0] for im in x]
+    ax.imshow(np.asarray(image_grid(tiles, upscale=4, cols=len(lambdas))), cmap="gray", vmin=0, vmax=255)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+fig.suptitle("lambda = " + ", ".join(f"{w:g}" for w in lambdas), fontsize=9)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# On this briefly trained model the edits are as rough as its samples. `benchmarks/bench_editing.py` measures all
+# three on the 300 held-out digits with the fully trained digits models (class accuracy of the completed digits,
+# SDEdit's faithfulness against realism over `strength`): [docs/benchmarks.md](benchmarks.md).
 
 # %% [markdown]
 # ## Where next
