@@ -210,8 +210,7 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from ddpm_hub.plots import image_grid
-    from ddpm_hub.sampling import grid_upscale, sample_uint8
+    from ddpm_hub.sampling import sample_uint8
 
     if args.out or not args.out_dir:
         check_output_file(args.out or "grid.png", "--out", image=True)
@@ -247,12 +246,7 @@ def _sample(args: argparse.Namespace) -> int:
         noun = "PNG" if len(pils) == 1 else "PNGs"
         print(f"wrote {len(pils)} {noun} and samples.npz (uint8 NHWC) to {out_dir}")
     if args.out or not args.out_dir:
-        path = Path(args.out or "grid.png")
-        upscale = args.upscale if args.upscale is not None else grid_upscale(pils[0].height)
-        grid = image_grid(pils, upscale=upscale, cols=cols)
-        image_format = Image.registered_extensions()[path.suffix.lower()]
-        replace_file(path, lambda fh: grid.save(fh, format=image_format))
-        print(f"wrote {path}")
+        write_grid(Path(args.out or "grid.png"), pils, cols, args.upscale)
     return 0
 
 
@@ -302,11 +296,8 @@ def _edit(args: argparse.Namespace) -> int:
     --num_images results per input (per class with --class_labels), batch by batch from one seeded generator."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from ddpm_hub.pipelines.pipeline_class_conditional import ids_by_design
-    from ddpm_hub.plots import image_grid
-    from ddpm_hub.sampling import grid_upscale
 
     flags = {"inpaint": ("image", "mask"), "img2img": ("image",), "interpolate": ("image_a", "image_b")}
     for name in ("out", "out_dir"):
@@ -390,11 +381,7 @@ def _edit(args: argparse.Namespace) -> int:
               f"{args.out_dir}")
     if out is not None:
         grid, cols = _edit_picture(args.command, inputs, tiles, rows)
-        upscale = args.upscale if args.upscale is not None else grid_upscale(tiles[0].height)
-        picture = image_grid(grid, upscale=upscale, cols=cols)
-        image_format = Image.registered_extensions()[out.suffix.lower()]
-        replace_file(out, lambda fh: picture.save(fh, format=image_format))
-        print(f"wrote {out}")
+        write_grid(out, grid, cols, args.upscale)
     return 0
 
 
@@ -447,6 +434,21 @@ def _edit_picture(command: str, inputs: dict, tiles: list, rows: int) -> tuple[l
 # -- writing outputs: complete files or none, never through a link planted at the target ------------------------
 
 SAMPLE_STAGING = (".samples-", ".tmp")  # prefix and suffix of `sample --out_dir`'s staging folder inside the folder
+
+
+def write_grid(path: Path, tiles: list, cols: int, upscale: int | None) -> None:
+    """`tiles` (PIL images) as one grid picture at `path` (replaced atomically), enlarged by `upscale` (default:
+    what suits the tile size), in the format of the path's extension."""
+    from PIL import Image
+
+    from ddpm_hub.plots import image_grid
+    from ddpm_hub.sampling import grid_upscale
+
+    upscale = upscale if upscale is not None else grid_upscale(tiles[0].height)
+    picture = image_grid(tiles, upscale=upscale, cols=cols)
+    image_format = Image.registered_extensions()[path.suffix.lower()]
+    replace_file(path, lambda fh: picture.save(fh, format=image_format))
+    print(f"wrote {path}")
 
 
 def _create(path: Path, write) -> None:
