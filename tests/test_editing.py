@@ -213,14 +213,19 @@ def test_an_all_black_mask_keeps_the_input_and_an_all_white_one_without_resampli
 
 # -- SDEdit ------------------------------------------------------------------------------------------------------
 
-SDEDIT_SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "HeunDiscreteScheduler", "PNDMScheduler"]  # fmt: skip
+# "img2img and interpolation run any compatible scheduler" (README): every one but the EDM schedulers (refused by the
+# loop for every use: tests/test_pipeline.py)
+SDEDIT_SCHEDULERS = ["DDPMScheduler"] + [name for name in diffusers.DDPMScheduler._compatibles
+                                         if name not in ("DDPMScheduler", "EDMEulerScheduler",
+                                                         "EDMDPMSolverMultistepScheduler")]  # fmt: skip
 
 
 def _scheduler(name: str, **extra):
     config = DDPMScheduler(num_train_timesteps=T).config
     if name == "DDPMScheduler":
         return DDPMScheduler(num_train_timesteps=T)
+    if name == "DPMSolverSDEScheduler":  # its Brownian noise comes from its own seed, not the generator
+        extra.setdefault("noise_sampler_seed", 0)
     return getattr(diffusers, name).from_config(config, **extra)
 
 
