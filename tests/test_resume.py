@@ -272,3 +272,20 @@ def test_a_kill_during_an_overwriting_start_never_lets_latest_resume_the_replace
     assert main_in_process([*base, "--max_train_steps", "3", "--resume_from_checkpoint", "latest_or_new"]) == 0
     assert not ckpt.replaced(out / "checkpoints")
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_run_resumes_with_the_unet_it_trained_when_its_preset_builds_another_now(tmp_path, monkeypatch, caplog):
+    """A newer ddpm-hub may change what a preset builds (the `small` default did): resuming a run started before
+    then uses the UNet config saved in its checkpoint, not the preset's new one (its weights would not load), and
+    says so; the finished pipeline has the run's UNet."""
+    from ddpm_hub.models import UNET_PRESETS
+
+    out = tmp_path / "run"
+    quick_train(out, "--max_train_steps", "4")
+    monkeypatch.setitem(UNET_PRESETS, "tiny", {**UNET_PRESETS["tiny"], "block_out_channels": (16, 32)})
+    with caplog.at_level(logging.INFO, logger="ddpm_hub.train"):
+        quick_train(out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+    assert [h["step"] for h in read_metrics(out)["history"] if "loss" in h][-2:] == [5, 6]
+    saved = json.loads((out / "unet" / "config.json").read_text())
+    assert saved["block_out_channels"] == [8, 16]
+    assert any("the run being resumed" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)

@@ -111,12 +111,17 @@ def _load_unet_config(source: str) -> dict[str, Any]:
 
 
 def resolve_unet_config(
-    cfg: TrainConfig, data_channels: int, num_classes: int | None = None
+    cfg: TrainConfig,
+    data_channels: int,
+    num_classes: int | None = None,
+    resumed: tuple[dict[str, Any], str] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """(UNet2DModel config, where it came from). A UNet config or pretrained model must match the data's channels; a
     preset (named, or chosen for the resolution: `digits` for 8x8, else `small`) takes the data's channels and, for
     `small`, its resolution. Learned variances double `out_channels`. A class-conditional model has
-    `num_class_embeds = num_classes + 1`: the last row is the null label."""
+    `num_class_embeds = num_classes + 1`: the last row is the null label. `resumed` is (the UNet config saved in the
+    checkpoint being resumed, its path): a preset that builds another UNet now than when the run started (a newer
+    ddpm-hub) gives way to it, so that the run resumes with the UNet it trained."""
     learned = cfg.variance_type.startswith("learned")
     source = cfg.pretrained_model_name_or_path or cfg.model_config_name_or_path
     if source:
@@ -151,6 +156,14 @@ def resolve_unet_config(
         config["out_channels"] = 2 * in_channels if learned else in_channels
         config["num_class_embeds"] = None if num_classes is None else num_classes + 1
     config["sample_size"] = cfg.resolution
+    if resumed is not None and not explicit:
+        saved, where = resumed
+        if any(_jsonable(saved.get(key)) != _jsonable(value) for key, value in config.items()):
+            config = {k: v for k, v in saved.items() if not k.startswith("_")}
+            origin = f"the UNet config of {where} (the run being resumed; {origin} builds another UNet now)"
+            if config.get("in_channels") != data_channels:
+                raise ConfigError(f"the data has {data_channels} channel(s) but {origin} takes "
+                                  f"{config.get('in_channels')}: resume on the run's data")  # fmt: skip
     factor = downsampling_factor(config)
     if cfg.resolution % factor:
         raise ConfigError(
@@ -158,6 +171,34 @@ def resolve_unet_config(
             f"({origin}); use a multiple of {factor}"
         )
     return config, origin
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as a saved config.json holds it (tuples become lists), for comparing a built config with a saved one."""
+    return json.loads(json.dumps(value))
+
+
+def saved_unet_config(checkpoint_root: Path, target: str | None) -> tuple[dict[str, Any], str] | None:
+    """(the UNet config in the checkpoint that `--resume_from_checkpoint target` resumes, its path), read from its
+    `unet/config.json` before the checkpoint is verified and loaded (which happens later, with the weights); None for
+    a fresh run or when there is none to read (the resume then says why)."""
+    if target is None:
+        return None
+    if target in ("latest", "latest_or_new"):
+        from ddpm_hub import checkpoints as ckpt
+
+        found = [] if ckpt.replaced(checkpoint_root) else ckpt.list_checkpoints(checkpoint_root)
+        if not found:
+            return None
+        folder = found[-1]
+    else:
+        folder = Path(target)
+    path = folder / "unet" / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (config, str(folder)) if isinstance(config, dict) else None
 
 
 def make_unet(cfg: TrainConfig, config: dict[str, Any]):

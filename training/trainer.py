@@ -43,6 +43,7 @@ from .components import (
     make_scheduler,
     make_unet,
     resolve_unet_config,
+    saved_unet_config,
     step_seed,
 )
 from .errors import StoppedBySignal, TrainingError
@@ -90,7 +91,8 @@ class Trainer(CheckpointingMixin, EvaluationMixin, FinishMixin):
         self.data = data if data is not None else prepare_data(cfg, acc)
         self.quality_metric, self.best = self._check_quality_eval(), None
         self._warn_without_final_quality()
-        base, origin = resolve_unet_config(cfg, self.data.channels, self.data.num_classes)
+        resumed = saved_unet_config(self.checkpoint_root, cfg.resume_from_checkpoint)
+        base, origin = resolve_unet_config(cfg, self.data.channels, self.data.num_classes, resumed)
         logger.info("model: %s", origin)
         self.unet = make_unet(cfg, base)
         self.noise_scheduler = make_scheduler(cfg)
