@@ -42,6 +42,10 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     sampler = SAMPLERS[name]
+    # As the saved pipeline holds it: a scheduler made in memory marks the options left at their defaults, and
+    # `from_config` would then take the sampler's own defaults for them (DPM-Solver's "linspace" spacing for the
+    # model's "leading": a start at t=999; on the cosine schedule that sampled one model at FID 30 instead of 2.5).
+    config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
     cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
     extra: dict[str, Any] = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
     if _starts_where_eps_errors_blow_up(cls, {**config, **sampler.config}):
