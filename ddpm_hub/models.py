@@ -61,7 +61,7 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 16,
         "dropout": 0.0,
     },
-    # For any small images: built for the resolution by `small_unet_config` (32x32: 3.9M parameters).
+    # For any small images: built for the resolution by `small_unet_config` (32x32: 4.3M parameters).
     "small": {},
     # A few thousand parameters for tests.
     "tiny": {
@@ -82,17 +82,21 @@ SMALL_WIDTHS = (32, 64, 128, 128, 256, 256)  # channels per level of the `small`
 
 
 def small_unet_config(resolution: int = 32, channels: int = 3) -> dict[str, Any]:
-    """A UNet that trains on a laptop CPU, for images of any size and channel count: two residual blocks per level,
-    32, 64, 128, ... channels, halving the size down to about 8x8 (at most 6 levels) with self-attention there
-    only, where it is cheap. 32x32 RGB: 3 levels (32, 16, 8), 3.9M parameters."""
+    """A UNet that trains on a laptop CPU, for images of any size and channel count: one residual block per level,
+    32, 64, 128, ... channels, halving the size down to about 4x4 (at most 6 levels) as the paper's UNets do, with
+    self-attention only at the first level of 8x8 or less, where it is cheap. 32x32 RGB: 4 levels (32, 16, 8, 4),
+    4.3M parameters; at the same wall time on 2 CPU cores it trains to a lower loss than two blocks per level
+    (docs/benchmarks.md)."""
     levels = 1
-    while levels < len(SMALL_WIDTHS) and resolution % 2**levels == 0 and resolution // 2**levels >= 8:
+    while levels < len(SMALL_WIDTHS) and resolution % 2**levels == 0 and resolution // 2**levels >= 4:
         levels += 1
+    sizes = [resolution // 2**i for i in range(levels)]
+    attention = next((i for i, size in enumerate(sizes) if size <= 8), levels - 1)
     widths = SMALL_WIDTHS[:levels]
-    down = tuple("AttnDownBlock2D" if i == levels - 1 else "DownBlock2D" for i in range(levels))
-    up = tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(levels))
+    down = tuple("AttnDownBlock2D" if i == attention else "DownBlock2D" for i in range(levels))
+    up = tuple(reversed(["AttnUpBlock2D" if i == attention else "UpBlock2D" for i in range(levels)]))
     return {**_PAPER_COMMON, "sample_size": resolution, "in_channels": channels, "out_channels": channels,
-            "layers_per_block": 2, "block_out_channels": widths, "down_block_types": down, "up_block_types": up,
+            "layers_per_block": 1, "block_out_channels": widths, "down_block_types": down, "up_block_types": up,
             "norm_num_groups": 32, "dropout": 0.0}  # fmt: skip
 
 

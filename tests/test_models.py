@@ -36,17 +36,23 @@ def test_unknown_preset():
         unet_config("nope")
 
 
-@pytest.mark.parametrize(("resolution", "widths"), [(10, (32,)), (16, (32, 64)), (24, (32, 64)), (32, (32, 64, 128)),
-                                                    (64, (32, 64, 128, 128)), (256, (32, 64, 128, 128, 256, 256))])
-def test_the_small_preset_is_built_for_any_resolution_and_channel_count(resolution, widths):
-    """`small` halves the size down to about 8x8 (at most 6 levels), attention at the lowest level only; it runs at
-    its resolution for 1 and 3 channels, and 32x32 RGB has the 3,940,547 parameters the docs state."""
+@pytest.mark.parametrize(("resolution", "widths", "attention"),
+                         [(10, (32, 64), 1), (16, (32, 64, 128), 1), (24, (32, 64, 128), 2), (30, (32, 64), 1),
+                          (32, (32, 64, 128, 128), 2), (64, (32, 64, 128, 128, 256), 3),
+                          (256, (32, 64, 128, 128, 256, 256), 5)])  # fmt: skip
+def test_the_small_preset_is_built_for_any_resolution_and_channel_count(resolution, widths, attention):
+    """`small` halves the size down to about 4x4 (at most 6 levels), one residual block per level, attention at the
+    first level of 8x8 or less only (else the last), mirrored on the way up; it runs at its resolution for 1 and 3
+    channels, and 32x32 RGB has the 4,329,059 parameters the docs state."""
     for channels in (1, 3):
         config = unet_config("small", sample_size=resolution, in_channels=channels)
         assert config["block_out_channels"] == widths and config["out_channels"] == channels
-        assert [b.startswith("Attn") for b in config["down_block_types"]] == [False] * (len(widths) - 1) + [True]
+        assert config["layers_per_block"] == 1
+        attn_down = [b.startswith("Attn") for b in config["down_block_types"]]
+        assert attn_down == [i == attention for i in range(len(widths))]
+        assert [b.startswith("Attn") for b in config["up_block_types"]] == attn_down[::-1]
         if resolution <= 32:
             unet = create_unet("small", sample_size=resolution, in_channels=channels)
             x = torch.zeros(1, channels, resolution, resolution)
             assert unet(x, torch.tensor([10])).sample.shape == x.shape
-    assert count_parameters(create_unet("small")) == 3_940_547
+    assert count_parameters(create_unet("small")) == 4_329_059
