@@ -1,10 +1,13 @@
-"""Training speed of the `small` UNet preset on 32x32 RGB images, next to the stock diffusers example's UNet.
+"""Training speed of the `small` UNet preset on 32x32 RGB images, next to the stock diffusers example's UNet and to
+`small` with two residual blocks per level (down to 8x8, its design before: what the one-block design was chosen over).
 
 The data: an image folder of 32x32 crops of the two photographs scikit-learn ships (`china.jpg`, `flower.jpg`,
-CC BY 2.0, see sklearn/datasets/images/README.txt), at random positions and scales. Both UNets train in this process
-on the same batches (one AdamW step of L_simple each), timed as medians over repeats, so the ratio between them is
-what to read (absolute numbers depend on the machine). Then the real trainer runs the README's command on the
-folder with no --unet_preset (which picks `small` for 32x32) and its steps/s is read from its metrics.
+CC BY 2.0, see sklearn/datasets/images/README.txt), at random positions and scales: 2,000 to train on, 256 held out.
+Every UNet trains in this process on the same batches (one AdamW step of L_simple each), timed as medians over
+repeats, so the ratios between them are what to read (absolute numbers depend on the machine). Then each trains for
+the same wall time (`--budget_s`, batch 16, lr 2e-4) and its L_simple on the held-out crops at fixed (t, noise) pairs
+says which learns more per second. Last, the real trainer runs the README's command on the folder with no
+--unet_preset (which picks `small` for 32x32) and its steps/s is read from its metrics.
 
     python benchmarks/bench_small_unet.py --out benchmarks/results/small_unet.json
 """
@@ -30,6 +33,19 @@ STOCK_EXAMPLE_UNET = {
     "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
+
+
+def two_blocks_per_level(resolution: int = 32, channels: int = 3) -> dict:
+    """`small` as it was designed before: two residual blocks per level, halving down to 8x8, attention there."""
+    from ddpm_hub.models import SMALL_WIDTHS, small_unet_config
+
+    levels = 1
+    while levels < len(SMALL_WIDTHS) and resolution % 2**levels == 0 and resolution // 2**levels >= 8:
+        levels += 1
+    down = tuple("AttnDownBlock2D" if i == levels - 1 else "DownBlock2D" for i in range(levels))
+    up = tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(levels))
+    return {**small_unet_config(resolution, channels), "layers_per_block": 2,
+            "block_out_channels": SMALL_WIDTHS[:levels], "down_block_types": down, "up_block_types": up}  # fmt: skip
 
 
 def rgb_crops_folder(root: Path, count: int, size: int = 32, seed: int = 0) -> Path:
@@ -74,6 +90,35 @@ def step_time(config: dict, batch: torch.Tensor, repeats: int) -> dict:
     return {"parameters": count_parameters(unet), **timing}
 
 
+def loss_after(config: dict, train: torch.Tensor, held: torch.Tensor, budget_s: float) -> dict:
+    """Train a UNet of `config` for `budget_s` seconds of wall time (batch 16, AdamW lr 2e-4, L_simple on the linear
+    schedule) and return its steps and its L_simple on `held` at fixed (t, noise) pairs."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    fixed = torch.Generator().manual_seed(123)
+    held_noise = torch.randn(held.shape, generator=fixed)
+    held_t = torch.randint(0, 1000, (len(held),), generator=fixed)
+    held_x = scheduler.add_noise(held, held_noise, held_t)
+    torch.manual_seed(0)
+    unet = UNet2DModel(**config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4, foreach=True)
+    generator, steps, start = torch.Generator().manual_seed(0), 0, time.perf_counter()
+    while time.perf_counter() - start < budget_s:
+        x0 = train[torch.randint(0, len(train), (16,), generator=generator)]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, 1000, (16,), generator=generator)
+        loss = (unet(scheduler.add_noise(x0, noise, t), t).sample - noise).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+    with torch.no_grad():
+        errors = [(unet(held_x[i : i + 64], held_t[i : i + 64]).sample - held_noise[i : i + 64]).pow(2).mean()
+                  for i in range(0, len(held), 64)]  # fmt: skip
+    return {"budget_s": budget_s, "steps": steps, "held_out_loss": float(torch.stack(errors).mean())}
+
+
 def trainer_steps_per_second(folder: Path, steps: int, batch_size: int, threads: int) -> dict:
     """The README's command on the folder (no --unet_preset: `small` is chosen for 32x32); steps/s from its log."""
     out, train = folder / "run", Path(__file__).parents[1] / "training" / "train.py"
@@ -99,37 +144,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (2 on a 2-core machine)")
-    parser.add_argument("--images", type=int, default=2000, help="crops in the RGB folder")
+    parser.add_argument("--images", type=int, default=2000, help="crops in the RGB folder to train on")
+    parser.add_argument("--held_out", type=int, default=256, help="crops held out for the equal-time loss")
+    parser.add_argument("--budget_s", type=float, default=240, help="wall time each UNet trains for its loss")
     parser.add_argument("--trainer_steps", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="a smoke run: few repeats, a short trainer run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.images, args.trainer_steps = 1, 64, 4
+        args.repeats, args.images, args.held_out, args.trainer_steps, args.budget_s = 1, 64, 16, 4, 2
     torch.set_num_threads(args.threads)
     from ddpm_hub.models import unet_config
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = rgb_crops_folder(Path(tmp) / "rgb", args.images)
+        folder = rgb_crops_folder(Path(tmp) / "rgb", args.images + args.held_out)
         from PIL import Image
 
-        files = sorted((folder / "train").glob("*.png"))[: args.batch_size]
-        images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        files = sorted((folder / "train").glob("*.png"))
+        crops = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
+        crops = crops.permute(0, 3, 1, 2).float() / 127.5 - 1
+        train, held = crops[: args.images], crops[args.images :]
+        for f in files[args.images :]:  # the trainer trains on the same 2,000 crops
+            f.unlink()
+        batch = train[: args.batch_size]
         configs = {"small (ddpm-hub default for 32x32)": unet_config("small", sample_size=32, in_channels=3),
+                   "small with two blocks per level (down to 8x8)": two_blocks_per_level(32, 3),
                    "stock diffusers example": {"sample_size": 32, "in_channels": 3, "out_channels": 3,
                                                **STOCK_EXAMPLE_UNET}}  # fmt: skip
         for name, config in configs.items():
             timing = step_time(config, batch, args.repeats)
             rows.append({"unet": name, "parameters": timing["parameters"], "step_s": timing["median"],
                          "steps_per_s": 1 / timing["median"], "min_s": timing["min"], "max_s": timing["max"]})
-        rows[0]["speedup_vs_stock"] = rows[1]["step_s"] / rows[0]["step_s"]
+            print(rows[-1], flush=True)
+        for row, config in zip(rows, configs.values(), strict=True):
+            row["speedup_vs_stock"] = rows[-1]["step_s"] / row["step_s"]
+            trained = loss_after(config, train, held, args.budget_s)
+            row.update(steps_in_budget=trained["steps"], held_out_loss=trained["held_out_loss"])
+            print(row, flush=True)
         trainer = trainer_steps_per_second(folder, args.trainer_steps, args.batch_size, args.threads)
     result = {"machine": machine(), "batch_size": args.batch_size, "threads": args.threads, "rows": rows,
-              "trainer": trainer, "data": f"{args.images} 32x32 crops of scikit-learn's sample images (CC BY 2.0)"}
+              "budget_s": args.budget_s, "trainer": trainer,
+              "data": f"{args.images} (+{args.held_out} held out) 32x32 crops of scikit-learn's sample images "
+                      "(CC BY 2.0)"}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print_table(f"one training step, 32x32 RGB, batch {args.batch_size}, {args.threads} threads", rows,
-                ["unet", "parameters", "step_s", "steps_per_s", "speedup_vs_stock"])
+                ["unet", "parameters", "step_s", "steps_per_s", "speedup_vs_stock", "steps_in_budget",
+                 "held_out_loss"])  # fmt: skip
     print(f"\ntrainer (README command, no --unet_preset): {trainer['steps_per_s']:.2f} steps/s over "
           f"{trainer['steps']} steps of batch {trainer['batch_size']}")
     return 0
