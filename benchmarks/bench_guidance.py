@@ -190,6 +190,8 @@ def main() -> None:
             pipeline, ema = trainer.ema_pipeline(), trainer.ema
         with ema_weights(pipeline.unet, ema):
             sampler = with_sampler(pipeline, "dpm")
+            sampler.scheduler.set_timesteps(steps)  # recorded: a start at t=999 is what sampled badly on one GPU run
+            timesteps = [int(t) for t in sampler.scheduler.timesteps]
             rows = []
             for scale in args.scales:
                 rows.append(measure_scale(sampler, held, held_labels, scale, args.num_samples, steps, args.seeds))
@@ -204,6 +206,7 @@ def main() -> None:
     plot(rows, Path(args.figure), f"Guidance scales {', '.join(f'{s:g}' for s in args.scales)}: class accuracy "
          f"vs FID, {args.num_samples}/class x {len(args.seeds)} seeds (mean, 95% interval)")  # fmt: skip
     write_json(args.out, {"machine": machine(), **trained, "sampler": "dpm", "sampler_steps": steps,
+                          "sampler_timesteps": timesteps, "sampler_config": dict(sampler.scheduler.config),
                           "recommended_guidance_scale": recommended, "target_accuracy": TARGET_ACCURACY,
                           "bits_per_dim": bpd, "rows": rows})  # fmt: skip
     print(f"wrote {args.figure}")

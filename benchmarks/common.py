@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
+        "diffusers": importlib.metadata.version("diffusers"),
         "threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():

@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 from .choices import SAMPLERS
 
-# Where sqrt(alphabar) at t = T-1 is below 1e-3 (the cosine schedule: 5e-5), DPM-Solver's data prediction of an
-# epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by its inverse: a start there gives noise
-# from a model whose eps is 0.1% off. DPM-Solver singlestep always starts at T-1, multistep does with "linspace" or
-# "trailing" spacing. diffusers' `lambda_min_clipped` (its docstring: "critical for cosine (squaredcos_cap_v2) noise
-# schedule") starts the solver where log(alpha/sigma) >= the value: -3 here, a gain of at most e^3 = 20 at the first
-# step (t = 967 of 1000; leading-spacing DPM-Solver++ starts at t = 900, a gain of 6.4). diffusers' example value
-# for DeepFloyd IF, -5.1 (a gain of 165), left DPM-Solver singlestep at FID 10.8 / 28.0 on the digits, -3 gives
-# 2.5 / 5.5 (docs/benchmarks.md, sample quality per sampler). Set only there: with "leading" spacing multistep starts
-# lower and its timesteps stay as diffusers makes them.
+# Where sqrt(alphabar) at t = T-1 is below 1e-3 (the cosine schedule: 5e-5), a deterministic sampler's x0 estimate of
+# an epsilon model, x0 = (x - sigma eps) / alpha, multiplies any error of eps by its inverse: a start there gives noise
+# from a model whose eps is 0.1% off. DPM-Solver singlestep always starts at T-1; the others do with "linspace" or
+# "trailing" spacing (a saved ddpm_hub model has "leading": a start at T - T/n). DPM-Solver gets diffusers'
+# `lambda_min_clipped` (its docstring: "critical for cosine (squaredcos_cap_v2) noise schedule"), which starts the
+# solver where log(alpha/sigma) >= the value: -3 here, a gain of at most e^3 = 20 at the first step (t = 967 of 1000;
+# leading-spacing DPM-Solver++ starts at t = 900, a gain of 6.4). diffusers' example value for DeepFloyd IF, -5.1 (a
+# gain of 165), left DPM-Solver singlestep at FID 10.8 / 28.0 on the digits, -3 gives 2.5 / 5.5 (docs/benchmarks.md,
+# sample quality per sampler). The other deterministic samplers get "leading" spacing. Set only there: elsewhere
+# the timesteps stay as diffusers makes them. The stochastic samplers (NOISE_TOLERANT) are not affected.
 COSINE_LAMBDA_CLIPPED = ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler")
 COSINE_LAMBDA_MIN = -3.0
 
 
-def _starts_where_eps_errors_blow_up(cls: type, config: Any) -> bool:
-    """Whether a DPM-Solver `cls` built from `config` starts at t = T-1 with sqrt(alphabar) < 1e-3 there."""
+def _start_fix(cls: type, config: Any) -> dict[str, Any]:
+    """The option that keeps sampler `cls` built from `config` from starting an epsilon model at t = T-1 where
+    sqrt(alphabar) < 1e-3 (none where it does not start there, or where its fresh noise outweighs the error)."""
+    from .pipelines.pipeline_class_conditional import NOISE_TOLERANT
     from .scheduling_ddpm import DDPMScheduler
 
-    if cls.__name__ not in COSINE_LAMBDA_CLIPPED or config.get("prediction_type", "epsilon") != "epsilon":
-        return False
-    starts_at_end = cls.__name__ == "DPMSolverSinglestepScheduler" or config.get("timestep_spacing") != "leading"
-    alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
-    return starts_at_end and float(alphas_cumprod[-1]) ** 0.5 < 1e-3
+    if cls.__name__ in NOISE_TOLERANT or config.get("prediction_type", "epsilon") != "epsilon":
+        return {}
+    if float(DDPMScheduler.from_config(config).alphas_cumprod[-1]) ** 0.5 >= 1e-3:
+        return {}
+    if cls.__name__ in COSINE_LAMBDA_CLIPPED:
+        starts_at_end = cls.__name__ == "DPMSolverSinglestepScheduler" or config.get("timestep_spacing") != "leading"
+        return {"lambda_min_clipped": COSINE_LAMBDA_MIN} if starts_at_end else {}
+    default = inspect.signature(cls.__init__).parameters.get("timestep_spacing")
+    spacing = config.get("timestep_spacing", default.default if default is not None else None)
+    return {"timestep_spacing": "leading"} if spacing in ("linspace", "trailing") else {}
 
 
 def build_scheduler(name: str, config: Any, seed: int = 0):
@@ -48,8 +57,7 @@ def build_scheduler(name: str, config: Any, seed: int = 0):
     config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
     cls = DDPMScheduler if name == "ddpm" else getattr(diffusers, sampler.scheduler)
     extra: dict[str, Any] = {"noise_sampler_seed": seed} if sampler.scheduler == "DPMSolverSDEScheduler" else {}
-    if _starts_where_eps_errors_blow_up(cls, {**config, **sampler.config}):
-        extra.setdefault("lambda_min_clipped", COSINE_LAMBDA_MIN)
+    extra.update(_start_fix(cls, {**config, **sampler.config}))
     return cls.from_config(config, **sampler.config, **extra)
 
 
