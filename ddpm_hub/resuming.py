@@ -26,6 +26,17 @@ class ResumeOptionError(ValueError):
     """An option that cannot change on resume; the message names it."""
 
 
+def _effective_preset(values: dict[str, Any]) -> None:
+    """Set `unet_preset` to the preset the run builds when it names none (`digits` for 8x8, else `small`), so that
+    naming the chosen preset on resume, or leaving it out, is no change."""
+    from .config import default_preset
+
+    if values.get("unet_preset") is None and not values.get("model_config_name_or_path") and not values.get(
+        "pretrained_model_name_or_path"
+    ) and isinstance(values.get("resolution"), int):
+        values["unet_preset"] = default_preset(values["resolution"])
+
+
 def option_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """option -> (value in the checkpoint's run, value now), for every option that differs. An option that the
     checkpoint does not record (it predates the option) counts as its default there."""
@@ -34,6 +45,8 @@ def option_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[s
     current = json.loads(json.dumps(current))  # compare as saved (tuples become lists)
     defaults = json.loads(json.dumps({k: FIELDS[k].default for k in current if k in FIELDS}))
     saved = {**defaults, **saved}
+    for values in (saved, current):  # the UNet preset a run used: named, or chosen for its resolution
+        _effective_preset(values)
     keys = sorted((set(saved) | set(current)) - set(NOT_COMPARED))
     return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
 
@@ -48,10 +61,11 @@ def check_resumed_options(saved: dict[str, Any], current: dict[str, Any], checkp
     for name in FIXED_ON_RESUME:
         if name in differences:
             before, now = differences[name]
+            advice = f"resume with the run's value (--{name} {before})" if before is not None else (
+                f"resume without --{name}")
             raise ResumeOptionError(
                 f"--{name} is {now} here and was {before} in the checkpoint's run ({checkpoint}); it cannot change "
-                f"in the middle of a run: resume with the run's value (--{name} {before}), or start a new run in "
-                "another --output_dir"
+                f"in the middle of a run: {advice}, or start a new run in another --output_dir"
             )
     changed_run = [name for name in RUN_IDENTITY if name in differences]
     if changed_run and not current.get("resume_changed_run"):

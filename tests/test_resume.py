@@ -164,6 +164,23 @@ def test_resume_lists_changed_options_and_refuses_the_fixed_ones(caplog):
         check_resumed_options(saved, {**saved, **changed, "resume_changed_run": True}, "ck")
 
 
+def test_naming_the_preset_a_run_chose_for_its_resolution_is_no_change_on_resume():
+    """A run that named no UNet used the preset chosen for its resolution (`small` at 32, `digits` at 8): naming
+    that preset on resume, or leaving out the one it named, is the same run; another preset is refused with advice
+    that can be followed (`resume without --unet_preset` where the run named none)."""
+    from ddpm_hub.resuming import ResumeOptionError, check_resumed_options
+
+    for resolution, chosen in ((32, "small"), (8, "digits")):
+        unnamed = {"resolution": resolution, "unet_preset": None}
+        check_resumed_options(unnamed, {**unnamed, "unet_preset": chosen}, "ck")
+        check_resumed_options({**unnamed, "unet_preset": chosen}, unnamed, "ck")
+    with pytest.raises(ResumeOptionError, match="--unet_preset is tiny here and was small.*resume with the run's "
+                       "value \\(--unet_preset small\\)"):  # fmt: skip
+        check_resumed_options({"resolution": 32, "unet_preset": None}, {"resolution": 32, "unet_preset": "tiny"}, "ck")
+    with pytest.raises(ResumeOptionError, match="resume without --model_config_name_or_path"):
+        check_resumed_options({"model_config_name_or_path": None}, {"model_config_name_or_path": "u.json"}, "ck")
+
+
 def test_a_new_learning_rate_replaces_the_restored_schedules_base_rate():
     from types import SimpleNamespace
 

@@ -499,7 +499,7 @@ def test_the_readmes_training_command_gives_a_one_line_error_and_never_the_token
         assert proc.stderr.strip().splitlines()[-1] == errors[0]
 
 
-def test_every_preset_takes_the_datas_channels_and_small_is_the_default_beyond_8x8(tmp_path):
+def test_every_preset_takes_the_datas_channels_and_small_is_the_default_beyond_8x8(tmp_path, caplog):
     """A named preset takes the data's channel count (an RGB folder trains on `digits` or `tiny` as it is); with
     none, 8x8 images get `digits` and every other size `small`, built for its resolution; the paper's UNets only by
     name. `--channels 1` still converts RGB to grayscale on purpose."""
@@ -530,8 +530,14 @@ def test_every_preset_takes_the_datas_channels_and_small_is_the_default_beyond_8
     out = tmp_path / "auto16"
     train_in_process([*base, "--train_data_dir", str(rgb16), "--resolution", "16", "--output_dir", str(out)])
     config = unet_of(out)
-    assert (config["sample_size"], config["in_channels"], config["block_out_channels"]) == (16, 3, [32, 64])
-    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]  # attention at 8x8 only: small
+    assert (config["sample_size"], config["in_channels"], config["block_out_channels"]) == (16, 3, [32, 64, 128])
+    assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"]  # attention at 8x8 only
+    out = tmp_path / "auto18"  # 18 halves once, to 9x9: said, with a resolution that halves to 4x4
+    with caplog.at_level(logging.WARNING, logger="ddpm_hub.train"):
+        train_in_process([*base, "--train_data_dir", str(rgb16), "--resolution", "18", "--output_dir", str(out)])
+    assert unet_of(out)["block_out_channels"] == [32, 64]
+    assert any("--resolution 18 halves only 1 time(s)" in r.getMessage() and "(say 16)" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
     out = tmp_path / "gray"
     train_in_process([*base, "--train_data_dir", str(rgb8), "--unet_preset", "tiny", "--channels", "1",
                       "--output_dir", str(out)])  # fmt: skip

@@ -131,6 +131,15 @@ def resolve_unet_config(
         preset = cfg.unet_preset or default_preset(cfg.resolution)
         sizes = {"sample_size": cfg.resolution} if preset == "small" else {}
         config, explicit = unet_config(preset, in_channels=data_channels, **sizes), False
+        lowest = cfg.resolution // 2 ** (len(config["block_out_channels"]) - 1)
+        if preset == "small" and lowest > 8:
+            suggest = max(16, 16 * round(cfg.resolution / 16))
+            logger.warning(
+                "--resolution %d halves only %d time(s) in UNet preset 'small' (its lowest level is %dx%d, not about "
+                "4x4), so its layers see little of the image at once and it learns less; a resolution divisible by "
+                "16 (say %d) gives it all its levels", cfg.resolution, len(config["block_out_channels"]) - 1,
+                lowest, lowest, suggest,
+            )  # fmt: skip
         chosen = "" if cfg.unet_preset else f", chosen for --resolution {cfg.resolution}"
         origin = f"UNet preset {preset!r}{chosen}, with {data_channels} channel(s)"
     in_channels = config.get("in_channels", 3)
