@@ -605,6 +605,10 @@ def resolve_values(cli: dict[str, Any], file_values: dict[str, Any] | None = Non
     values.update(cli)
     values["preset"] = preset
     _epochs_or_steps(values, cli, file_values, TRAINING_PRESETS.get(preset, {}))
+    if preset is not None and merged_keys & {"dataset_name", "train_data_dir"}:  # data the user named replaces the
+        for name in ("dataset_name", "dataset_config_name", "image_column", "train_data_dir"):  # preset's data
+            if name in TRAINING_PRESETS[preset] and name not in merged_keys:
+                values[name] = FIELDS[name].default
     chosen_model = {"model_config_name_or_path", "pretrained_model_name_or_path"} & merged_keys
     if chosen_model and "unet_preset" not in merged_keys:
         values["unet_preset"] = None  # a model the user named replaces the preset's UNet

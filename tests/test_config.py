@@ -290,3 +290,19 @@ def test_logging_dir_stays_inside_the_output_folder(tmp_path):
     with pytest.raises(ConfigError, match="--logging_dir .*not a usable path"):
         parse_args(["--logging_dir", "x" * 5000, "--output_dir", str(tmp_path / "o")])
     assert parse_args(["--logging_dir", "logs/tb", "--output_dir", str(tmp_path / "o")]).logging_dir == "logs/tb"
+
+
+def test_a_preset_with_data_the_user_names_trains_on_that_data(tmp_path):
+    """defaults < preset < file < CLI: `--preset digits_fast --train_data_dir DIR` trains the preset's recipe on DIR
+    (the preset's data set, its config and image column give way), and `--preset cifar10 --dataset_name X` on X."""
+    from ddpm_hub.config import build_config
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for preset in ("digits", "digits_fast", "cifar10"):
+        cfg = build_config({"preset": preset, "train_data_dir": str(folder), "resolution": 16})
+        assert (cfg.train_data_dir, cfg.dataset_name, cfg.image_column) == (str(folder), None, "image"), preset
+    cfg = build_config({"preset": "digits_fast", "train_data_dir": str(folder), "resolution": 16})
+    assert (cfg.prediction_type, cfg.max_train_steps) == ("v_prediction", 1600)  # the recipe stays
+    cfg = build_config({"preset": "cifar10", "dataset_name": "me/faces", "image_column": "pic"})
+    assert (cfg.dataset_name, cfg.image_column, cfg.train_data_dir) == ("me/faces", "pic", None)
