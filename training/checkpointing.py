@@ -179,7 +179,7 @@ class CheckpointingMixin:
 
     def _save_own_state(self, staging: Path) -> None:
         """Replace accelerate's pickled RNG file by a safetensors one, and write the trainer state (step, run
-        config, timestep sampler) as JSON + safetensors: nothing of ours is ever unpickled on resume."""
+        config, logged history, timestep sampler) as JSON + safetensors: nothing of ours is ever unpickled on resume."""
         acc = self.accelerator
         fault_point("checkpoint.state.saved")
         (staging / f"random_states_{acc.process_index}.pkl").unlink(missing_ok=True)
@@ -192,6 +192,7 @@ class CheckpointingMixin:
                 "lr_scheduler_last_epoch": self.lr_scheduler.scheduler.last_epoch,
                 "config": self.cfg.to_dict(),
                 "best_quality": self.best,
+                "history": [entry for entry in self.history if entry["step"] <= self.global_step],
             }
             ckpt.write_trainer_state(staging, state, self.timestep_sampler.state_dict())
 
@@ -292,6 +293,8 @@ class CheckpointingMixin:
             )
         apply_optimizer_options(self.optimizer, self.lr_scheduler, self.cfg)
         apply_ema_options(self.ema, self.cfg)
+        # metrics.json's history continues the run's (a checkpoint from before it was kept starts it here)
+        self.history = [entry for entry in state.get("history", []) if entry.get("step", 0) <= info.step]
         self._restore_best(info, state.get("best_quality"))
 
     def _restore_best(self, info: ckpt.CheckpointInfo, best: dict | None) -> None:
