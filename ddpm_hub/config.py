@@ -821,7 +821,8 @@ def validate(c: TrainConfig, from_file: tuple[str, set[str]] = ("", set())) -> N
     for name in ("train_data_dir", "validation_data_dir"):
         value = getattr(c, name)
         if value is not None and not _probe(name, value, _is_dir):
-            raise ConfigError(f"--{name} {show_text(value)}: no such directory")
+            what = "not a directory" if _probe(name, value, _exists) else "no such directory"
+            raise ConfigError(f"--{name} {show_text(value)}: {what}")
     if c.resume_from_checkpoint not in (None, "latest", "latest_or_new"):
         if not _probe("resume_from_checkpoint", c.resume_from_checkpoint, _is_dir):
             raise ConfigError(f"--resume_from_checkpoint {show_text(c.resume_from_checkpoint)}: no such checkpoint "

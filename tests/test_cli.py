@@ -103,6 +103,11 @@ def test_sample_writes_every_image_as_png_and_one_npz(trained, tmp_path):
     assert len(pngs) == 6 and arrays.shape == (6, 8, 8, 1) and arrays.dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(Image.open(pngs[5])), arrays[5, ..., 0])
     assert not (tmp_path / "grid.png").exists()
+    # the trainer's and the pipeline's name for the step count works too, with the same result
+    again = tmp_path / "again"
+    assert main(["sample", "--model", str(trained), "--num_images", "6", "--num_inference_steps", "4",
+                 "--batch_size", "4", "--out_dir", str(again)]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.load(again / "samples.npz")["arr_0"], arrays)
 
 
 def test_user_errors_are_one_line_and_exit_2(trained, tmp_path, capsys):

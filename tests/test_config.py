@@ -306,3 +306,15 @@ def test_a_preset_with_data_the_user_names_trains_on_that_data(tmp_path):
     assert (cfg.prediction_type, cfg.max_train_steps) == ("v_prediction", 1600)  # the recipe stays
     cfg = build_config({"preset": "cifar10", "dataset_name": "me/faces", "image_column": "pic"})
     assert (cfg.dataset_name, cfg.image_column, cfg.train_data_dir) == ("me/faces", "pic", None)
+
+
+def test_a_data_folder_that_is_a_file_or_missing_is_named_for_what_it_is(tmp_path):
+    """`--train_data_dir` (or `--validation_data_dir`) naming a file says it is not a directory; a missing path says
+    there is no such directory."""
+    afile = tmp_path / "images.zip"
+    afile.write_bytes(b"x")
+    for name in ("train_data_dir", "validation_data_dir"):
+        with pytest.raises(ConfigError, match=f"--{name} .*images.zip: not a directory"):
+            build_config({"train_data_dir": str(tmp_path), name: str(afile)})
+        with pytest.raises(ConfigError, match=f"--{name} .*nope: no such directory"):
+            build_config({"train_data_dir": str(tmp_path), name: str(tmp_path / "nope")})
