@@ -296,6 +296,7 @@ def test_a_run_resumes_with_the_unet_it_trained_when_its_preset_builds_another_n
     """A newer ddpm-hub may change what a preset builds (the `small` default did): resuming a run started before
     then uses the UNet config saved in its checkpoint, not the preset's new one (its weights would not load), and
     says so; the finished pipeline has the run's UNet."""
+    from ddpm_hub.config import ConfigError
     from ddpm_hub.models import UNET_PRESETS
 
     out = tmp_path / "run"
@@ -307,3 +308,6 @@ def test_a_run_resumes_with_the_unet_it_trained_when_its_preset_builds_another_n
     saved = json.loads((out / "unet" / "config.json").read_text())
     assert saved["block_out_channels"] == [8, 16]
     assert any("the run being resumed" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
+    # the data's channels changed on resume: said as that, not as a model that changed
+    with pytest.raises(ConfigError, match="trained on 1-channel images, the data now gives 3 with --channels 3"):
+        quick_train(out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest", "--channels", "3")

@@ -171,8 +171,10 @@ def resolve_unet_config(
             config = {k: v for k, v in saved.items() if not k.startswith("_")}
             origin = f"the UNet config of {where} (the run being resumed; {origin} builds another UNet now)"
             if config.get("in_channels") != data_channels:
-                raise ConfigError(f"the data has {data_channels} channel(s) but {origin} takes "
-                                  f"{config.get('in_channels')}: resume on the run's data")  # fmt: skip
+                given = f" with --channels {cfg.channels}" if cfg.channels else ""
+                raise ConfigError(f"the run being resumed ({where}) trained on {config.get('in_channels')}-channel "
+                                  f"images, the data now gives {data_channels}{given}: resume with the run's data "
+                                  "and --channels")  # fmt: skip
     factor = downsampling_factor(config)
     if cfg.resolution % factor:
         raise ConfigError(
