@@ -335,14 +335,19 @@ def _header_channels(value) -> int | None:
 def detect_channels(ds, column: str, name: str = "train") -> int:
     """The channel count of a split from all its images' headers (datasets stores no channel count): the
     majority's, colour on a tie; a mixed split is logged, and every image is converted to that count."""
-    counts = {1: 0, 3: 0}
+    counts, unread, first = {1: 0, 3: 0}, 0, None
     for batch in ds.select_columns([column]).iter(batch_size=256):
         for value in batch[column]:
             channels = _header_channels(value)
             if channels is not None:
                 counts[channels] += 1
+            else:
+                unread, first = unread + 1, value if first is None else first
     if not counts[1] and not counts[3]:
-        raise DataError(f"no image of the {name} split could be read to find the number of channels")
+        where = first.get("path") if isinstance(first, dict) else first if isinstance(first, str) else None
+        example = f" (the first: {_printable(Path(str(where)))})" if where else ""
+        raise DataError(f"none of the {unread} image(s) of the {name} split can be read as an image{example}: check "
+                        "the files are images (PNG, JPEG, ...) and not damaged")  # fmt: skip
     channels = 1 if counts[1] > counts[3] else 3
     if counts[1] and counts[3]:
         logger.warning(

@@ -340,3 +340,19 @@ def test_sixteen_bit_images_are_scaled_by_their_bit_depth(tmp_path):
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     np.testing.assert_array_equal(to_model_image(Image.open(tmp_path / "ramp.png"), 8, 1)[0],
                                   np.round(ramp * (255 / 65535)).astype(np.uint8))  # fmt: skip
+
+
+def test_a_split_of_which_no_image_can_be_read_says_how_many_and_names_one(tmp_path):
+    """Every file of the split unreadable (say, text saved as .png): one line saying none of the N can be read, naming
+    the first, before anything else fails on them."""
+    import datasets
+
+    from ddpm_hub.data import detect_channels
+
+    paths = []
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_text("not an image")
+        paths.append(str(tmp_path / f"{i}.png"))
+    with pytest.raises(DataError, match=r"none of the 3 image\(s\) of the train split can be read as an image \(the "
+                       r"first: .*0\.png\)"):  # fmt: skip
+        detect_channels(datasets.Dataset.from_dict({"image": paths}), "image")
