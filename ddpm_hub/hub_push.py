@@ -10,6 +10,7 @@ scrubbed from error messages.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -231,11 +232,27 @@ def pipeline_operations(folder: Path, repo_id: str) -> list:
                 with content:
                     text = content.read().decode()
                 content = card_for_repo(text, repo_id, (folder / "samples.png").is_file()).encode()
+            elif name == "metrics.json":
+                with content:
+                    content = _without_local_paths(content.read())
             operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     except BaseException:
         close_operations(operations)
         raise
     return operations
+
+
+def _without_local_paths(raw: bytes) -> bytes:
+    """A run's metrics.json as pushed: without its `output_dir`, a path on the machine that trained it (which says
+    nothing to the repo's readers and may name a user); anything not a JSON object goes as it is."""
+    try:
+        metrics = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(metrics, dict) or "output_dir" not in metrics:
+        return raw
+    metrics.pop("output_dir")
+    return (json.dumps(metrics, indent=1) + "\n").encode()
 
 
 def close_operations(operations: list) -> None:

@@ -457,3 +457,20 @@ def test_a_token_typed_by_mistake_is_never_printed_back(tmp_path, capsys):
     for argv in (["--hub-token", FAKE_TOKEN], ["--hub-tokn", FAKE_TOKEN]):
         proc = run_train([*argv, "--output_dir", str(tmp_path / "never")], tmp_path)
         assert proc.returncode == 2 and FAKE_TOKEN not in proc.stderr + proc.stdout, proc.stderr
+
+
+def test_a_pushed_run_folder_carries_no_path_of_the_machine_that_trained_it(trained):
+    """metrics.json goes to the Hub without the run's output_dir (a local path, which may name a user); the rest of
+    it is unchanged, and the card's snippet loads the repo, not the folder."""
+    from ddpm_hub.hub_push import close_operations, pipeline_operations
+
+    local = json.loads((trained / "metrics.json").read_text())
+    assert local["output_dir"] == str(trained)
+    operations = pipeline_operations(trained, "me/ddpm-x")
+    try:
+        pushed = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        metrics = json.loads(pushed["metrics.json"])
+        assert "output_dir" not in metrics and metrics == {k: v for k, v in local.items() if k != "output_dir"}
+        assert str(trained) not in pushed["README.md"].decode() and "me/ddpm-x" in pushed["README.md"].decode()
+    finally:
+        close_operations(operations)
