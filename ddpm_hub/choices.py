@@ -43,7 +43,9 @@ SAMPLERS: dict[str, Sampler] = {
     "dpm_karras": Sampler("DPMSolverMultistepScheduler", 20,
                           {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
                           note="DPM-Solver++ 2M, Karras sigmas"),
-    "dpm_singlestep": Sampler("DPMSolverSinglestepScheduler", 20),
+    # lower_order_final=True is what diffusers switches to in set_timesteps anyway (with a warning) for its default
+    # final_sigmas_type "zero": the same steps, said once here instead of at every call
+    "dpm_singlestep": Sampler("DPMSolverSinglestepScheduler", 20, {"lower_order_final": True}),
     "deis": Sampler("DEISMultistepScheduler", 20),
     "unipc": Sampler("UniPCMultistepScheduler", 20),
     "edm_euler": Sampler("EDMEulerScheduler", 50),

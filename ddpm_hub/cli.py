@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -1019,7 +1020,10 @@ def main(argv: list[str] | None = None) -> int:
             break
     try:
         _check_path_lengths(args)
-        return args.func(args)
+        with warnings.catch_warnings():
+            # torchsde's Brownian interval (dpm_sde) warns about float rounding of its query times at every step
+            warnings.filterwarnings("ignore", message=r"Should have (ta|tb|t0)", module=r"torchsde")
+            return args.func(args)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         print(f"error: stopped by {signal.Signals(signum).name}; this run's unfinished files were removed",

@@ -266,6 +266,9 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
     try:
         scheduler.set_timesteps(num_inference_steps, device=device)
     except (ValueError, IndexError, RuntimeError) as exc:  # e.g. PNDM's Runge-Kutta warm-up needs 4 steps or more
+        if name == "PNDMScheduler":
+            raise ValueError(f"{where} cannot run: its Runge-Kutta warm-up takes 4 steps or more; use more steps or "
+                             "another scheduler") from None  # fmt: skip
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{where} cannot run ({first}); use more steps or another scheduler") from None
     timesteps = scheduler.timesteps.float()
@@ -291,7 +294,9 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
             why = ("(use_karras_sigmas: the schedule's largest sigma is far above the others), so diffusers cannot "
                    "step through them; use it without Karras sigmas or another scheduler")  # fmt: skip
         else:
-            why = "(its timestep spacing leaves no room for them), so the chain would not denoise; use fewer steps"
+            last = scheduler.config.get("num_train_timesteps", 1000) - 1
+            why = ("(its timestep spacing leaves no room for them), so the chain would not denoise; use fewer steps "
+                   f"(at most {last})")  # fmt: skip
         raise ValueError(f"{where} puts {repeats} of its steps at the same timestep {int(timesteps[0])} {why}")
     last = scheduler.config.get("num_train_timesteps", 1000) - 1
     if float(timesteps[0]) < last / 10:  # "leading" spacing with one step: t = 0

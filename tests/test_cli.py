@@ -388,3 +388,19 @@ def test_a_path_too_long_for_the_system_is_one_line_naming_its_option(tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: {option} ") and "not a usable path" in err, err
         assert len(err) < 400
+
+
+def test_samplers_with_chatty_libraries_sample_quietly(trained, tmp_path):
+    """`sample` prints its one line only: DPM-Solver singlestep is built as diffusers would switch it anyway (no
+    warning at each call), torchsde's float-rounding warnings of DPM-SDE are not shown."""
+    from conftest import subprocess_env
+
+    for sampler in ("dpm_singlestep", "dpm_sde"):
+        out = tmp_path / f"{sampler}.png"
+        proc = subprocess.run([sys.executable, "-m", "ddpm_hub", "sample", "--model", str(trained), "--sampler",
+                               sampler, "--num_images", "2", "--steps", "6", "--out", str(out)],
+                              capture_output=True, text=True, env=subprocess_env(tmp_path, 1), timeout=300)  # fmt: skip
+        assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+        noise = [line for line in proc.stderr.replace("\r", "\n").splitlines()  # progress bars aside
+                 if line.strip() and "Loading pipeline components" not in line and "%|" not in line]  # fmt: skip
+        assert noise == [], (sampler, noise)
