@@ -426,16 +426,18 @@ def test_push_reads_the_files_it_checked_and_refuses_hard_links(hub, trained, tm
     secret.write_text("password=hunter2")
     folder = tmp_path / "pipeline"
     shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints", "logs"))
-    original = (folder / "metrics.json").read_bytes()
+    original = (folder / "model_index.json").read_bytes()
     operations = pipeline_operations(folder, "org/swapped")
-    (folder / "metrics.json").unlink()
-    (folder / "metrics.json").symlink_to(secret)  # swapped in after the check, before the upload
+    (folder / "model_index.json").unlink()
+    (folder / "model_index.json").symlink_to(secret)  # swapped in after the check, before the upload
     try:
         uploaded = {op.path_in_repo: op for op in operations}
-        with uploaded["metrics.json"].as_file() as fh:
+        with uploaded["model_index.json"].as_file() as fh:
             assert fh.read() == original
     finally:
         close_operations(operations)
+    (folder / "model_index.json").unlink()
+    (folder / "model_index.json").write_bytes(original)
     (folder / "metrics.json").unlink()
     os.link(secret, folder / "metrics.json")  # a hard link: a regular file whose content lives elsewhere too
     with pytest.raises(HubError, match=r"metrics.json has 2 hard links: only regular files inside the folder"):
