@@ -263,6 +263,7 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
     check_scheduler(scheduler)  # an EDM scheduler's timesteps are 0.25 log(sigma): refused for that first
     name, schedule = type(scheduler).__name__, scheduler.config.get("beta_schedule", "?")
     where = f"{name} with num_inference_steps={num_inference_steps} on this model's {schedule} noise schedule"
+    last = scheduler.config.get("num_train_timesteps", 1000) - 1  # the chain's first timestep when it starts at T
     try:
         scheduler.set_timesteps(num_inference_steps, device=device)
     except (ValueError, IndexError, RuntimeError) as exc:  # e.g. PNDM's Runge-Kutta warm-up needs 4 steps or more
@@ -294,11 +295,9 @@ def set_timesteps(scheduler, num_inference_steps: int, device: torch.device | st
             why = ("(use_karras_sigmas: the schedule's largest sigma is far above the others), so diffusers cannot "
                    "step through them; use it without Karras sigmas or another scheduler")  # fmt: skip
         else:
-            last = scheduler.config.get("num_train_timesteps", 1000) - 1
             why = ("(its timestep spacing leaves no room for them), so the chain would not denoise; use fewer steps "
                    f"(at most {last})")  # fmt: skip
         raise ValueError(f"{where} puts {repeats} of its steps at the same timestep {int(timesteps[0])} {why}")
-    last = scheduler.config.get("num_train_timesteps", 1000) - 1
     if float(timesteps[0]) < last / 10:  # "leading" spacing with one step: t = 0
         spacing = scheduler.config.get("timestep_spacing", "?")
         raise ValueError(f"{where} starts its chain at t={int(timesteps[0])} of 0..{last} ({spacing!r} timestep "
