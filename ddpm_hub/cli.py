@@ -225,6 +225,9 @@ def _sample(args: argparse.Namespace) -> int:
     if labels is None and not has_null_label(True, pipeline.config.get("cond_drop_prob")):
         raise UserError("this model was trained without label dropout, so it has no unconditional mode: pass "
                         f"--class_labels (choose from {list((pipeline.id2label or {}).values())})")
+    if args.out or not args.out_dir:
+        size = pipeline.unet.config.sample_size
+        check_picture_size(max(size) if isinstance(size, (list, tuple)) else int(size), num_images, args.upscale)
     scale = guidance_for(pipeline, args, labels is not None)
     if has_null_label(labels is not None, pipeline.config.get("cond_drop_prob")):
         stored = pipeline.config.get("recommended_guidance_scale")
@@ -437,6 +440,21 @@ def _edit_picture(command: str, inputs: dict, tiles: list, rows: int) -> tuple[l
 SAMPLE_STAGING = (".samples-", ".tmp")  # prefix and suffix of `sample --out_dir`'s staging folder inside the folder
 
 
+MAX_PICTURE_PIXELS = 2**28  # 268M pixels (about 800 MB as RGB): PIL would refuse to open more as a possible bomb
+
+
+def check_picture_size(tile_px: int, num_tiles: int, upscale: int | None) -> None:
+    """UserError, before any work, when `num_tiles` tiles of `tile_px` pixels enlarged `upscale` times make a picture
+    of more than MAX_PICTURE_PIXELS."""
+    if upscale is None:
+        return
+    pixels = num_tiles * (tile_px * upscale) ** 2
+    if pixels > MAX_PICTURE_PIXELS:
+        raise UserError(f"--upscale {upscale} makes a picture of about {pixels / 1e6:,.0f}M pixels from {num_tiles} "
+                        f"tile(s) of {tile_px} px (at most {MAX_PICTURE_PIXELS / 1e6:.0f}M): use a smaller --upscale, "
+                        "or --out_dir for the images at their own size")  # fmt: skip
+
+
 def write_grid(path: Path, tiles: list, cols: int, upscale: int | None) -> None:
     """`tiles` (PIL images) as one grid picture at `path` (replaced atomically), enlarged by `upscale` (default:
     what suits the tile size), in the format of the path's extension."""
@@ -445,6 +463,7 @@ def write_grid(path: Path, tiles: list, cols: int, upscale: int | None) -> None:
     from ddpm_hub.plots import image_grid
     from ddpm_hub.sampling import grid_upscale
 
+    check_picture_size(max(tiles[0].size), len(tiles), upscale)
     upscale = upscale if upscale is not None else grid_upscale(tiles[0].height)
     picture = image_grid(tiles, upscale=upscale, cols=cols)
     image_format = Image.registered_extensions()[path.suffix.lower()]

@@ -404,3 +404,15 @@ def test_samplers_with_chatty_libraries_sample_quietly(trained, tmp_path):
         noise = [line for line in proc.stderr.replace("\r", "\n").splitlines()  # progress bars aside
                  if line.strip() and "Loading pipeline components" not in line and "%|" not in line]  # fmt: skip
         assert noise == [], (sampler, noise)
+
+
+def test_an_upscale_that_would_make_a_giant_picture_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
+    """`--upscale` is bounded by the picture it makes (at most 2**28 pixels, PIL's own bomb limit): refused in one
+    line before any sampling, naming the size, with the way out (--out_dir keeps the images at their size)."""
+    import ddpm_hub.sampling
+
+    monkeypatch.setattr(ddpm_hub.sampling, "sample_uint8", lambda *a, **k: pytest.fail("sampled before the check"))
+    line = one_line_error(["sample", "--model", str(trained), "--num_images", "4", "--upscale", "100000",
+                           "--out", str(tmp_path / "big.png")], capsys)  # fmt: skip
+    assert line.startswith("error: --upscale 100000 makes a picture of about") and "--out_dir" in line
+    assert not (tmp_path / "big.png").exists()
