@@ -863,6 +863,13 @@ class _DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _steps_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """`--steps`, and `--num_inference_steps` (the trainer's and the pipeline's name) as a hidden second flag: one
+    flag with two names would be named '--steps/--num_inference_steps' in argparse's errors."""
+    p.add_argument("--steps", type=_positive, default=None, help=f"{help}; also --num_inference_steps")
+    p.add_argument("--num_inference_steps", dest="steps", type=_positive, default=None, help=argparse.SUPPRESS)
+
+
 def _sampler_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(f"{k} ({SAMPLERS[k].steps})" for k in OFFERED)
     p.add_argument("--sampler", choices=sorted(OFFERED), default=DEFAULT_SAMPLER,
@@ -873,9 +880,7 @@ def _sampler_args(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance of a class-conditional model given labels (0: unconditional, "
                    "1: none, above 1: stronger; default: the scale the model's card recommends, 1 if it has "
                    "none)")  # fmt: skip
-    p.add_argument("--steps", type=_positive, default=None,
-                   help="denoising steps (default: the sampler's; also --num_inference_steps)")
-    p.add_argument("--num_inference_steps", dest="steps", type=_positive, default=None, help=argparse.SUPPRESS)
+    _steps_argument(p, "denoising steps (default: the sampler's)")
     p.add_argument("--batch_size", type=_positive, default=256)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet: pays off past a few hundred steps (README: break-even)")  # fmt: skip
@@ -939,8 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("plot", help="pictures: forward/reverse process strips, noise schedules")
     g.add_argument("kind", choices=["forward", "reverse", "schedules"])
     _model_args(g, required=False)
-    g.add_argument("--steps", type=_positive, default=None, help="also --num_inference_steps")
-    g.add_argument("--num_inference_steps", dest="steps", type=_positive, default=None, help=argparse.SUPPRESS)
+    _steps_argument(g, "denoising steps")
     g.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default="linear")
     g.add_argument("--out", default="plot.png")
     g.set_defaults(func=cmd_plot)
@@ -968,9 +972,7 @@ def _edit_parsers(sub) -> None:
         if command == "inpaint":
             p.add_argument("--image", required=True, help="the picture to complete (converted to the model's mode)")
             p.add_argument("--mask", required=True, help="the mask, the picture's size: white = repaint, black = keep")
-            p.add_argument("--steps", type=_positive, default=None, help="RePaint levels (default 250)")
-            p.add_argument("--num_inference_steps", dest="steps", type=_positive, default=None,
-                           help=argparse.SUPPRESS)
+            _steps_argument(p, "RePaint levels (default 250)")
             p.add_argument("--jump_length", type=_positive, default=10, help="levels per jump back (RePaint's j)")
             p.add_argument("--jump_n_sample", type=_positive, default=10,
                            help="passes over each block of levels (RePaint's r; 1: the replacement method)")
