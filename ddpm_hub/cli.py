@@ -343,6 +343,10 @@ def _edit(args: argparse.Namespace) -> int:
     scale = guidance_for(editor, args, labels is not None)
     count = len(labels) if labels is not None else args.num_images  # inpaint/img2img results; interpolation rows
     rows = count if args.command == "interpolate" else len(args.class_labels or [None])  # of the picture
+    if out is not None:  # the picture's size (results and the inputs shown beside them), before any work
+        results = count * (len(args.lambdas) if args.command == "interpolate" else 1)
+        shown = {"inpaint": 2, "img2img": 1, "interpolate": 2}[args.command] * rows
+        check_picture_size(max(next(iter(inputs.values())).shape[-2:]), results + shown, args.upscale)
     generator = torch.Generator().manual_seed(args.seed)
     editor.set_progress_bar_config(disable=False)
     results = []

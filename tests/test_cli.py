@@ -408,7 +408,10 @@ def test_samplers_with_chatty_libraries_sample_quietly(trained, tmp_path):
 
 def test_an_upscale_that_would_make_a_giant_picture_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
     """`--upscale` is bounded by the picture it makes (at most 2**28 pixels, PIL's own bomb limit): refused in one
-    line before any sampling, naming the size, with the way out (--out_dir keeps the images at their size)."""
+    line before any sampling or editing, naming the size, with the way out (--out_dir keeps the images at their
+    size)."""
+    import numpy as np
+
     import ddpm_hub.sampling
 
     monkeypatch.setattr(ddpm_hub.sampling, "sample_uint8", lambda *a, **k: pytest.fail("sampled before the check"))
@@ -416,3 +419,9 @@ def test_an_upscale_that_would_make_a_giant_picture_is_refused_before_sampling(t
                            "--out", str(tmp_path / "big.png")], capsys)  # fmt: skip
     assert line.startswith("error: --upscale 100000 makes a picture of about") and "--out_dir" in line
     assert not (tmp_path / "big.png").exists()
+    # the editing commands too, before any editing
+    monkeypatch.setattr("ddpm_hub.cli._run_editor", lambda *a, **k: pytest.fail("edited before the check"))
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "digit.png")
+    line = one_line_error(["img2img", "--model", str(trained), "--image", str(tmp_path / "digit.png"), "--upscale",
+                           "100000", "--out", str(tmp_path / "big.png")], capsys)  # fmt: skip
+    assert line.startswith("error: --upscale 100000 makes a picture of about") and "from 5 tile(s) of 8 px" in line
