@@ -311,3 +311,19 @@ def test_a_run_resumes_with_the_unet_it_trained_when_its_preset_builds_another_n
     # the data's channels changed on resume: said as that, not as a model that changed
     with pytest.raises(ConfigError, match="trained on 1-channel images, the data now gives 3 with --channels 3"):
         quick_train(out, "--max_train_steps", "8", "--resume_from_checkpoint", "latest", "--channels", "3")
+
+
+def test_a_link_to_an_endless_file_planted_as_a_checkpoints_unet_config_is_refused_not_read(tmp_path):
+    """The UNet config a resume reads before verifying the checkpoint is opened as a regular file inside it, at most
+    1 MB: a link to /dev/zero planted there is not followed (no endless read), and the resume says the checkpoint is
+    bad in one line."""
+    out = tmp_path / "run"
+    quick_train(out, "--max_train_steps", "4")
+    config = out / "checkpoints" / "checkpoint-4" / "unet" / "config.json"
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    proc = run_train([*FAST_ARGS, "--output_dir", str(out), "--checkpointing_steps", "4", "--max_train_steps", "8",
+                      "--resume_from_checkpoint", "latest"], tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # a bad checkpoint: 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --resume_from_checkpoint latest: no valid checkpoint"), last

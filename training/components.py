@@ -189,10 +189,14 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+SAVED_CONFIG_LIMIT = 1 << 20  # a UNet config.json is a few kB
+
+
 def saved_unet_config(checkpoint_root: Path, target: str | None) -> tuple[dict[str, Any], str] | None:
     """(the UNet config in the checkpoint that `--resume_from_checkpoint target` resumes, its path), read from its
     `unet/config.json` before the checkpoint is verified and loaded (which happens later, with the weights); None for
-    a fresh run or when there is none to read (the resume then says why)."""
+    a fresh run or when there is none to read, or it is a link, not a regular file or over 1 MB (the resume's
+    verification then says why)."""
     if target is None:
         return None
     if target in ("latest", "latest_or_new"):
@@ -204,9 +208,12 @@ def saved_unet_config(checkpoint_root: Path, target: str | None) -> tuple[dict[s
         folder = found[-1]
     else:
         folder = Path(target)
-    path = folder / "unet" / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+    from ddpm_hub.files import open_inside
+
+    try:  # a regular file inside the folder, read up to 1 MB: not through a link (to /dev/zero, say) planted there
+        with open_inside(folder, "unet/config.json") as fh:
+            raw = fh.read(SAVED_CONFIG_LIMIT + 1)
+        config = json.loads(raw) if len(raw) <= SAVED_CONFIG_LIMIT else None
     except (OSError, ValueError):
         return None
     return (config, str(folder)) if isinstance(config, dict) else None
